@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make dev` runs the fleet, `make test` runs the tests.
+# Both create .venv and install the project into it first (Python 3.11+ needed).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test dev clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Uses DATABASE_URL / CELERY_BROKER_URL when set, else embedded servers it starts and stops.
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The whole fleet in the foreground (a worker per queue, beat, Flower); Ctrl-C stops it.
+dev: install
+	$(BIN)/fleet dev
+
+clean:
+	-$(BIN)/fleet services stop
+	rm -rf $(VENV) .fleet *.egg-info

@@ -1,0 +1,21 @@
+"""The fleet's one declarative beat schedule.
+
+Each entry names a task, a schedule (crontab or interval), the queue it runs on and
+an `expires`, so a backlog of missed runs never piles up on a queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.schedules import crontab
+
+from workers.queues import MAINTENANCE, TaskNames
+
+BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
+    "ensure-partitions-daily": {
+        "task": TaskNames.ENSURE_PARTITIONS,
+        "schedule": crontab(minute=5, hour=0),
+        "options": {"queue": MAINTENANCE, "expires": 6 * 3600},
+    },
+}

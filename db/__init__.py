@@ -1,0 +1,1 @@
+"""PostgreSQL layer: models, sessions, migrations and partition helpers."""

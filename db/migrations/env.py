@@ -1,0 +1,47 @@
+"""Alembic environment: migrates the URL given by the caller, else the settings' one."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from db.migrate import skip_partitions
+from db.models import Base
+from workers.settings import get_settings, to_sqlalchemy_url
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    return to_sqlalchemy_url(config.get_main_option("sqlalchemy.url") or get_settings().sqlalchemy_url)
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(_url(), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        include_name = skip_partitions(connection)
+        connection.commit()  # end the autobegun read, so Alembic's own transaction commits
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            include_name=include_name,
+            compare_type=True,
+            compare_server_default=True,
+            transaction_per_migration=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

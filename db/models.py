@@ -1,0 +1,469 @@
+"""SQLAlchemy 2.0 models of the fleet's schema.
+
+The seed schema (shared/seeds/001) is the contract: its tables, columns, types,
+NOT NULL, CHECK constraints and index names appear here exactly as written. The
+engine's own tables and columns are added beside them, never in their place.
+Alembic migrations (db/migrations) make the schema; these models describe it, and
+a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+LIFECYCLE_STAGES: tuple[str, ...] = ("Acquisition", "Activation", "Retention", "Revenue", "Referral")
+EXECUTION_STATUSES: tuple[str, ...] = ("pending", "running", "completed", "failed", "cancelled")
+TERMINAL_EXECUTION_STATUSES: tuple[str, ...] = ("completed", "failed", "cancelled")
+WORKFLOW_STATUSES: tuple[str, ...] = ("draft", "active", "inactive", "archived")
+
+_STAGES_SQL = ", ".join(f"'{s}'" for s in LIFECYCLE_STAGES)
+
+TZ = TIMESTAMP(timezone=True)
+NOW = text("now()")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+    type_annotation_map = {
+        uuid.UUID: UUID(as_uuid=True),
+        dt.datetime: TZ,
+        dict[str, Any]: JSONB,
+    }
+
+
+def uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
+
+
+# --------------------------------------------------------------------------- seed 001
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        CheckConstraint(
+            f"current_lifecycle_stage IN ({_STAGES_SQL})", name="valid_lifecycle_stage"
+        ),
+        Index("idx_users_lifecycle_stage", "current_lifecycle_stage"),
+        Index("idx_users_attributes", "attributes", postgresql_using="gin"),
+        Index("idx_users_created_at", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    email: Mapped[str] = mapped_column(String(255), unique=True)
+    current_lifecycle_stage: Mapped[str] = mapped_column(String(50))
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(server_default=text("'{}'::jsonb"))
+    created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+
+
+class UserLifecycleHistory(Base):
+    __tablename__ = "user_lifecycle_history"
+    __table_args__ = (
+        CheckConstraint(
+            f"(from_stage IS NULL OR from_stage IN ({_STAGES_SQL})) AND to_stage IN ({_STAGES_SQL})",
+            name="valid_stages",
+        ),
+        Index("idx_lifecycle_history_user", "user_id", text("transitioned_at DESC")),
+        Index("idx_lifecycle_history_stage", "to_stage", text("transitioned_at DESC")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    from_stage: Mapped[str | None] = mapped_column(String(50))
+    to_stage: Mapped[str] = mapped_column(String(50))
+    transitioned_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    # No foreign key (as the seed): history is kept forever, executions for one year.
+    workflow_execution_id: Mapped[uuid.UUID | None]
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column(
+        "metadata", server_default=text("'{}'::jsonb")
+    )
+
+
+class Workflow(Base):
+    __tablename__ = "workflows"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('draft', 'active', 'inactive', 'archived')", name="valid_workflow_status"
+        ),
+        Index("idx_workflows_status", "status"),
+        Index("idx_workflows_lifecycle", "lifecycle_stages", postgresql_using="gin"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    name: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str | None] = mapped_column(Text)
+    bpmn_xml: Mapped[str] = mapped_column(Text)
+    version: Mapped[str] = mapped_column(String(50), server_default=text("'1.0.0'"))
+    lifecycle_stages: Mapped[list[str] | None] = mapped_column(
+        ARRAY(String(50)), server_default=text("'{}'::character varying[]")
+    )
+    status: Mapped[str] = mapped_column(String(50), server_default=text("'draft'"))
+    created_by: Mapped[uuid.UUID | None]
+    created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+
+
+class WorkflowExecution(Base):
+    __tablename__ = "workflow_executions"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'running', 'completed', 'failed', 'cancelled')",
+            name="valid_execution_status",
+        ),
+        CheckConstraint("state_version >= 0", name="chk_execution_state_version"),
+        Index("idx_executions_workflow", "workflow_id", text("started_at DESC")),
+        Index("idx_executions_user", "user_id", text("started_at DESC")),
+        Index("idx_executions_status", "status", text("started_at DESC")),
+        # Durable timers: the beat claims due rows of this small partial index.
+        Index("idx_executions_wake_at", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
+        # Message waits: an incoming event finds the user's waiting executions.
+        Index(
+            "idx_executions_awaiting",
+            "user_id",
+            postgresql_where=text("awaiting_events IS NOT NULL"),
+        ),
+        # Re-entry rules: a user's executions started by one trigger.
+        Index("idx_executions_trigger_user", "trigger_id", "user_id", text("started_at DESC")),
+        # A redelivered event cannot start the same trigger's execution twice.
+        Index(
+            "uq_executions_trigger_event",
+            "trigger_id",
+            "source_event_id",
+            unique=True,
+            postgresql_where=text("source_event_id IS NOT NULL"),
+        ),
+        # The stuck-execution reaper looks at running rows whose step is overdue.
+        Index(
+            "idx_executions_step_enqueued",
+            "step_enqueued_at",
+            postgresql_where=text("status IN ('pending', 'running')"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workflow_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workflows.id"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    status: Mapped[str] = mapped_column(String(50), server_default=text("'pending'"))
+    variables: Mapped[dict[str, Any] | None] = mapped_column(server_default=text("'{}'::jsonb"))
+    current_node_id: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    completed_at: Mapped[dt.datetime | None]
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    # --- engine columns (not in the seed) ---
+    # The definition version this execution runs; it never changes after start.
+    workflow_version: Mapped[str | None] = mapped_column(String(50))
+    # SpiffWorkflow's serialized state, kept O(live nodes) by the engine.
+    engine_state: Mapped[dict[str, Any] | None]
+    # Bumped by every step; a step message carries the version it expects.
+    state_version: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # Durable timer: when the execution is due to be woken by the beat.
+    wake_at: Mapped[dt.datetime | None]
+    # Event types this execution waits for from its user (message catch events).
+    awaiting_events: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
+    # Set while paused (seed 003's paused state); status is left as it was.
+    paused_at: Mapped[dt.datetime | None]
+    # When the last step message was sent; the reaper re-sends overdue ones.
+    step_enqueued_at: Mapped[dt.datetime | None]
+    # What started it: the trigger and the event (idempotency of starts).
+    trigger_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("triggers.id", ondelete="SET NULL")
+    )
+    source_event_id: Mapped[uuid.UUID | None]
+    updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+
+
+class UserSegment(Base):
+    __tablename__ = "user_segments"
+    __table_args__ = (Index("idx_segments_stages", "lifecycle_stages", postgresql_using="gin"),)
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    name: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str | None] = mapped_column(Text)
+    conditions: Mapped[dict[str, Any]]
+    lifecycle_stages: Mapped[list[str] | None] = mapped_column(
+        ARRAY(String(50)), server_default=text("'{}'::character varying[]")
+    )
+    created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+
+
+class UserSegmentMembership(Base):
+    __tablename__ = "user_segment_memberships"
+    __table_args__ = (
+        Index("idx_memberships_segment", "segment_id", text("evaluated_at DESC")),
+        Index(
+            "idx_memberships_expiry",
+            "valid_until",
+            postgresql_where=text("valid_until IS NOT NULL"),
+        ),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    segment_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user_segments.id", ondelete="CASCADE"), primary_key=True
+    )
+    evaluated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    valid_until: Mapped[dt.datetime | None]
+
+
+class Trigger(Base):
+    __tablename__ = "triggers"
+    __table_args__ = (
+        Index("idx_triggers_event_type", "event_type", postgresql_where=text("enabled = true")),
+        Index("idx_triggers_workflow", "workflow_id", postgresql_where=text("enabled = true")),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    name: Mapped[str] = mapped_column(String(255))
+    event_type: Mapped[str] = mapped_column(String(255))
+    conditions: Mapped[dict[str, Any]]
+    workflow_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("workflows.id"))
+    enabled: Mapped[bool | None] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+
+
+class TriggerExecution(Base):
+    """Log of trigger firings, range-partitioned by month on executed_at."""
+
+    __tablename__ = "trigger_executions"
+    __table_args__ = (
+        # PostgreSQL: a partitioned table's primary key must contain the partition
+        # key, so the seed's PRIMARY KEY (id) becomes (id, executed_at); this also
+        # makes executed_at NOT NULL (it always has its default anyway).
+        PrimaryKeyConstraint("id", "executed_at", name="trigger_executions_pkey"),
+        Index("idx_trigger_executions_trigger", "trigger_id", text("executed_at DESC")),
+        Index("idx_trigger_executions_user", "user_id", text("executed_at DESC")),
+        # Lets an execution be deleted (SET NULL) without scanning every partition.
+        Index(
+            "idx_trigger_executions_execution",
+            "workflow_execution_id",
+            postgresql_where=text("workflow_execution_id IS NOT NULL"),
+        ),
+        {"postgresql_partition_by": "RANGE (executed_at)"},
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(server_default=text("gen_random_uuid()"))
+    trigger_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("triggers.id"))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    event_data: Mapped[dict[str, Any] | None]
+    condition_met: Mapped[bool] = mapped_column(Boolean)
+    # SET NULL: executions are kept 1 year, and deleting one must neither be
+    # blocked by nor delete the log rows that point at it.
+    workflow_execution_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="SET NULL")
+    )
+    executed_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    # The event that was evaluated (not in the seed): ties the log to the audit row.
+    event_id: Mapped[uuid.UUID | None]
+
+
+class LifecycleEvent(Base):
+    """Audit log of all lifecycle events, range-partitioned by month on created_at."""
+
+    __tablename__ = "lifecycle_events"
+    __table_args__ = (
+        # Partition key in the primary key, as for trigger_executions.
+        PrimaryKeyConstraint("id", "created_at", name="lifecycle_events_pkey"),
+        Index("idx_lifecycle_events_user", "user_id", text("created_at DESC")),
+        Index("idx_lifecycle_events_type", "event_type", text("created_at DESC")),
+        Index("idx_lifecycle_events_stage", "lifecycle_stage", text("created_at DESC")),
+        Index("idx_lifecycle_events_created", text("created_at DESC")),
+        Index(
+            "idx_lifecycle_events_execution",
+            "workflow_execution_id",
+            postgresql_where=text("workflow_execution_id IS NOT NULL"),
+        ),
+        Index("idx_lifecycle_events_event_id", "event_id"),
+        {"postgresql_partition_by": "RANGE (created_at)"},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, autoincrement=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    # SET NULL: audit rows are kept 2 years, executions 1 year (see TriggerExecution).
+    workflow_execution_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="SET NULL")
+    )
+    lifecycle_stage: Mapped[str | None] = mapped_column(String(50))
+    event_data: Mapped[dict[str, Any] | None]
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    # The producer's idempotency key (not in the seed; uniqueness lives in event_inbox,
+    # since a unique index on a partitioned table would have to include created_at).
+    event_id: Mapped[uuid.UUID | None]
+    # When the event happened at the producer; created_at is when it was recorded.
+    occurred_at: Mapped[dt.datetime | None]
+
+
+class MetricDaily(Base):
+    """Aggregated daily metrics, range-partitioned by year on metric_date."""
+
+    __tablename__ = "metrics_daily"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", "metric_date", name="metrics_daily_pkey"),
+        # Unnamed, as in the seed: PostgreSQL picks the name.
+        UniqueConstraint("metric_date", "lifecycle_stage", "metric_name", "dimensions"),
+        Index("idx_metrics_date_stage", text("metric_date DESC"), "lifecycle_stage"),
+        Index("idx_metrics_name", "metric_name", text("metric_date DESC")),
+        {"postgresql_partition_by": "RANGE (metric_date)"},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, autoincrement=True)
+    metric_date: Mapped[dt.date] = mapped_column(Date)
+    lifecycle_stage: Mapped[str] = mapped_column(String(50))
+    metric_name: Mapped[str] = mapped_column(String(100))
+    metric_value: Mapped[float] = mapped_column(Numeric)
+    dimensions: Mapped[dict[str, Any] | None] = mapped_column(server_default=text("'{}'::jsonb"))
+
+
+# --------------------------------------------------------------------------- engine tables
+
+
+class WorkflowVersion(Base):
+    """Every deployed version of a workflow's BPMN, so running executions keep theirs."""
+
+    __tablename__ = "workflow_versions"
+
+    workflow_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflows.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[str] = mapped_column(String(50), primary_key=True)
+    bpmn_xml: Mapped[str] = mapped_column(Text)
+    process_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class ExecutionStep(Base):
+    """One row per BPMN node run by a step task (seed 003's execution history)."""
+
+    __tablename__ = "execution_steps"
+    __table_args__ = (
+        UniqueConstraint("execution_id", "seq", name="uq_execution_steps_seq"),
+        CheckConstraint(
+            "outcome IN ('completed', 'waiting', 'failed', 'retrying', 'cancelled')",
+            name="chk_execution_step_outcome",
+        ),
+        Index("idx_execution_steps_started", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE")
+    )
+    # The execution's state_version this step produced: gap-free per execution.
+    seq: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String(255))
+    node_type: Mapped[str] = mapped_column(String(100))
+    outcome: Mapped[str] = mapped_column(String(20))
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    started_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    finished_at: Mapped[dt.datetime | None]
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
+class EventInbox(Base):
+    """Dedupe ledger: one row per accepted event_id; a redelivery finds it and stops."""
+
+    __tablename__ = "event_inbox"
+    __table_args__ = (Index("idx_event_inbox_received", "received_at"),)
+
+    event_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class DeadLetter(Base):
+    """Input the fleet could not process: the reason and the raw bytes, for replay."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'replayed', 'discarded')", name="chk_dead_letter_status"
+        ),
+        Index("idx_dead_letters_status", "status", text("received_at DESC")),
+        Index("idx_dead_letters_received", "received_at"),
+        Index("idx_dead_letters_event_id", "event_id", postgresql_where=text("event_id IS NOT NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    # Where it was rejected: a task name, "producer", "outbox", "broker".
+    source: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
+    error_type: Mapped[str | None] = mapped_column(String(255))
+    event_id: Mapped[uuid.UUID | None]
+    # Exactly the bytes received (may be invalid UTF-8 or not JSON at all).
+    raw_payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # The payload parsed, when it was valid JSON: handy for queries and fixing.
+    payload: Mapped[dict[str, Any] | None]
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    replay_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    replayed_at: Mapped[dt.datetime | None]
+
+
+class EventOutbox(Base):
+    """Seed 002's transactional outbox: rows written with the producer's transaction.
+
+    Seed 002's foreign key to domain_events is left out: the fleet has no
+    domain_events table; event_id is the lifecycle event's idempotency key.
+    """
+
+    __tablename__ = "event_outbox"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('PENDING', 'PUBLISHED', 'FAILED')", name="chk_outbox_status"
+        ),
+        CheckConstraint("retry_count >= 0", name="chk_outbox_retry_count"),
+        Index("idx_event_outbox_status", "status"),
+        Index("idx_event_outbox_topic", "topic"),
+        Index("idx_event_outbox_created", "created_at"),
+        Index("idx_event_outbox_partition", "partition_key"),
+        Index("idx_event_outbox_event_id", "event_id"),
+        Index("idx_event_outbox_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    event_id: Mapped[uuid.UUID]
+    topic: Mapped[str] = mapped_column(String(255))
+    partition_key: Mapped[str | None] = mapped_column(String(255))
+    headers: Mapped[dict[str, Any]]
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(50), server_default=text("'PENDING'"))
+    created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    published_at: Mapped[dt.datetime | None]
+    retry_count: Mapped[int | None] = mapped_column(Integer, server_default=text("0"))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
+PARTITIONED_TABLES: dict[str, tuple[str, str]] = {
+    # table: (partition column, interval)
+    "lifecycle_events": ("created_at", "month"),
+    "trigger_executions": ("executed_at", "month"),
+    "metrics_daily": ("metric_date", "year"),
+}

@@ -1,0 +1,1 @@
+"""Thin Celery task modules, one per concern: unpack ids, call a typed service function."""

@@ -1,0 +1,21 @@
+"""Maintenance tasks run by the beat."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from db.partitions import ensure_partitions_ahead
+from workers.base_task import FleetTask
+from workers.celery_app import app
+from workers.log import get_logger
+from workers.queues import TaskNames
+
+log = get_logger(__name__)
+
+
+@app.task(base=FleetTask, bind=True, name=TaskNames.ENSURE_PARTITIONS)
+def ensure_partitions(self: FleetTask) -> list[str]:
+    """Create this period's and the next partitions; move stray default rows into them."""
+    created = ensure_partitions_ahead(self.session.connection(), dt.datetime.now(dt.UTC).date())
+    log.info("partitions.ensured", created=created)
+    return created

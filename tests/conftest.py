@@ -1,0 +1,140 @@
+"""Test session setup: real servers, a fresh database per session, a real worker.
+
+Servers: DATABASE_URL / CELERY_BROKER_URL when set; otherwise embedded PostgreSQL
+and Valkey are started in a temporary folder and stopped at the end. Either way
+the session gets a database of its own (created, migrated by Alembic, dropped)
+and a broker key prefix of its own, so concurrent sessions never meet.
+
+This runs in `pytest_configure`, before test modules are imported, because the
+Celery app reads the settings when it is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from tests.helpers import SERVERS, Servers, WorkerProcess
+
+
+
+
+def _sqlalchemy(url: str) -> str:
+    from workers.settings import to_sqlalchemy_url
+
+    return to_sqlalchemy_url(url)
+
+
+def _admin_engine(url: str) -> Engine:
+    return create_engine(_sqlalchemy(url), isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """CREATE DATABASE `name` on the server of `admin_url`; returns its URL."""
+    engine = _admin_engine(admin_url)
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    engine = _admin_engine(admin_url)
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # pragma: no cover - not used with xdist
+        return
+    SERVERS.home = Path(tempfile.mkdtemp(prefix="fleet-test-"))
+    database_url = os.environ.get("DATABASE_URL")
+    broker_url = os.environ.get("CELERY_BROKER_URL")
+    if not (database_url and broker_url):
+        from workers.embedded import EmbeddedServices
+
+        embedded = EmbeddedServices(SERVERS.home / "servers")
+        state = embedded.start()
+        SERVERS.embedded = embedded
+        database_url = database_url or state.database_url
+        broker_url = broker_url or state.broker_url
+    tag = uuid.uuid4().hex[:10]
+    SERVERS.admin_url = database_url
+    SERVERS.database = f"fleet_test_{tag}"
+    SERVERS.database_url = create_database(database_url, SERVERS.database)
+    SERVERS.broker_url = broker_url
+
+    os.environ["DATABASE_URL"] = SERVERS.database_url
+    os.environ["CELERY_BROKER_URL"] = broker_url
+    os.environ["FLEET_BROKER_KEY_PREFIX"] = f"fleet-test-{tag}:"
+    os.environ["FLEET_HOME"] = str(SERVERS.home / "fleet")
+    os.environ["FLEET_LOG_JSON"] = "true"
+    # Short retries so the retry path is exercised in seconds, not minutes.
+    os.environ["FLEET_RETRY_BACKOFF_BASE"] = "0.05"
+    os.environ["FLEET_RETRY_BACKOFF_MAX"] = "0.5"
+    os.environ["FLEET_TASK_MAX_RETRIES"] = "3"
+
+    from db.migrate import upgrade
+
+    upgrade(_sqlalchemy(SERVERS.database_url))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(SERVERS, "database"):
+        return
+    from db.session import reset_engine
+
+    reset_engine()
+    try:
+        drop_database(SERVERS.admin_url, SERVERS.database)
+    finally:
+        if SERVERS.embedded is not None:
+            SERVERS.embedded.stop()  # type: ignore[attr-defined]
+        shutil.rmtree(SERVERS.home, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def servers() -> Servers:
+    return SERVERS
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """An engine on the session's freshly migrated database."""
+    eng = create_engine(_sqlalchemy(SERVERS.database_url), pool_pre_ping=True)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture()
+def fresh_database() -> Iterator[str]:
+    """An empty database of its own (not migrated), dropped after the test; yields its URL."""
+    name = f"fleet_scratch_{uuid.uuid4().hex[:10]}"
+    url = create_database(SERVERS.admin_url, name)
+    yield _sqlalchemy(url)
+    drop_database(SERVERS.admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def celery_worker() -> Iterator[WorkerProcess]:
+    """One real prefork worker consuming every queue, for the whole session."""
+    from workers.queues import QUEUE_NAMES
+
+    worker = WorkerProcess(",".join(QUEUE_NAMES))
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()

@@ -1,0 +1,67 @@
+"""The Celery app's configuration: delivery guarantees, routes and settings checks."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from workers.base_task import backoff_delay
+from workers.celery_app import app, celery_config
+from workers.errors import PermanentError, TransientError, is_transient
+from workers.queues import QUEUE_NAMES, route_for_task
+from workers.settings import Settings, to_sqlalchemy_url
+
+
+def test_delivery_is_at_least_once_with_small_prefetch() -> None:
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_serializer == "json" and conf.accept_content == ["json"]
+    assert conf.task_ignore_result is True
+    assert conf.worker_send_task_events is True and conf.task_send_sent_event is True
+    assert conf.broker_transport_options["visibility_timeout"] == 3600 or (
+        conf.broker_transport_options["visibility_timeout"] > 0
+    )
+
+
+def test_every_queue_is_declared_and_routed_by_prefix() -> None:
+    assert [q.name for q in app.conf.task_queues] == list(QUEUE_NAMES)
+    for queue in QUEUE_NAMES:
+        assert route_for_task(f"{queue}.anything") == {"queue": queue, "routing_key": queue}
+    assert route_for_task("bench.noop") is None
+
+
+def test_key_prefix_reaches_the_transport() -> None:
+    settings = Settings(CELERY_BROKER_URL="redis://x", broker_key_prefix="tenant-a:")
+    assert celery_config(settings)["broker_transport_options"] == {
+        "visibility_timeout": 3600, "global_keyprefix": "tenant-a:",
+    }
+
+
+def test_retry_backoff_must_stay_below_visibility_timeout() -> None:
+    with pytest.raises(ValidationError, match="VISIBILITY_TIMEOUT"):
+        Settings(visibility_timeout=60, retry_backoff_max=60)
+
+
+def test_backoff_is_bounded_and_jittered() -> None:
+    delays = [backoff_delay(10, 1.0, 30.0) for _ in range(200)]
+    assert all(0 <= d <= 30.0 for d in delays)
+    assert len(set(delays)) > 150
+    assert all(d <= 2.0 for d in (backoff_delay(1, 1.0, 30.0) for _ in range(100)))
+
+
+def test_error_classification() -> None:
+    import sqlalchemy.exc
+
+    assert is_transient(TransientError("x"))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("gone")))
+    assert not is_transient(PermanentError("x"))
+    assert not is_transient(ValueError("bad input"))
+
+
+def test_sqlalchemy_url() -> None:
+    assert to_sqlalchemy_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert to_sqlalchemy_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert to_sqlalchemy_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"

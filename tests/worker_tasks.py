@@ -1,0 +1,46 @@
+"""Tasks that exist only for tests, loaded by the test worker with `--include`."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from workers.base_task import FleetTask
+from workers.celery_app import app
+from workers.errors import PermanentError, TransientError
+
+
+def _record(task: FleetTask, key: str) -> None:
+    task.session.execute(
+        text("INSERT INTO test_support.task_runs (key, attempt) VALUES (:key, :attempt)"),
+        {"key": key, "attempt": task.request.retries},
+    )
+
+
+@app.task(base=FleetTask, bind=True, name="maintenance.test_flaky")
+def flaky(self: FleetTask, key: str, fail_times: int) -> None:
+    """Fails transiently `fail_times` times (after writing a row that must roll back)."""
+    _record(self, key)
+    if self.request.retries < fail_times:
+        raise TransientError(f"attempt {self.request.retries} fails on purpose")
+
+
+@app.task(base=FleetTask, bind=True, name="maintenance.test_broken")
+def broken(self: FleetTask, key: str) -> None:
+    """Writes a row, then fails permanently: the row must roll back, a dead letter appear."""
+    _record(self, key)
+    raise PermanentError(f"broken on purpose: {key}")
+
+
+@app.task(base=FleetTask, bind=True, name="maintenance.test_then_send")
+def write_then_send(self: FleetTask, key: str) -> None:
+    """Writes a row and sends a follow-up only after commit; the follow-up sees the row."""
+    _record(self, key)
+    self.after_commit(lambda: check_visible.delay(key))
+
+
+@app.task(base=FleetTask, bind=True, name="maintenance.test_check_visible")
+def check_visible(self: FleetTask, key: str) -> None:
+    seen = self.session.execute(
+        text("SELECT count(*) FROM test_support.task_runs WHERE key = :key"), {"key": key}
+    ).scalar_one()
+    _record(self, f"{key}:seen={seen}")

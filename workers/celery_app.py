@@ -1,0 +1,70 @@
+"""The fleet's one Celery app, configured from the settings object.
+
+Delivery is at-least-once (acks_late, reject on worker loss, prefetch 1): every
+task must be safe to run twice, and PostgreSQL, not the broker, is the record of
+what is due (DESIGN decisions 1-3).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+import beat_schedule
+from workers.queues import EVENTS, TASK_QUEUES, route_for_task
+from workers.settings import Settings, get_settings
+
+TASK_MODULES: tuple[str, ...] = ("tasks.maintenance", "tasks.bench")
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Celery settings derived from the fleet's settings (kept apart so tests can read them)."""
+    transport_options: dict[str, object] = {
+        # Must exceed the longest task and the longest retry countdown, or Redis
+        # redelivers a message that is still being worked on.
+        "visibility_timeout": settings.visibility_timeout,
+    }
+    if settings.broker_key_prefix:
+        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_heartbeat": 30,  # RabbitMQ: notice a dead connection
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_queues": TASK_QUEUES,
+        "task_default_queue": EVENTS,
+        "task_routes": (route_for_task,),
+        "task_create_missing_queues": False,
+        "task_soft_time_limit": 300,
+        "task_time_limit": 360,
+        "worker_send_task_events": True,  # Flower sees every task
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": beat_schedule.BEAT_SCHEDULE,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    app = Celery("lifecycle_fleet", include=list(TASK_MODULES))
+    app.conf.update(celery_config(settings or get_settings()))
+    return app
+
+
+app = create_app()
+
+# Signal handlers (logging, fork safety) must be connected in every process that
+# imports the app: worker, beat and Flower.
+import workers.signals  # noqa: E402,F401

@@ -1,0 +1,71 @@
+"""`fleet`: run, migrate and inspect the lifecycle fleet."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from db.migrate import upgrade
+from workers.cli import services
+from workers.cli.context import console, ensure_servers
+from workers.queues import QUEUE_NAMES
+
+app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+app.add_typer(services.app, name="services")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the Alembic migrations to DATABASE_URL (or to the embedded database)."""
+    settings = ensure_servers()
+    upgrade(settings.sqlalchemy_url)
+    console.print("database migrated to head")
+
+
+@app.command()
+def dev(
+    concurrency: int = typer.Option(1, help="Pool processes per queue worker."),
+    ready_timeout: float = typer.Option(120.0, help="Seconds to wait for every process."),
+) -> None:
+    """Run the whole fleet in the foreground: a worker per queue, beat and Flower.
+
+    Uses DATABASE_URL / CELERY_BROKER_URL when set, else embedded servers under
+    FLEET_HOME. Ctrl-C stops every process with a warm shutdown.
+    """
+    import time
+
+    from workers.celery_app import app as celery
+    from workers.supervisor import Supervisor, fleet_specs
+
+    t0 = time.monotonic()
+    settings = ensure_servers()
+    upgrade(settings.sqlalchemy_url)
+
+    def ping(hostname: str) -> bool:
+        return bool(celery.control.ping(destination=[hostname], timeout=0.5))
+
+    specs = fleet_specs(settings.home.resolve(), concurrency, settings.flower_port,
+                        settings.flower_basic_auth, ping)
+    supervisor = Supervisor(specs, settings.home.resolve() / "logs", dict(os.environ))
+    supervisor.start()
+    try:
+        supervisor.wait_ready(ready_timeout)
+        elapsed = time.monotonic() - t0
+        console.print(f"[bold green]fleet ready[/] in {elapsed:.1f}s")
+        console.print(f"  database  {settings.database_url}")
+        console.print(f"  broker    {settings.broker_url}")
+        console.print(f"  flower    http://127.0.0.1:{settings.flower_port}/")
+        console.print(f"  workers   {', '.join(QUEUE_NAMES)} (+ beat)")
+        console.print(f"  logs      {supervisor.log_dir}/")
+        console.print("Ctrl-C stops the fleet.")
+        reason = supervisor.run_until_signal()
+        console.print(f"stopping ({reason})…")
+    finally:
+        supervisor.stop()
+    console.print("fleet stopped")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,40 @@
+"""Queues and task names, declared in code: the one place that says what runs where.
+
+Task names are stable strings (in-flight messages name them); a route is decided
+by the name's prefix, so `events.*` tasks always land on the `events` queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+EVENTS = "events"
+WORKFLOWS = "workflows"
+ACTIONS = "actions"
+SEGMENTS = "segments"
+MAINTENANCE = "maintenance"
+
+QUEUE_NAMES: tuple[str, ...] = (EVENTS, WORKFLOWS, ACTIONS, SEGMENTS, MAINTENANCE)
+
+# One direct exchange per queue name keeps routing explicit on Redis and RabbitMQ alike.
+TASK_QUEUES: tuple[Queue, ...] = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUE_NAMES
+)
+
+
+class TaskNames:
+    """Explicit task names; never rename one that may be in flight."""
+
+    ENSURE_PARTITIONS = "maintenance.ensure_partitions"
+    BENCH_NOOP = "bench.noop"
+
+
+def route_for_task(name: str, args: Any = None, kwargs: Any = None, options: Any = None,
+                   task: Any = None, **kw: Any) -> dict[str, str] | None:
+    """Celery router: the queue is the task name's prefix, when it is a known queue."""
+    prefix = name.split(".", 1)[0]
+    if prefix in QUEUE_NAMES:
+        return {"queue": prefix, "routing_key": prefix}
+    return None

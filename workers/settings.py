@@ -1,0 +1,105 @@
+"""The fleet's one typed settings object, read from the environment.
+
+Every process (worker, beat, Flower, CLI, tests) reads the same variables, so a
+value set once in the environment means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.embedded import read_state
+
+
+class Settings(BaseSettings):
+    """Fleet configuration. Unprefixed names are the conventional ones; the rest use FLEET_."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL URL. Unset: the embedded server under FLEET_HOME is used.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        validation_alias="CELERY_BROKER_URL",
+        description="Broker URL (redis:// or amqp://). Unset: the embedded Valkey server is used.",
+    )
+    home: Path = Field(
+        default=Path(".fleet"),
+        description="Folder for embedded servers' data, logs and run files.",
+    )
+    broker_key_prefix: str = Field(
+        default="",
+        description="Redis key prefix, so several fleets or test sessions can share one Redis.",
+    )
+    visibility_timeout: int = Field(
+        default=3600,
+        description="Seconds Redis waits for an ack before redelivering a message.",
+    )
+    task_max_retries: int = Field(default=5, description="Retries of a transient error.")
+    retry_backoff_base: float = Field(default=1.0, description="First retry delay, seconds.")
+    retry_backoff_max: float = Field(
+        default=300.0, description="Longest retry delay, seconds (kept below the visibility timeout)."
+    )
+    db_pool_size: int = Field(default=5, description="SQLAlchemy pool size per process.")
+    db_max_overflow: int = Field(default=5, description="SQLAlchemy pool overflow per process.")
+    db_statement_timeout_ms: int = Field(
+        default=60_000, description="statement_timeout for fleet sessions; 0 disables it."
+    )
+    log_level: str = Field(default="INFO", description="Root log level.")
+    log_json: bool = Field(default=True, description="JSON logs (False: human-readable console).")
+    flower_port: int = Field(default=5555, description="Port Flower listens on.")
+    flower_basic_auth: str | None = Field(
+        default=None, description="user:password[,user2:password2] for Flower, if set."
+    )
+
+    @field_validator("database_url", "broker_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _embedded_fallback(self) -> Settings:
+        # Unset URLs mean "the embedded servers": take their recorded ports, so
+        # `celery`, `flower` or a test started beside `fleet services start` find them.
+        if self.database_url is None or self.broker_url is None:
+            state = read_state(self.home)
+            if state is not None:
+                self.database_url = self.database_url or state.database_url
+                self.broker_url = self.broker_url or state.broker_url
+        return self
+
+    @model_validator(mode="after")
+    def _retries_fit_visibility(self) -> Settings:
+        # A countdown longer than the visibility timeout makes Redis redeliver the
+        # message while the ETA is pending: the task runs twice (celery/celery#7918).
+        if self.retry_backoff_max >= self.visibility_timeout:
+            raise ValueError("FLEET_RETRY_BACKOFF_MAX must be below FLEET_VISIBILITY_TIMEOUT")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the psycopg 3 driver named, as SQLAlchemy wants it."""
+        if self.database_url is None:
+            raise RuntimeError("DATABASE_URL is not set and no embedded server was started")
+        return to_sqlalchemy_url(self.database_url)
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    """postgresql://… or postgres://… → postgresql+psycopg://…; other drivers pass through."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; call `get_settings.cache_clear()` after changing the env."""
+    return Settings()

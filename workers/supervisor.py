@@ -1,0 +1,142 @@
+"""Run the fleet's processes (workers, beat, Flower) in the foreground, and stop them cleanly.
+
+Children run in their own sessions so a terminal's Ctrl-C reaches only the
+supervisor, which then asks each child for a warm shutdown (SIGTERM: finish the
+current task, ack it, exit) and kills what is still alive after the grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from workers.queues import QUEUE_NAMES
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Supervisor:
+    specs: list[ProcessSpec]
+    log_dir: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for spec in self.specs:
+            log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - owned by the child
+            self.procs[spec.name] = subprocess.Popen(
+                spec.argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **spec.env},
+                start_new_session=True,
+            )
+            log.close()
+
+    def dead(self) -> list[str]:
+        return [name for name, proc in self.procs.items() if proc.poll() is not None]
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds until every process reports ready; raises if one dies or time runs out."""
+        started = time.monotonic()
+        pending = {spec.name: spec for spec in self.specs}
+        while pending:
+            if dead := self.dead():
+                raise RuntimeError(f"{', '.join(dead)} exited during start; see {self.log_dir}")
+            for name, spec in list(pending.items()):
+                if spec.ready is None or spec.ready():
+                    del pending[name]
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"not ready after {timeout:.0f}s: {', '.join(pending)}")
+            if pending:
+                time.sleep(0.25)
+        return time.monotonic() - started
+
+    def stop(self, grace: float = 30.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def run_until_signal(self) -> str:
+        """Block until SIGINT/SIGTERM or until a child dies; returns why it stopped."""
+        stop_reason: list[str] = []
+
+        def _handler(signum: int, _frame: object) -> None:
+            stop_reason.append(signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop_reason:
+                if dead := self.dead():
+                    return f"{', '.join(dead)} exited"
+                time.sleep(0.5)
+            return stop_reason[0]
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def celery_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *args]
+
+
+def worker_spec(queue: str, concurrency: int, ping: Callable[[str], bool]) -> ProcessSpec:
+    hostname = f"{queue}@{os.uname().nodename}"
+    return ProcessSpec(
+        name=f"worker-{queue}",
+        argv=celery_argv("worker", "-Q", queue, "-n", hostname, "-c", str(concurrency),
+                         "--loglevel", "INFO"),
+        ready=lambda: ping(hostname),
+    )
+
+
+def flower_ready(port: int) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return ready
+
+
+def fleet_specs(home: Path, concurrency: int, flower_port: int, flower_auth: str | None,
+                ping: Callable[[str], bool]) -> list[ProcessSpec]:
+    """A worker per queue, one beat and Flower: the whole fleet on one machine."""
+    specs = [worker_spec(queue, concurrency, ping) for queue in QUEUE_NAMES]
+    schedule = home / "celerybeat-schedule"
+    specs.append(ProcessSpec(
+        name="beat",
+        argv=celery_argv("beat", "--schedule", str(schedule), "--loglevel", "INFO"),
+        ready=lambda: any(home.glob("celerybeat-schedule*")),
+    ))
+    flower = celery_argv("flower", f"--port={flower_port}", "--address=127.0.0.1")
+    flower_env: dict[str, str] = {}
+    if flower_auth:
+        flower.append(f"--basic-auth={flower_auth}")
+    else:
+        # Bound to loopback: let local tools read Flower's HTTP API without credentials.
+        flower_env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    specs.append(ProcessSpec(name="flower", argv=flower, ready=flower_ready(flower_port),
+                             env=flower_env))
+    return specs
