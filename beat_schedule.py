@@ -13,6 +13,11 @@ from celery.schedules import crontab
 from workers.queues import MAINTENANCE, TaskNames
 
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
+    "relay-outbox": {
+        "task": TaskNames.RELAY_OUTBOX,
+        "schedule": 2.0,
+        "options": {"queue": MAINTENANCE, "expires": 10},
+    },
     "ensure-partitions-daily": {
         "task": TaskNames.ENSURE_PARTITIONS,
         "schedule": crontab(minute=5, hour=0),

@@ -110,6 +110,7 @@ class Workflow(Base):
         ),
         Index("idx_workflows_status", "status"),
         Index("idx_workflows_lifecycle", "lifecycle_stages", postgresql_using="gin"),
+        Index("uq_workflows_name", "name", unique=True),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -155,6 +156,15 @@ class WorkflowExecution(Base):
             unique=True,
             postgresql_where=text("source_event_id IS NOT NULL"),
         ),
+        # Re-entry 'no_concurrent': one active execution per (trigger, user), enforced
+        # by the database so two workers racing on one user cannot both start one.
+        Index(
+            "uq_executions_single_active",
+            "trigger_id",
+            "user_id",
+            unique=True,
+            postgresql_where=text("single_active AND status IN ('pending', 'running')"),
+        ),
         # The stuck-execution reaper looks at running rows whose step is overdue.
         Index(
             "idx_executions_step_enqueued",
@@ -193,12 +203,20 @@ class WorkflowExecution(Base):
         ForeignKey("triggers.id", ondelete="SET NULL")
     )
     source_event_id: Mapped[uuid.UUID | None]
+    # True when the trigger's re-entry rule allows one active execution per user.
+    single_active: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
 
 
 class UserSegment(Base):
     __tablename__ = "user_segments"
-    __table_args__ = (Index("idx_segments_stages", "lifecycle_stages", postgresql_using="gin"),)
+    __table_args__ = (
+        Index("idx_segments_stages", "lifecycle_stages", postgresql_using="gin"),
+        # Conditions refer to segments by name (`in_segment`), so names are unique.
+        Index("uq_user_segments_name", "name", unique=True),
+        CheckConstraint("kind IN ('dynamic', 'static')", name="chk_segment_kind"),
+        CheckConstraint("ttl_seconds > 0", name="chk_segment_ttl"),
+    )
 
     id: Mapped[uuid.UUID] = uuid_pk()
     name: Mapped[str] = mapped_column(String(255))
@@ -209,6 +227,10 @@ class UserSegment(Base):
     )
     created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
     updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    # 'dynamic' members are computed from conditions; 'static' ones are set by hand.
+    kind: Mapped[str] = mapped_column(String(20), server_default=text("'dynamic'"))
+    # How long a computed membership stays valid (valid_until = evaluated_at + ttl).
+    ttl_seconds: Mapped[int] = mapped_column(Integer, server_default=text("3600"))
 
 
 class UserSegmentMembership(Base):
@@ -237,6 +259,13 @@ class Trigger(Base):
     __table_args__ = (
         Index("idx_triggers_event_type", "event_type", postgresql_where=text("enabled = true")),
         Index("idx_triggers_workflow", "workflow_id", postgresql_where=text("enabled = true")),
+        # Definitions are applied by name (`fleet apply`).
+        Index("uq_triggers_name", "name", unique=True),
+        CheckConstraint("reentry IN ('no_concurrent', 'allow')", name="chk_trigger_reentry"),
+        CheckConstraint("max_runs_per_user IS NULL OR max_runs_per_user > 0",
+                        name="chk_trigger_max_runs"),
+        CheckConstraint("cooldown_seconds IS NULL OR cooldown_seconds >= 0",
+                        name="chk_trigger_cooldown"),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -247,6 +276,11 @@ class Trigger(Base):
     enabled: Mapped[bool | None] = mapped_column(Boolean, server_default=text("true"))
     created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
     updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    # Re-entry rules (not in the seed): by default a user has at most one active
+    # execution from a trigger; 'allow' lifts that, the caps apply either way.
+    reentry: Mapped[str] = mapped_column(String(20), server_default=text("'no_concurrent'"))
+    max_runs_per_user: Mapped[int | None] = mapped_column(Integer)
+    cooldown_seconds: Mapped[int | None] = mapped_column(Integer)
 
 
 class TriggerExecution(Base):

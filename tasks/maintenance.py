@@ -19,3 +19,15 @@ def ensure_partitions(self: FleetTask) -> list[str]:
     created = ensure_partitions_ahead(self.session.connection(), dt.datetime.now(dt.UTC).date())
     log.info("partitions.ensured", created=created)
     return created
+
+
+@app.task(base=FleetTask, bind=True, name=TaskNames.RELAY_OUTBOX)
+def relay_outbox(self: FleetTask, limit: int = 500) -> int:
+    """Publish pending outbox rows (beat, every few seconds)."""
+    from workers.events.outbox import relay_outbox as relay
+    from workers.producer import publish_batch
+
+    published = relay(self.session, publish_batch, limit)
+    if published:
+        log.info("outbox.relayed", published=published)
+    return published

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.helpers import SERVERS, Servers, WorkerProcess
+from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, Servers, WorkerProcess
 
 
 
@@ -82,6 +82,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["FLEET_RETRY_BACKOFF_BASE"] = "0.05"
     os.environ["FLEET_RETRY_BACKOFF_MAX"] = "0.5"
     os.environ["FLEET_TASK_MAX_RETRIES"] = "3"
+    os.environ["FLEET_TRIGGER_CACHE_SECONDS"] = str(TRIGGER_CACHE_SECONDS)
 
     from db.migrate import upgrade
 
@@ -99,7 +100,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     finally:
         if SERVERS.embedded is not None:
             SERVERS.embedded.stop()  # type: ignore[attr-defined]
-        shutil.rmtree(SERVERS.home, ignore_errors=True)
+        if os.environ.get("FLEET_TEST_KEEP_LOGS"):
+            print(f"\ntest logs kept in {SERVERS.home}")
+        else:
+            shutil.rmtree(SERVERS.home, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+# Test workers re-read trigger definitions this often (production default: 2 s).
+TRIGGER_CACHE_SECONDS = 0.3
 
 
 class Servers:

@@ -27,6 +27,9 @@ TASK_QUEUES: tuple[Queue, ...] = tuple(
 class TaskNames:
     """Explicit task names; never rename one that may be in flight."""
 
+    INGEST = "events.ingest"
+    INGEST_BATCH = "events.ingest_batch"
+    RELAY_OUTBOX = "maintenance.relay_outbox"
     ENSURE_PARTITIONS = "maintenance.ensure_partitions"
     BENCH_NOOP = "bench.noop"
 

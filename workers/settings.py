@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(
         default=60_000, description="statement_timeout for fleet sessions; 0 disables it."
     )
+    trigger_cache_seconds: float = Field(
+        default=2.0, description="How often a worker checks for changed trigger definitions."
+    )
     log_level: str = Field(default="INFO", description="Root log level.")
     log_json: bool = Field(default=True, description="JSON logs (False: human-readable console).")
     flower_port: int = Field(default=5555, description="Port Flower listens on.")

@@ -7,13 +7,17 @@ import os
 import typer
 
 from db.migrate import upgrade
-from workers.cli import services
+from workers.cli import bench, dlq, services
+from workers.cli.events import emit
 from workers.cli.context import console, ensure_servers
 from workers.queues import QUEUE_NAMES
 
 app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(services.app, name="services")
+app.add_typer(dlq.app, name="dlq")
+app.add_typer(bench.app, name="bench")
+app.command()(emit)
 
 
 @app.command()

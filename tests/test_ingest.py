@@ -1,0 +1,268 @@
+"""The event pipeline end to end: producer → broker → real worker → PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.helpers import TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
+from workers.producer import send_event, send_events
+
+pytestmark = pytest.mark.servers
+
+
+def _one(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def _rows(engine: Engine, sql: str, **params: Any) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(text(sql), params).mappings())
+
+
+def _workflow(engine: Engine) -> uuid.UUID:
+    with engine.begin() as conn:
+        return conn.execute(text(
+            "INSERT INTO workflows (name, bpmn_xml, status, version) "
+            "VALUES (:n, '<definitions/>', 'active', '1.0.0') RETURNING id"
+        ), {"n": f"wf-{uuid.uuid4()}"}).scalar_one()
+
+
+def _trigger(engine: Engine, event_type: str, conditions: dict[str, Any],
+             workflow_id: uuid.UUID | None = None, **rules: Any) -> uuid.UUID:
+    columns = {"name": f"t-{uuid.uuid4()}", "event_type": event_type,
+               "conditions": json.dumps(conditions), "workflow_id": workflow_id, **rules}
+    with engine.begin() as conn:
+        trigger_id = conn.execute(text(
+            f"INSERT INTO triggers ({', '.join(columns)}) VALUES "
+            f"({', '.join(':' + c for c in columns)}) RETURNING id"
+        ), columns).scalar_one()
+    time.sleep(TRIGGER_CACHE_SECONDS + 0.2)  # workers see definition changes this late
+    return trigger_id
+
+
+def _audit(engine: Engine, event_id: uuid.UUID) -> int:
+    return _one(engine, "SELECT count(*) FROM lifecycle_events WHERE event_id = :e", e=event_id)
+
+
+def _wait_ingested(engine: Engine, event_id: uuid.UUID) -> None:
+    wait_for(lambda: _audit(engine, event_id) == 1, message=f"event {event_id}")
+
+
+def _etype() -> str:
+    return f"test.e{uuid.uuid4().hex[:12]}"
+
+
+def test_an_event_produces_exactly_its_rows(engine: Engine, celery_worker: WorkerProcess) -> None:
+    etype, email = _etype(), f"{uuid.uuid4().hex[:8]}@example.com"
+    wf = _workflow(engine)
+    match = _trigger(engine, etype, {"field": "event.data.plan", "op": "eq", "value": "pro"}, wf)
+    miss = _trigger(engine, etype, {"field": "event.data.plan", "op": "eq", "value": "free"}, wf)
+    event_id = send_event(etype, user=email, data={"plan": "pro"})
+    _wait_ingested(engine, event_id)
+
+    [user] = _rows(engine, "SELECT id, current_lifecycle_stage FROM users WHERE email = :m", m=email)
+    assert user["current_lifecycle_stage"] == "Acquisition"
+    [audit] = _rows(engine, "SELECT * FROM lifecycle_events WHERE event_id = :e", e=event_id)
+    assert audit["user_id"] == user["id"] and audit["lifecycle_stage"] == "Acquisition"
+    assert audit["event_data"] == {"plan": "pro"} and audit["event_type"] == etype
+    evaluated = {r["trigger_id"]: r for r in _rows(
+        engine, "SELECT * FROM trigger_executions WHERE event_id = :e", e=event_id)}
+    assert evaluated.keys() == {match, miss}
+    assert evaluated[match]["condition_met"] and not evaluated[miss]["condition_met"]
+    assert evaluated[miss]["workflow_execution_id"] is None
+    [execution] = _rows(engine, "SELECT * FROM workflow_executions WHERE source_event_id = :e",
+                        e=event_id)
+    assert execution["id"] == evaluated[match]["workflow_execution_id"]
+    assert execution["status"] == "pending" and execution["workflow_id"] == wf
+    assert execution["user_id"] == user["id"] and execution["workflow_version"] == "1.0.0"
+
+
+def test_the_same_event_twice_is_ingested_once(engine: Engine, celery_worker: WorkerProcess) -> None:
+    etype, email = _etype(), f"{uuid.uuid4().hex[:8]}@example.com"
+    _trigger(engine, etype, {}, _workflow(engine))
+    event_id = uuid.uuid4()
+    for _ in range(3):
+        send_event(etype, user=email, data={"n": 1}, event_id=event_id)
+    send_events([{"event_id": str(event_id), "event_type": etype, "user": email}] * 2)
+    _wait_ingested(engine, event_id)
+    time.sleep(1.5)  # let the redundant copies be processed too
+    assert _audit(engine, event_id) == 1
+    assert _one(engine, "SELECT count(*) FROM trigger_executions WHERE event_id = :e", e=event_id) == 1
+    assert _one(engine, "SELECT count(*) FROM workflow_executions WHERE source_event_id = :e",
+                e=event_id) == 1
+
+
+BAD_EVENTS: list[Any] = [
+    {"event_type": "Not Valid", "user": "a@example.com"},
+    {"event_type": "test.ok", "user": "not-an-email"},
+    {"event_type": "test.ok", "user": "a@example.com", "data": "not an object"},
+    {"event_type": "test.ok", "user": "a@example.com", "data": {"x": "y" * 40_000}},
+    {"event_type": "test.ok", "user": "a@example.com", "event_id": "not-a-uuid"},
+    {"event_type": "test.ok", "user": "a@example.com", "occurred_at": "yesterday"},
+    {"event_type": "test.ok", "user": "a@example.com", "surprise": 1},
+    {"event_type": "test.ok", "user": str(uuid.uuid4())},  # a user id nobody has
+    {"user": "a@example.com"},
+    "{malformed json",
+    42,
+    None,
+]
+
+
+def test_a_mixed_batch_ingests_the_good_and_dead_letters_the_bad(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    etype = _etype()
+    marker = uuid.uuid4().hex
+    good = [{"event_id": str(uuid.uuid4()), "event_type": etype,
+             "user": f"u{i % 50}-{marker}@example.com", "data": {"i": i}} for i in range(900)]
+    bad = [dict(b, data={"marker": marker}) if isinstance(b, dict) and "data" not in b else b
+           for b in BAD_EVENTS]
+    bad = [bad[i % len(bad)] for i in range(100)]
+    mixed = good + bad
+    random.Random(7).shuffle(mixed)
+    before = _one(engine, "SELECT count(*) FROM dead_letters")
+    for i in range(0, len(mixed), 100):
+        send_events(mixed[i:i + 100], validate=False)
+    wait_for(lambda: _one(engine, "SELECT count(*) FROM lifecycle_events WHERE event_type = :t",
+                          t=etype) == 900, timeout=60, message="900 good events")
+    wait_for(lambda: _one(engine, "SELECT count(*) FROM dead_letters") - before == 100,
+             timeout=30, message="100 dead letters")
+    ids = [g["event_id"] for g in good]
+    assert _one(engine, "SELECT count(DISTINCT event_id) FROM lifecycle_events "
+                "WHERE event_id = ANY(CAST(:ids AS uuid[]))", ids=ids) == 900
+    letters = _rows(engine, "SELECT reason, raw_payload FROM dead_letters WHERE source = "
+                    "'events.ingest_batch' ORDER BY id DESC LIMIT 100")
+    reasons = " | ".join(r["reason"] for r in letters)
+    for fragment in ("event_type", "user", "data", "event_id", "occurred_at", "malformed JSON",
+                     "must be a JSON object", "no user with id", "larger than"):
+        assert fragment in reasons, fragment
+    assert all(r["raw_payload"] for r in letters)
+
+
+def test_identify_merges_attributes(engine: Engine, celery_worker: WorkerProcess) -> None:
+    email = f"{uuid.uuid4().hex[:8]}@example.com"
+    first = send_event("user.identify", user=email, data={"plan": "free", "country": "NZ"})
+    _wait_ingested(engine, first)
+    second = send_event("user.identify", user=email, data={"plan": "pro", "country": None})
+    _wait_ingested(engine, second)
+    assert _one(engine, "SELECT attributes FROM users WHERE email = :m", m=email) == {"plan": "pro"}
+
+
+def test_trigger_changes_apply_without_restart(engine: Engine, celery_worker: WorkerProcess) -> None:
+    etype, email = _etype(), f"{uuid.uuid4().hex[:8]}@example.com"
+    trigger = _trigger(engine, etype, {}, _workflow(engine), reentry="allow")
+    _wait_ingested(engine, send_event(etype, user=email))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE triggers SET enabled = false, updated_at = now() WHERE id = :t"),
+                     {"t": trigger})
+    changed_at = time.monotonic()
+
+    def ignored() -> bool:
+        event_id = send_event(etype, user=email)
+        _wait_ingested(engine, event_id)
+        return _one(engine, "SELECT count(*) FROM trigger_executions WHERE event_id = :e",
+                    e=event_id) == 0
+
+    wait_for(ignored, timeout=15, interval=0.5, message="the disabled trigger to be ignored")
+    print(f"trigger change took effect after {time.monotonic() - changed_at:.1f}s")
+
+
+def test_reentry_rules(engine: Engine, celery_worker: WorkerProcess) -> None:
+    etype = _etype()
+    wf = _workflow(engine)
+    single = _trigger(engine, etype, {}, wf)  # default: no concurrent execution per user
+    capped = _trigger(engine, etype, {}, wf, reentry="allow", max_runs_per_user=2)
+    cooled = _trigger(engine, etype, {}, wf, reentry="allow", cooldown_seconds=3600)
+    email = f"{uuid.uuid4().hex[:8]}@example.com"
+    events = [{"event_type": etype, "user": email, "data": {"n": n}} for n in range(4)]
+    send_events(events[:2])
+    send_events(events[2:])
+    wait_for(lambda: _one(engine, "SELECT count(*) FROM trigger_executions WHERE trigger_id = :t",
+                          t=cooled) == 4, message="4 evaluations")
+    runs = {t: _one(engine, "SELECT count(*) FROM workflow_executions WHERE trigger_id = :t", t=t)
+            for t in (single, capped, cooled)}
+    assert runs == {single: 1, capped: 2, cooled: 1}
+
+
+def test_cold_membership_cache_is_evaluated_on_the_spot(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    etype = _etype()
+    segment = f"vip-{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        segment_id = conn.execute(text(
+            "INSERT INTO user_segments (name, conditions, ttl_seconds) "
+            "VALUES (:n, CAST(:c AS jsonb), 600) RETURNING id"
+        ), {"n": segment, "c": json.dumps(
+            {"field": "user.attributes.vip", "op": "eq", "value": True})}).scalar_one()
+    trigger = _trigger(engine, etype, {"in_segment": segment}, _workflow(engine))
+    vip, plain = (f"{uuid.uuid4().hex[:8]}@example.com" for _ in range(2))
+    for email, is_vip in ((vip, True), (plain, False)):
+        _wait_ingested(engine, send_event("user.identify", user=email, data={"vip": is_vip}))
+    assert _one(engine, "SELECT count(*) FROM user_segment_memberships WHERE segment_id = :s",
+                s=segment_id) == 0  # the cache is cold
+    ids = [send_event(etype, user=email) for email in (vip, plain)]
+    for event_id in ids:
+        _wait_ingested(engine, event_id)
+    met = {r["email"]: r["condition_met"] for r in _rows(
+        engine, "SELECT u.email, t.condition_met FROM trigger_executions t "
+        "JOIN users u ON u.id = t.user_id WHERE t.trigger_id = :t", t=trigger)}
+    assert met == {vip: True, plain: False}
+    [row] = _rows(engine, "SELECT u.email, m.valid_until FROM user_segment_memberships m "
+                  "JOIN users u ON u.id = m.user_id WHERE m.segment_id = :s", s=segment_id)
+    assert row["email"] == vip
+    assert row["valid_until"] > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+
+
+def test_dead_letter_replay_after_the_cause_is_fixed(engine: Engine,
+                                                     celery_worker: WorkerProcess) -> None:
+    from db.session import session_scope
+    from workers.dead_letters import replay
+
+    user_id = uuid.uuid4()
+    event_id = uuid.uuid4()
+    send_events([{"event_id": str(event_id), "event_type": "test.replayed", "user": str(user_id)}],
+                validate=False)
+    letter_id = wait_for(lambda: _one(engine, "SELECT id FROM dead_letters WHERE event_id = :e",
+                                      e=event_id), message="dead letter")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, email, current_lifecycle_stage) "
+                          "VALUES (:i, :m, 'Activation')"), {"i": user_id, "m": f"{user_id}@x.io"})
+    with session_scope() as session:
+        replay(session, letter_id)
+    _wait_ingested(engine, event_id)
+    assert _one(engine, "SELECT status FROM dead_letters WHERE id = :i", i=letter_id) == "replayed"
+
+
+def test_outbox_relay_publishes_once_even_if_marking_fails(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    from db.session import session_scope
+    from workers.events.outbox import add_to_outbox, relay_outbox
+    from workers.producer import publish_batch
+
+    email = f"{uuid.uuid4().hex[:8]}@example.com"
+    with session_scope() as session:
+        event_id = add_to_outbox(session, "test.outboxed", user=email, data={"k": 1})
+
+    class Crash(Exception):
+        pass
+
+    # The relay publishes, then dies before its transaction commits.
+    with pytest.raises(Crash), session_scope() as session:
+        assert relay_outbox(session, publish_batch) >= 1
+        raise Crash
+    assert _one(engine, "SELECT status FROM event_outbox WHERE event_id = :e", e=event_id) == "PENDING"
+    with session_scope() as session:
+        assert relay_outbox(session, publish_batch) >= 1
+    assert _one(engine, "SELECT status FROM event_outbox WHERE event_id = :e",
+                e=event_id) == "PUBLISHED"
+    _wait_ingested(engine, event_id)
+    time.sleep(1)
+    assert _audit(engine, event_id) == 1

@@ -1,0 +1,117 @@
+"""A scratch fleet for benchmarks: its own database and broker prefix, a real worker.
+
+The database is created on the configured server (DATABASE_URL or the embedded
+one), migrated, and dropped at the end, so a benchmark never touches real data.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from db.migrate import upgrade
+from workers.celery_app import create_app
+from workers.settings import Settings, to_sqlalchemy_url
+
+
+class BenchEnvironment:
+    def __init__(self, queues: str, concurrency: int, log_dir: Path | None = None) -> None:
+        self.tag = uuid.uuid4().hex[:8]
+        self.queues = queues
+        self.concurrency = concurrency
+        base = Settings()
+        if base.database_url is None or base.broker_url is None:
+            raise RuntimeError("no servers: run through `fleet bench`, which starts them")
+        self.admin_url = to_sqlalchemy_url(base.database_url)
+        self.database = f"fleet_bench_{self.tag}"
+        self.log_dir = log_dir or base.home / "bench"
+        self.env = dict(os.environ)
+        self.env.update({
+            "DATABASE_URL": make_url(self.admin_url).set(database=self.database)
+            .render_as_string(hide_password=False),
+            "CELERY_BROKER_URL": base.broker_url,
+            "FLEET_BROKER_KEY_PREFIX": f"fleet-bench-{self.tag}:",
+            "FLEET_LOG_LEVEL": "WARNING",
+        })
+        self.hostname = f"bench-{self.tag}@localhost"
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.engine: Engine
+        self.app: Celery
+
+    def __enter__(self) -> BenchEnvironment:
+        admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.database}"'))
+        admin.dispose()
+        upgrade(to_sqlalchemy_url(self.env["DATABASE_URL"]))
+        self.engine = create_engine(to_sqlalchemy_url(self.env["DATABASE_URL"]))
+        self.app = create_app(Settings(
+            DATABASE_URL=self.env["DATABASE_URL"], CELERY_BROKER_URL=self.env["CELERY_BROKER_URL"],
+            broker_key_prefix=self.env["FLEET_BROKER_KEY_PREFIX"],
+        ))
+        return self
+
+    def start_worker(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"worker-{self.tag}.log", "ab")  # noqa: SIM115
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
+             self.queues, "-n", self.hostname, "-c", str(self.concurrency),
+             "--without-mingle", "--without-gossip", "--loglevel", "WARNING"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        self.wait(lambda: bool(self.app.control.ping(destination=[self.hostname], timeout=0.5)),
+                  60)
+
+    def pause_consumer(self, queue: str) -> None:
+        self.app.control.cancel_consumer(queue, destination=[self.hostname], reply=True)
+
+    def resume_consumer(self, queue: str) -> None:
+        self.app.control.add_consumer(queue, destination=[self.hostname], reply=True)
+
+    def queue_empty(self, queue: str) -> bool:
+        with self.app.connection_for_write() as conn:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count == 0
+
+    def scalar(self, sql: Any, params: dict[str, Any] | None = None) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sql, params or {}).scalar()
+
+    def scalars(self, sql: Any, params: dict[str, Any] | None = None) -> Iterator[Any]:
+        with self.engine.connect() as conn:
+            yield from conn.execute(sql, params or {}).scalars()
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.worker is not None and self.worker.poll() is not None:
+                raise RuntimeError(f"bench worker exited; see {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"benchmark step did not finish within {timeout}s")
+            time.sleep(0.02)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+        self.engine.dispose()
+        admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+        admin.dispose()

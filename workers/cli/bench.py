@@ -1,0 +1,33 @@
+"""`fleet bench`: benchmarks that print figures and ratios measured in one run."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from workers.cli.context import console, ensure_servers
+
+app = typer.Typer(help="Benchmarks (figures, not pass/fail).", no_args_is_help=True)
+
+
+@app.command()
+def events(
+    noops: int = typer.Option(5000, help="no-op tasks for the raw Celery baseline"),
+    single: int = typer.Option(5000, help="events sent one per message"),
+    batched: int = typer.Option(50_000, help="events sent in batches of 100"),
+    concurrency: int = typer.Option(2, help="worker pool processes"),
+    as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
+) -> None:
+    """Raw no-op tasks/s, events/s one per message and in batches of 100, latency."""
+    ensure_servers()
+    from workers.bench.events import as_dict, run
+
+    result = as_dict(run(noops=noops, single=single, batched=batched, concurrency=concurrency))
+    table = Table("figure", "value")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    if as_json:
+        print(json.dumps(result))

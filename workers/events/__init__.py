@@ -1,0 +1,1 @@
+"""User events: the envelope, producers, the outbox and ingest."""

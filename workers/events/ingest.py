@@ -1,0 +1,313 @@
+"""Ingest: turn a message of raw events into durable facts and decisions, in one transaction.
+
+For each message (one event or a batch): validate every envelope (bad ones go to
+the dead-letter table, the good ones go on); resolve users (an unknown email
+creates the user in Acquisition); dedupe by event_id through `event_inbox`; write
+the audit rows; merge `user.identify` attributes; evaluate the enabled triggers of
+each event type; log one `trigger_executions` row per evaluated trigger; start a
+`pending` workflow execution per match that the trigger's re-entry rules allow.
+
+Every step is a set-based statement over the whole batch, so a batch of 100 costs
+about as many round trips as a batch of 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, insert, select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from db.models import (
+    EventInbox,
+    LifecycleEvent,
+    TriggerExecution,
+    User,
+    WorkflowExecution,
+)
+from workers.dead_letters import record_dead_letter
+from workers.events.envelope import IDENTIFY, Event, InvalidEvent, parse_event
+from workers.rules.membership import MembershipResolver
+from workers.rules.triggers import CompiledTrigger, TriggerCache, UserView
+
+ACTIVE = ("pending", "running")
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    evaluated: int = 0
+    matched: int = 0
+    started: list[uuid.UUID] = field(default_factory=list)
+
+
+def _raw_bytes(raw: Any) -> bytes:
+    if isinstance(raw, bytes):
+        return raw
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogatepass")
+    try:
+        return json.dumps(raw, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+    except (ValueError, RecursionError):
+        return repr(raw).encode("utf-8", "backslashreplace")
+
+
+def _reject(session: Session, source: str, raw: Any, reason: str, result: IngestResult,
+            event_id: uuid.UUID | None = None) -> None:
+    record_dead_letter(session, source=source, reason=reason, raw=_raw_bytes(raw),
+                       error_type="InvalidEvent", event_id=event_id)
+    result.rejected += 1
+
+
+def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]:
+    """Users keyed by the event's `user` string; unknown emails are created first."""
+    emails = sorted({e.email for e in events if e.email})
+    ids = sorted({e.user_id for e in events if e.user_id})
+    if emails:
+        session.execute(
+            pg_insert(User)
+            .values([{"email": m, "current_lifecycle_stage": "Acquisition"} for m in emails])
+            .on_conflict_do_nothing(index_elements=["email"])
+        )
+    rows = session.execute(
+        select(User.id, User.email, User.current_lifecycle_stage, User.attributes, User.created_at)
+        .where((User.email.in_(emails)) | (User.id.in_(ids)))
+    ).all()
+    users: dict[str, UserView] = {}
+    for row in rows:
+        view = UserView(id=row.id, email=row.email, stage=row.current_lifecycle_stage,
+                        attributes=dict(row.attributes or {}), created_at=row.created_at)
+        users[str(row.id)] = view
+        users[row.email] = view
+    return users
+
+
+def _claim_event_ids(session: Session, events: list[Event]) -> set[uuid.UUID]:
+    """Insert into the inbox; returns the ids that were new (the rest were seen before)."""
+    new = session.execute(
+        pg_insert(EventInbox)
+        .values([{"event_id": e.event_id, "event_type": e.event_type} for e in events])
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(EventInbox.event_id)
+    ).scalars()
+    return set(new)
+
+
+def _apply_identify(session: Session, events: list[Event], users: dict[str, UserView]) -> None:
+    """Merge identify traits into users.attributes (null removes a key), one UPDATE per message.
+
+    The patch is applied in SQL (`attributes - removed || set`), so a concurrent
+    update of other keys of the same user is not lost.
+    """
+    sets: dict[uuid.UUID, dict[str, Any]] = {}
+    removes: dict[uuid.UUID, set[str]] = {}
+    for event in events:
+        if event.event_type != IDENTIFY:
+            continue
+        user = users[event.user]
+        user_sets, user_removes = sets.setdefault(user.id, {}), removes.setdefault(user.id, set())
+        for key, value in event.data.items():
+            if value is None:
+                user_sets.pop(key, None)
+                user_removes.add(key)
+                user.attributes.pop(key, None)  # keep the view current for the triggers
+            else:
+                user_sets[key] = value
+                user_removes.discard(key)
+                user.attributes[key] = value
+    if not sets:
+        return
+    session.execute(
+        text(
+            "UPDATE users u SET attributes = (COALESCE(u.attributes, '{}') - p.removes) || p.sets, "
+            "updated_at = now() "
+            "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS p(id uuid, sets jsonb, removes text[]) "
+            "WHERE u.id = p.id"
+        ),
+        {"rows": json.dumps([{"id": str(uid), "sets": sets[uid], "removes": sorted(removes[uid])}
+                             for uid in sets])},
+    )
+
+
+@dataclass(frozen=True)
+class _Match:
+    event: Event
+    trigger: CompiledTrigger
+    user: UserView
+
+
+def _allowed_starts(session: Session, matches: list[_Match], now: dt.datetime) -> list[_Match]:
+    """Apply re-entry rules (active execution, runs per user, cooldown) to the matches."""
+    if not matches:
+        return []
+    capped = sorted({(m.trigger.id, m.user.id) for m in matches
+                     if m.trigger.max_runs_per_user or m.trigger.cooldown_seconds})
+    for trigger_id, user_id in capped:
+        # Serialise capped starts per (trigger, user) across workers; sorted: no deadlock.
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                        {"k": f"{trigger_id}:{user_id}"})
+    pairs = sorted({(m.trigger.id, m.user.id) for m in matches})
+    history = {
+        (row.trigger_id, row.user_id): row
+        for row in session.execute(
+            select(
+                WorkflowExecution.trigger_id,
+                WorkflowExecution.user_id,
+                func.count().filter(WorkflowExecution.status.in_(ACTIVE)).label("active"),
+                func.count().label("runs"),
+                func.max(WorkflowExecution.started_at).label("last_started"),
+            )
+            .where(tuple_(WorkflowExecution.trigger_id, WorkflowExecution.user_id).in_(pairs))
+            .group_by(WorkflowExecution.trigger_id, WorkflowExecution.user_id)
+        )
+    }
+    active: dict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
+    runs: dict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
+    last: dict[tuple[uuid.UUID, uuid.UUID], dt.datetime | None] = {}
+    for key, row in history.items():
+        active[key], runs[key], last[key] = row.active, row.runs, row.last_started
+    allowed: list[_Match] = []
+    for m in matches:
+        key = (m.trigger.id, m.user.id)
+        t = m.trigger
+        if t.reentry == "no_concurrent" and active[key]:
+            continue
+        if t.max_runs_per_user and runs[key] >= t.max_runs_per_user:
+            continue
+        if t.cooldown_seconds and last.get(key) and \
+                now - last[key] < dt.timedelta(seconds=t.cooldown_seconds):  # type: ignore[operator]
+            continue
+        allowed.append(m)
+        active[key] += 1
+        runs[key] += 1
+        last[key] = now
+    return allowed
+
+
+def _start_executions(session: Session, matches: list[_Match]) -> dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID]:
+    """Insert pending executions; the unique indexes drop racing duplicates.
+
+    Returns {(trigger_id, event_id): execution_id} for the executions created.
+    """
+    if not matches:
+        return {}
+    rows = session.execute(
+        pg_insert(WorkflowExecution)
+        .values([
+            {
+                "workflow_id": m.trigger.workflow_id,
+                "workflow_version": m.trigger.workflow_version,
+                "user_id": m.user.id,
+                "status": "pending",
+                "variables": {"event": {"event_id": str(m.event.event_id),
+                                        "event_type": m.event.event_type, "data": m.event.data}},
+                "trigger_id": m.trigger.id,
+                "source_event_id": m.event.event_id,
+                "single_active": m.trigger.reentry == "no_concurrent",
+            }
+            for m in matches
+        ])
+        .on_conflict_do_nothing()
+        .returning(WorkflowExecution.id, WorkflowExecution.trigger_id,
+                   WorkflowExecution.source_event_id)
+    ).all()
+    return {(r.trigger_id, r.source_event_id): r.id for r in rows}
+
+
+def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: TriggerCache,
+           now: dt.datetime | None = None) -> IngestResult:
+    """Ingest one message's events in the caller's transaction. Safe to run twice."""
+    now = now or dt.datetime.now(dt.UTC)
+    result = IngestResult()
+    events: list[Event] = []
+    seen_ids: set[uuid.UUID] = set()
+    for raw in raws:
+        try:
+            event = parse_event(raw)
+        except InvalidEvent as exc:
+            _reject(session, source, raw, str(exc), result)
+            continue
+        if event.event_id in seen_ids:  # the same id twice in one batch: the first wins
+            result.duplicates += 1
+            continue
+        seen_ids.add(event.event_id)
+        events.append(event)
+    if not events:
+        return result
+
+    users = _resolve_users(session, events)
+    known: list[Event] = []
+    for event in events:
+        if event.user in users:
+            known.append(event)
+        else:
+            _reject(session, source, event.to_message(), f"user: no user with id {event.user}",
+                    result, event.event_id)
+    if not known:
+        return result
+
+    new_ids = _claim_event_ids(session, known)
+    fresh = [e for e in known if e.event_id in new_ids]
+    result.duplicates += len(known) - len(fresh)
+    result.accepted = len(fresh)
+    if not fresh:
+        return result
+
+    _apply_identify(session, fresh, users)
+    session.execute(
+        insert(LifecycleEvent),
+        [
+            {
+                "event_type": e.event_type,
+                "user_id": users[e.user].id,
+                "lifecycle_stage": users[e.user].stage,
+                "event_data": e.data,
+                "event_id": e.event_id,
+                "occurred_at": e.occurred_at,
+            }
+            for e in fresh
+        ],
+    )
+
+    active_triggers = triggers.get(session)
+    evaluations: list[tuple[Event, CompiledTrigger, UserView, bool]] = []
+    relevant = [(e, active_triggers.for_event_type(e.event_type)) for e in fresh]
+    needed_segments = {ref for _, ts in relevant for t in ts for ref in t.segment_refs}
+    membership = MembershipResolver(session, now)
+    membership.prefetch([users[e.user].id for e, ts in relevant if ts], needed_segments)
+    for event, candidates in relevant:
+        user = users[event.user]
+        for trigger in candidates:
+            met = trigger.evaluate(event, user, now, membership, session)
+            evaluations.append((event, trigger, user, met))
+    result.evaluated = len(evaluations)
+    matches = [_Match(e, t, u) for e, t, u, met in evaluations if met and t.workflow_id]
+    result.matched = sum(1 for *_, met in evaluations if met)
+    started = _start_executions(session, _allowed_starts(session, matches, now))
+    result.started = list(started.values())
+    if evaluations:
+        session.execute(
+            insert(TriggerExecution),
+            [
+                {
+                    "trigger_id": t.id,
+                    "user_id": u.id,
+                    "event_data": {"event_type": e.event_type, "data": e.data},
+                    "condition_met": met,
+                    "workflow_execution_id": started.get((t.id, e.event_id)),
+                    "event_id": e.event_id,
+                }
+                for e, t, u, met in evaluations
+            ],
+        )
+    return result
+

@@ -1,0 +1,81 @@
+"""The producer API: publish user events to the fleet. Needs the broker, not the database.
+
+    from workers.producer import send_event, send_events
+    send_event("user.signed_up", user="ada@example.com", data={"plan": "free"})
+    send_events([{"event_type": "page.viewed", "user": "ada@example.com"}, ...])
+
+Publishing retries broker connection errors with backoff and raises `PublishError`
+when it finally fails: a call that returns has handed the message to the broker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kombu.exceptions
+
+from workers.celery_app import app
+from workers.events.envelope import Event, parse_event
+from workers.queues import EVENTS, TaskNames
+
+RETRY_POLICY = {"max_retries": 6, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3.0}
+
+
+class PublishError(RuntimeError):
+    """The broker could not be reached after every retry; nothing was sent."""
+
+
+def _publish(task: str, payload: Any) -> None:
+    try:
+        app.send_task(task, args=[payload], queue=EVENTS, retry=True, retry_policy=RETRY_POLICY)
+    except (kombu.exceptions.OperationalError, OSError) as exc:
+        raise PublishError(f"could not publish {task} to the broker: {exc}") from exc
+
+
+def send_event(event_type: str, *, user: str | uuid.UUID, data: Mapping[str, Any] | None = None,
+               event_id: uuid.UUID | str | None = None,
+               occurred_at: dt.datetime | str | None = None) -> uuid.UUID:
+    """Validate and publish one event as one message; returns its event_id.
+
+    Raises `InvalidEvent` for a bad envelope (nothing is sent) and `PublishError`
+    when the broker cannot be reached.
+    """
+    raw: dict[str, Any] = {"event_type": event_type, "user": str(user), "data": dict(data or {})}
+    if event_id is not None:
+        raw["event_id"] = str(event_id)
+    if occurred_at is not None:
+        raw["occurred_at"] = occurred_at.isoformat() if isinstance(occurred_at, dt.datetime) else occurred_at
+    event = parse_event(raw)
+    _publish(TaskNames.INGEST, event.to_message())
+    return event.event_id
+
+
+def send_events(events: Iterable[Mapping[str, Any] | Event], *, validate: bool = True) -> int:
+    """Publish many events as one message (for high-volume producers); returns the count.
+
+    With `validate` (the default) a bad envelope raises `InvalidEvent` before anything
+    is sent. With `validate=False` events go as they are and the workers dead-letter
+    the bad ones (each good one is still ingested) — for relaying input you do not own.
+    """
+    batch: list[Any] = []
+    for item in events:
+        if isinstance(item, Event):
+            batch.append(item.to_message())
+        elif validate:
+            batch.append(parse_event(dict(item)).to_message())
+        elif isinstance(item, Mapping) and "event_id" not in item:
+            # An id now, so a re-sent batch is recognised as the same events.
+            batch.append({**item, "event_id": str(uuid.uuid4())})
+        else:
+            batch.append(item)
+    if batch:
+        publish_batch(batch)
+    return len(batch)
+
+
+def publish_batch(batch: list[Any]) -> None:
+    """Publish already-formed envelopes as one ingest message (used by the outbox relay)."""
+    _publish(TaskNames.INGEST_BATCH, batch)

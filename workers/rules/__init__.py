@@ -1,0 +1,1 @@
+"""Conditions and segment memberships: the rules that decide what the fleet does."""

@@ -1,0 +1,125 @@
+"""Segment membership as conditions read it: the cache table first, SQL on a miss.
+
+`user_segment_memberships` holds members only, each with a `valid_until`. For a
+message's users and the segments its triggers mention, one query reads the
+still-valid rows; users without one (cold or expired cache) are evaluated on the
+spot with the segment's SQL condition, in one statement per segment, and the
+answer is written back (members upserted with a fresh valid_until, stale rows of
+non-members deleted). A cold cache is never read as "not a member". Static
+segments are never computed: their rows are the truth.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from db.models import User, UserSegment, UserSegmentMembership
+from workers.rules.conditions import parse
+from workers.rules.sql_backend import compile_sql
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    id: uuid.UUID
+    name: str
+    kind: str
+    conditions: Any
+    ttl: dt.timedelta
+
+
+def _as_uuid(ref: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        return None
+
+
+class MembershipResolver:
+    """Answers `is_member(user, segment)` for one message, from a batched prefetch."""
+
+    def __init__(self, session: Session, now: dt.datetime) -> None:
+        self.session = session
+        self.now = now
+        self.segments: dict[str, SegmentInfo] = {}
+        self.members: set[tuple[uuid.UUID, uuid.UUID]] = set()
+        self.known: set[tuple[uuid.UUID, uuid.UUID]] = set()
+        self.missing: set[str] = set()  # refs naming no segment: nobody is a member
+
+    def prefetch(self, user_ids: Iterable[uuid.UUID], refs: Iterable[str]) -> None:
+        """Resolve every (user, segment) pair not known yet, in a few set-based queries."""
+        users = sorted(set(user_ids))
+        refs = set(refs)
+        self._load_segments(refs - self.segments.keys() - self.missing)
+        segments = {self.segments[r].id: self.segments[r] for r in refs if r in self.segments}
+        pending = [(u, s) for s in segments for u in users if (u, s) not in self.known]
+        if not pending:
+            return
+        valid = self.session.execute(
+            select(UserSegmentMembership.user_id, UserSegmentMembership.segment_id).where(
+                UserSegmentMembership.user_id.in_({u for u, _ in pending}),
+                UserSegmentMembership.segment_id.in_({s for _, s in pending}),
+                or_(UserSegmentMembership.valid_until.is_(None),
+                    UserSegmentMembership.valid_until > self.now),
+            )
+        ).all()
+        self.members.update((r.user_id, r.segment_id) for r in valid)
+        for segment_id, segment in segments.items():
+            cold = [u for u, s in pending if s == segment_id and (u, s) not in self.members]
+            if cold and segment.kind == "dynamic":
+                self._evaluate(segment, cold)
+        self.known.update(pending)
+
+    def is_member(self, user_id: uuid.UUID, ref: str) -> bool:
+        """Membership of one user; resolved on the spot if the prefetch did not cover it."""
+        self.prefetch([user_id], [ref])
+        segment = self.segments.get(ref)
+        return segment is not None and (user_id, segment.id) in self.members
+
+    def _load_segments(self, refs: set[str]) -> None:
+        if not refs:
+            return
+        ids = [u for u in (_as_uuid(r) for r in refs) if u]
+        names = [r for r in refs if _as_uuid(r) is None]
+        rows = self.session.execute(
+            select(UserSegment).where(or_(UserSegment.id.in_(ids), UserSegment.name.in_(names)))
+        ).scalars()
+        for row in rows:
+            info = SegmentInfo(row.id, row.name, row.kind, row.conditions,
+                               dt.timedelta(seconds=row.ttl_seconds))
+            for ref in (str(row.id), row.name):
+                if ref in refs:
+                    self.segments[ref] = info
+        self.missing.update(refs - self.segments.keys())
+
+    def _evaluate(self, segment: SegmentInfo, user_ids: list[uuid.UUID]) -> None:
+        """Compute membership of `user_ids` now, and write the answer back to the cache."""
+        condition = compile_sql(parse(segment.conditions, allow_event=False), now=self.now)
+        members = set(self.session.execute(
+            select(User.id).where(User.id.in_(user_ids), condition)
+        ).scalars())
+        self.members.update((u, segment.id) for u in members)
+        if members:
+            stmt = pg_insert(UserSegmentMembership).values([
+                {"user_id": u, "segment_id": segment.id, "evaluated_at": self.now,
+                 "valid_until": self.now + segment.ttl}
+                for u in sorted(members)
+            ])
+            self.session.execute(stmt.on_conflict_do_update(
+                index_elements=["user_id", "segment_id"],
+                set_={"evaluated_at": stmt.excluded.evaluated_at,
+                      "valid_until": stmt.excluded.valid_until},
+            ))
+        gone = [u for u in user_ids if u not in members]
+        if gone:
+            self.session.execute(delete(UserSegmentMembership).where(
+                UserSegmentMembership.segment_id == segment.id,
+                UserSegmentMembership.user_id.in_(gone),
+            ))
