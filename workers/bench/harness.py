@@ -16,7 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.exceptions import ChannelError
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -81,9 +83,29 @@ class BenchEnvironment:
     def resume_consumer(self, queue: str) -> None:
         self.app.control.add_consumer(queue, destination=[self.hostname], reply=True)
 
-    def queue_empty(self, queue: str) -> bool:
+    def queue_length(self, queue: str) -> int:
         with self.app.connection_for_write() as conn:
-            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count == 0
+            channel = conn.default_channel
+            if hasattr(channel, "_size"):  # Redis: kombu's virtual channel sums the priority lists
+                return int(channel._size(queue))
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except ChannelError:
+                return 0
+
+    def queue_empty(self, queue: str) -> bool:
+        return self.queue_length(queue) == 0
+
+    def _forget_broker_keys(self) -> None:
+        """Remove this run's Redis keys (queues, bindings): a run leaves nothing behind."""
+        url = self.env["CELERY_BROKER_URL"]
+        if not url.startswith(("redis://", "rediss://")):
+            return
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter(match=f"{self.env['FLEET_BROKER_KEY_PREFIX']}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
     def scalar(self, sql: Any, params: dict[str, Any] | None = None) -> Any:
         with self.engine.connect() as conn:
@@ -111,6 +133,7 @@ class BenchEnvironment:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
         self.engine.dispose()
+        self._forget_broker_keys()
         admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))

@@ -78,10 +78,12 @@ def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]
             .values([{"email": m, "current_lifecycle_stage": "Acquisition"} for m in emails])
             .on_conflict_do_nothing(index_elements=["email"])
         )
-    rows = session.execute(
-        select(User.id, User.email, User.current_lifecycle_stage, User.attributes, User.created_at)
-        .where((User.email.in_(emails)) | (User.id.in_(ids)))
-    ).all()
+    columns = (User.id, User.email, User.current_lifecycle_stage, User.attributes, User.created_at)
+    rows = []
+    if emails:
+        rows += session.execute(select(*columns).where(User.email.in_(emails))).all()
+    if ids:
+        rows += session.execute(select(*columns).where(User.id.in_(ids))).all()
     users: dict[str, UserView] = {}
     for row in rows:
         view = UserView(id=row.id, email=row.email, stage=row.current_lifecycle_stage,
@@ -264,7 +266,7 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
 
     _apply_identify(session, fresh, users)
     session.execute(
-        insert(LifecycleEvent),
+        insert(LifecycleEvent.__table__),
         [
             {
                 "event_type": e.event_type,
@@ -296,7 +298,7 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
     result.started = list(started.values())
     if evaluations:
         session.execute(
-            insert(TriggerExecution),
+            insert(TriggerExecution.__table__),
             [
                 {
                     "trigger_id": t.id,

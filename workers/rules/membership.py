@@ -79,8 +79,10 @@ class MembershipResolver:
 
     def is_member(self, user_id: uuid.UUID, ref: str) -> bool:
         """Membership of one user; resolved on the spot if the prefetch did not cover it."""
-        self.prefetch([user_id], [ref])
         segment = self.segments.get(ref)
+        if segment is None or (user_id, segment.id) not in self.known:
+            self.prefetch([user_id], [ref])
+            segment = self.segments.get(ref)
         return segment is not None and (user_id, segment.id) in self.members
 
     def _load_segments(self, refs: set[str]) -> None:
