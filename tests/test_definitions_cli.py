@@ -1,0 +1,101 @@
+"""Definitions and events through the `fleet` command, as a user drives them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.helpers import ROOT, WorkerProcess, wait_for
+
+pytestmark = pytest.mark.servers
+MINIMAL = (Path(__file__).parent / "bpmn" / "minimal.bpmn").read_text()
+
+
+def fleet(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "workers.cli.main", *args], cwd=ROOT,
+                          env=dict(os.environ, COLUMNS="250"), capture_output=True, text=True, timeout=120)
+
+
+def _definitions(tmp_path: Path, tag: str, bpmn: str = MINIMAL, condition: object = None) -> Path:
+    (tmp_path / "flow.bpmn").write_text(bpmn)
+    doc = {
+        "workflows": [{"name": f"flow-{tag}", "file": "flow.bpmn", "stages": ["Activation"]}],
+        "segments": [{"name": f"pro-{tag}", "ttl": "10m",
+                      "conditions": {"field": "user.attributes.plan", "op": "eq", "value": "pro"}}],
+        "triggers": [{"name": f"trig-{tag}", "event_type": f"cli.e{tag}", "workflow": f"flow-{tag}",
+                      "conditions": condition or {"in_segment": f"pro-{tag}"}, "cooldown": "1d"}],
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def _count(engine: Engine, sql: str, **params: object) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar_one()
+
+
+def test_apply_creates_updates_and_versions(engine: Engine, tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    path = _definitions(tmp_path, tag)
+    first = fleet("apply", str(path))
+    assert first.returncode == 0, first.stderr
+    assert f"created   trigger trig-{tag}" in first.stderr
+    assert "unchanged" in fleet("apply", str(path)).stderr
+    _definitions(tmp_path, tag, MINIMAL.replace('id="end"', 'id="finish"')
+                 .replace('targetRef="end"', 'targetRef="finish"'))
+    assert f"updated   workflow flow-{tag} 2.0.0" in fleet("apply", str(path)).stderr
+    assert _count(engine, "SELECT count(*) FROM workflow_versions v JOIN workflows w "
+                  "ON w.id = v.workflow_id WHERE w.name = :n", n=f"flow-{tag}") == 2
+    assert _count(engine, "SELECT cooldown_seconds FROM triggers WHERE name = :n",
+                  n=f"trig-{tag}") == 86400
+    listed = fleet("trigger", "list").stderr
+    assert f"trig-{tag}" in listed
+    assert fleet("trigger", "disable", f"trig-{tag}").returncode == 0
+    assert _count(engine, "SELECT count(*) FROM triggers WHERE name = :n AND NOT enabled",
+                  n=f"trig-{tag}") == 1
+    assert f"pro-{tag}" in fleet("segment", "list").stderr
+
+
+@pytest.mark.parametrize(("bpmn", "condition", "message"), [
+    (MINIMAL, {"field": "event.data.x", "op": "nope", "value": 1}, "/op: unknown operator"),
+    (MINIMAL, {"in_segment": "no-such-segment"}, "in_segment names no segment"),
+    ("<not bpmn", None, "not well-formed XML"),
+])
+def test_apply_rejects_invalid_definitions_and_writes_nothing(
+        engine: Engine, tmp_path: Path, bpmn: str, condition: object, message: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    result = fleet("apply", str(_definitions(tmp_path, tag, bpmn, condition)))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert _count(engine, "SELECT count(*) FROM workflows WHERE name = :n", n=f"flow-{tag}") == 0
+    assert _count(engine, "SELECT count(*) FROM user_segments WHERE name = :n", n=f"pro-{tag}") == 0
+
+
+def test_emit_file_and_dlq(engine: Engine, celery_worker: WorkerProcess, tmp_path: Path) -> None:
+    etype = f"cli.f{uuid.uuid4().hex[:8]}"
+    good = [{"event_id": str(uuid.uuid4()), "event_type": etype, "user": f"f{i}@example.com"}
+            for i in range(5)]
+    lines = [json.dumps(g) for g in good] + ["{broken", json.dumps({"event_type": "BAD"})]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = fleet("emit", "--file", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "sent 7 events (1 lines were not JSON" in result.stderr
+    wait_for(lambda: _count(engine, "SELECT count(*) FROM lifecycle_events WHERE event_type = :t",
+                            t=etype) == 5, message="5 events")
+    wait_for(lambda: _count(engine, "SELECT count(*) FROM dead_letters WHERE "
+                            "convert_from(raw_payload, 'UTF8') = '{broken' OR "
+                            "payload->>'event_type' = 'BAD'") == 2, message="2 dead letters")
+    assert "{broken" in fleet("dlq", "list").stderr
+    single = fleet("emit", etype, "--user", "one@example.com", "--data", '{"k": 1}')
+    assert single.returncode == 0 and single.stderr.startswith("sent ")
+    bad = fleet("emit", "Not A Type", "--user", "one@example.com")
+    assert bad.returncode == 2 and "invalid event" in bad.stderr

@@ -1,0 +1,91 @@
+"""`fleet apply`, `fleet trigger …`, `fleet segment …`: definitions by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from sqlalchemy import func, select, update
+
+from db.models import Trigger, UserSegment, UserSegmentMembership, Workflow
+from db.session import session_scope
+from workers.cli.context import console, ensure_servers
+
+trigger_app = typer.Typer(help="Event triggers.", no_args_is_help=True)
+segment_app = typer.Typer(help="User segments.", no_args_is_help=True)
+
+
+def apply(file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                      help="YAML with workflows, segments and triggers")) -> None:
+    """Create or update workflows, segments and triggers by name (all or nothing)."""
+    ensure_servers()
+    from workers.definitions import DefinitionError, apply as apply_definitions, load
+
+    try:
+        doc, xml = load(file)
+        with session_scope() as session:
+            report = apply_definitions(session, doc, xml)
+    except DefinitionError as exc:
+        console.print(f"[red]nothing applied:[/]\n{exc}")
+        raise typer.Exit(2) from None
+    for verb, items in (("created", report.created), ("updated", report.updated),
+                        ("unchanged", report.unchanged)):
+        for item in items:
+            console.print(f"{verb:9} {item}")
+
+
+@trigger_app.command("list")
+def trigger_list() -> None:
+    """Every trigger with its event type, workflow and re-entry rules."""
+    ensure_servers()
+    table = Table("name", "event type", "workflow", "enabled", "reentry", "max runs", "cooldown s")
+    with session_scope() as session:
+        rows = session.execute(
+            select(Trigger, Workflow.name).outerjoin(Workflow, Workflow.id == Trigger.workflow_id)
+            .order_by(Trigger.name)).all()
+        for trigger, workflow in rows:
+            table.add_row(trigger.name, trigger.event_type, workflow or "-",
+                          "yes" if trigger.enabled else "no", trigger.reentry,
+                          str(trigger.max_runs_per_user or "-"), str(trigger.cooldown_seconds or "-"))
+    console.print(table)
+
+
+def _set_enabled(name: str, enabled: bool) -> None:
+    ensure_servers()
+    with session_scope() as session:
+        changed = session.execute(
+            update(Trigger).where(Trigger.name == name)
+            .values(enabled=enabled, updated_at=func.now())).rowcount
+    if not changed:
+        console.print(f"[red]no trigger named {name!r}[/]")
+        raise typer.Exit(1)
+    console.print(f"trigger {name} {'enabled' if enabled else 'disabled'} "
+                  "(workers pick it up within a few seconds)")
+
+
+@trigger_app.command("disable")
+def trigger_disable(name: str) -> None:
+    """Stop evaluating a trigger."""
+    _set_enabled(name, False)
+
+
+@trigger_app.command("enable")
+def trigger_enable(name: str) -> None:
+    """Evaluate a trigger again."""
+    _set_enabled(name, True)
+
+
+@segment_app.command("list")
+def segment_list() -> None:
+    """Every segment with its kind, TTL and cached member count."""
+    ensure_servers()
+    table = Table("name", "kind", "ttl s", "cached members", "conditions")
+    with session_scope() as session:
+        counts = dict(session.execute(
+            select(UserSegmentMembership.segment_id, func.count())
+            .group_by(UserSegmentMembership.segment_id)).all())
+        for seg in session.execute(select(UserSegment).order_by(UserSegment.name)).scalars():
+            table.add_row(seg.name, seg.kind, str(seg.ttl_seconds), str(counts.get(seg.id, 0)),
+                          str(seg.conditions)[:60])
+    console.print(table)

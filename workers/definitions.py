@@ -1,0 +1,235 @@
+"""Declarative definitions: workflows, segments and triggers applied by name from YAML.
+
+    workflows:
+      - name: welcome
+        file: bpmn/welcome.bpmn          # relative to the YAML file
+        stages: [Acquisition]
+        status: active                   # draft | active | inactive | archived
+    segments:
+      - name: power-users
+        conditions: {field: user.attributes.sessions, op: gte, value: 10}
+        ttl: 1h                          # how long a computed membership stays valid
+        kind: dynamic                    # or static (members set by hand)
+    triggers:
+      - name: welcome-on-signup
+        event_type: user.signed_up
+        conditions: {}
+        workflow: welcome
+        reentry: no_concurrent           # or allow
+        max_runs_per_user: 1
+        cooldown: 7d
+
+Everything is validated before anything is written (conditions, BPMN, references
+between definitions); then one transaction creates or updates each by name. A
+workflow whose BPMN changed gets a new version; running executions keep theirs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import Text, cast, select, update
+from sqlalchemy.orm import Session
+
+from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, WorkflowVersion
+from workers.engine.bpmn import BpmnError, parse_bpmn
+from workers.rules.conditions import ConditionError, parse, parse_duration, segment_refs
+
+
+class DefinitionError(ValueError):
+    """The document is invalid; nothing was written."""
+
+
+def _stages(stages: list[str]) -> list[str]:
+    unknown = [s for s in stages if s not in LIFECYCLE_STAGES]
+    if unknown:
+        raise ValueError(f"unknown lifecycle stages {unknown} (expected {list(LIFECYCLE_STAGES)})")
+    return stages
+
+
+def _seconds(value: str | int | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return int(parse_duration(value).total_seconds())
+    except ConditionError as exc:
+        raise ValueError(exc.message) from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkflowDef(_Strict):
+    name: str = Field(min_length=1, max_length=255)
+    file: Path
+    description: str | None = None
+    stages: list[str] = []
+    status: Literal["draft", "active", "inactive", "archived"] = "active"
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        return _stages(value)
+
+
+class SegmentDef(_Strict):
+    name: str = Field(min_length=1, max_length=255)
+    description: str | None = None
+    conditions: dict[str, Any] = {}
+    kind: Literal["dynamic", "static"] = "dynamic"
+    ttl: str | int = "1h"
+    stages: list[str] = []
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        return _stages(value)
+
+    @property
+    def ttl_seconds(self) -> int:
+        return _seconds(self.ttl) or 3600
+
+
+class TriggerDef(_Strict):
+    name: str = Field(min_length=1, max_length=255)
+    event_type: str = Field(min_length=1, max_length=255)
+    conditions: dict[str, Any] = {}
+    workflow: str | None = None
+    enabled: bool = True
+    reentry: Literal["no_concurrent", "allow"] = "no_concurrent"
+    max_runs_per_user: int | None = Field(default=None, gt=0)
+    cooldown: str | int | None = None
+
+    @property
+    def cooldown_seconds(self) -> int | None:
+        return _seconds(self.cooldown)
+
+
+class Definitions(_Strict):
+    workflows: list[WorkflowDef] = []
+    segments: list[SegmentDef] = []
+    triggers: list[TriggerDef] = []
+
+
+@dataclass
+class ApplyReport:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+def load(path: Path) -> tuple[Definitions, dict[str, str]]:
+    """Parse and validate a definitions file; returns it and each workflow's BPMN XML."""
+    try:
+        doc = Definitions.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise DefinitionError(f"{path}: {exc}") from None
+    problems: list[str] = []
+    xml: dict[str, str] = {}
+    for wf in doc.workflows:
+        source = (path.parent / wf.file)
+        try:
+            xml[wf.name] = source.read_text()
+            parse_bpmn(xml[wf.name])
+        except (OSError, BpmnError) as exc:
+            problems.append(f"workflow {wf.name} ({source}): {exc}")
+    for seg in doc.segments:
+        try:
+            parse(seg.conditions, allow_event=False)
+            _ = seg.ttl_seconds
+        except (ConditionError, ValueError) as exc:
+            problems.append(f"segment {seg.name}: {exc}")
+    for trig in doc.triggers:
+        try:
+            parse(trig.conditions)
+            _ = trig.cooldown_seconds
+        except (ConditionError, ValueError) as exc:
+            problems.append(f"trigger {trig.name}: {exc}")
+    for kind, items in (("workflow", doc.workflows), ("segment", doc.segments),
+                        ("trigger", doc.triggers)):
+        names = [i.name for i in items]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"{kind} {dup}: defined twice")
+    if problems:
+        raise DefinitionError("\n".join(problems))
+    return doc, xml
+
+
+def _next_version(current: str) -> str:
+    major = current.split(".", 1)[0]
+    return f"{int(major) + 1}.0.0" if major.isdigit() else f"{current}+1"
+
+
+def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyReport:
+    """Create or update every definition by name, in the caller's transaction."""
+    report = ApplyReport()
+    now = dt.datetime.now(dt.UTC)
+    workflow_ids: dict[str, Any] = {}
+    for wf in doc.workflows:
+        process_id = parse_bpmn(xml[wf.name]).process_id
+        row = session.execute(select(Workflow).where(Workflow.name == wf.name)).scalar_one_or_none()
+        if row is None:
+            row = Workflow(name=wf.name, description=wf.description, bpmn_xml=xml[wf.name],
+                           version="1.0.0", lifecycle_stages=wf.stages, status=wf.status)
+            session.add(row)
+            session.flush()
+            report.created.append(f"workflow {wf.name} 1.0.0")
+        elif (row.bpmn_xml, row.status, row.description, row.lifecycle_stages) == (
+                xml[wf.name], wf.status, wf.description, wf.stages):
+            report.unchanged.append(f"workflow {wf.name}")
+        else:
+            if row.bpmn_xml != xml[wf.name]:
+                row.version = _next_version(row.version)
+                row.bpmn_xml = xml[wf.name]
+            row.status, row.description, row.lifecycle_stages = wf.status, wf.description, wf.stages
+            row.updated_at = now
+            report.updated.append(f"workflow {wf.name} {row.version}")
+        workflow_ids[wf.name] = row.id
+        exists = session.get(WorkflowVersion, (row.id, row.version))
+        if exists is None:
+            session.add(WorkflowVersion(workflow_id=row.id, version=row.version,
+                                        bpmn_xml=row.bpmn_xml, process_id=process_id))
+    for seg in doc.segments:
+        values = {"description": seg.description, "conditions": seg.conditions, "kind": seg.kind,
+                  "ttl_seconds": seg.ttl_seconds, "lifecycle_stages": seg.stages}
+        _upsert(session, UserSegment, seg.name, values, now, report, "segment")
+    segment_names = {seg.name for seg in doc.segments}
+    for kind, name, conditions in (
+            [("segment", s.name, s.conditions) for s in doc.segments]
+            + [("trigger", t.name, t.conditions) for t in doc.triggers]):
+        for ref in segment_refs(parse(conditions)):
+            if ref not in segment_names and session.execute(select(UserSegment.id).where(
+                    (UserSegment.name == ref) | (cast(UserSegment.id, Text) == ref))).first() is None:
+                raise DefinitionError(f"{kind} {name}: in_segment names no segment: {ref!r}")
+    for trig in doc.triggers:
+        workflow_id = None
+        if trig.workflow is not None:
+            workflow_id = workflow_ids.get(trig.workflow) or session.execute(
+                select(Workflow.id).where(Workflow.name == trig.workflow)).scalar_one_or_none()
+            if workflow_id is None:
+                raise DefinitionError(f"trigger {trig.name}: no workflow named {trig.workflow!r}")
+        values = {"event_type": trig.event_type, "conditions": trig.conditions,
+                  "workflow_id": workflow_id, "enabled": trig.enabled, "reentry": trig.reentry,
+                  "max_runs_per_user": trig.max_runs_per_user,
+                  "cooldown_seconds": trig.cooldown_seconds}
+        _upsert(session, Trigger, trig.name, values, now, report, "trigger")
+    return report
+
+
+def _upsert(session: Session, model: Any, name: str, values: dict[str, Any], now: dt.datetime,
+            report: ApplyReport, kind: str) -> None:
+    row = session.execute(select(model).where(model.name == name)).scalar_one_or_none()
+    if row is None:
+        session.add(model(name=name, **values))
+        report.created.append(f"{kind} {name}")
+    elif all(getattr(row, k) == v for k, v in values.items()):
+        report.unchanged.append(f"{kind} {name}")
+    else:
+        session.execute(update(model).where(model.id == row.id).values(**values, updated_at=now))
+        report.updated.append(f"{kind} {name}")

@@ -1,0 +1,1 @@
+"""The workflow engine: BPMN parsing and (with the workflow issue) stepping."""
