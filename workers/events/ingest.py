@@ -21,17 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, tuple_
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from db.models import (
-    EventInbox,
-    LifecycleEvent,
-    TriggerExecution,
-    User,
-    WorkflowExecution,
-)
+from db.bulk import copy_rows
+from db.models import WorkflowExecution
 from workers.dead_letters import record_dead_letter
 from workers.events.envelope import IDENTIFY, Event, InvalidEvent, parse_event
 from workers.rules.membership import MembershipResolver
@@ -68,22 +63,30 @@ def _reject(session: Session, source: str, raw: Any, reason: str, result: Ingest
     result.rejected += 1
 
 
+USER_COLUMNS = "id, email, current_lifecycle_stage, attributes, created_at"
+
+
 def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]:
-    """Users keyed by the event's `user` string; unknown emails are created first."""
+    """Users keyed by the event's `user` string; unknown emails are created first.
+
+    Array parameters (not one VALUES row per user) keep each statement the same
+    text whatever the batch size, so it is parsed once and planned cheaply.
+    """
     emails = sorted({e.email for e in events if e.email})
     ids = sorted({e.user_id for e in events if e.user_id})
+    rows: list[Any] = []
     if emails:
-        session.execute(
-            pg_insert(User)
-            .values([{"email": m, "current_lifecycle_stage": "Acquisition"} for m in emails])
-            .on_conflict_do_nothing(index_elements=["email"])
-        )
-    columns = (User.id, User.email, User.current_lifecycle_stage, User.attributes, User.created_at)
-    rows = []
-    if emails:
-        rows += session.execute(select(*columns).where(User.email.in_(emails))).all()
+        session.execute(text(
+            "INSERT INTO users (email, current_lifecycle_stage) "
+            "SELECT unnest(CAST(:emails AS text[])), 'Acquisition' "
+            "ON CONFLICT (email) DO NOTHING"), {"emails": emails})
+        rows += session.execute(text(
+            f"SELECT {USER_COLUMNS} FROM users WHERE email = ANY(CAST(:emails AS text[]))"),
+            {"emails": emails}).all()
     if ids:
-        rows += session.execute(select(*columns).where(User.id.in_(ids))).all()
+        rows += session.execute(text(
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": ids}).all()
     users: dict[str, UserView] = {}
     for row in rows:
         view = UserView(id=row.id, email=row.email, stage=row.current_lifecycle_stage,
@@ -95,11 +98,11 @@ def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]
 
 def _claim_event_ids(session: Session, events: list[Event]) -> set[uuid.UUID]:
     """Insert into the inbox; returns the ids that were new (the rest were seen before)."""
-    new = session.execute(
-        pg_insert(EventInbox)
-        .values([{"event_id": e.event_id, "event_type": e.event_type} for e in events])
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(EventInbox.event_id)
+    new = session.execute(text(
+        "INSERT INTO event_inbox (event_id, event_type) "
+        "SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[])) "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"),
+        {"ids": [e.event_id for e in events], "types": [e.event_type for e in events]},
     ).scalars()
     return set(new)
 
@@ -265,19 +268,11 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
         return result
 
     _apply_identify(session, fresh, users)
-    session.execute(
-        insert(LifecycleEvent.__table__),
-        [
-            {
-                "event_type": e.event_type,
-                "user_id": users[e.user].id,
-                "lifecycle_stage": users[e.user].stage,
-                "event_data": e.data,
-                "event_id": e.event_id,
-                "occurred_at": e.occurred_at,
-            }
-            for e in fresh
-        ],
+    copy_rows(
+        session, "lifecycle_events",
+        ("event_type", "user_id", "lifecycle_stage", "event_data", "event_id", "occurred_at"),
+        ((e.event_type, users[e.user].id, users[e.user].stage, e.data, e.event_id, e.occurred_at)
+         for e in fresh),
     )
 
     active_triggers = triggers.get(session)
@@ -297,19 +292,12 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
     started = _start_executions(session, _allowed_starts(session, matches, now))
     result.started = list(started.values())
     if evaluations:
-        session.execute(
-            insert(TriggerExecution.__table__),
-            [
-                {
-                    "trigger_id": t.id,
-                    "user_id": u.id,
-                    "event_data": {"event_type": e.event_type, "data": e.data},
-                    "condition_met": met,
-                    "workflow_execution_id": started.get((t.id, e.event_id)),
-                    "event_id": e.event_id,
-                }
-                for e, t, u, met in evaluations
-            ],
+        copy_rows(
+            session, "trigger_executions",
+            ("trigger_id", "user_id", "event_data", "condition_met", "workflow_execution_id",
+             "event_id"),
+            ((t.id, u.id, {"event_type": e.event_type, "data": e.data}, met,
+              started.get((t.id, e.event_id)), e.event_id) for e, t, u, met in evaluations),
         )
     return result
 

@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import cast, delete, func, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -64,7 +66,8 @@ class MembershipResolver:
             return
         valid = self.session.execute(
             select(UserSegmentMembership.user_id, UserSegmentMembership.segment_id).where(
-                UserSegmentMembership.user_id.in_({u for u, _ in pending}),
+                UserSegmentMembership.user_id == func.any(
+                    cast(sorted({u for u, _ in pending}), ARRAY(PG_UUID))),
                 UserSegmentMembership.segment_id.in_({s for _, s in pending}),
                 or_(UserSegmentMembership.valid_until.is_(None),
                     UserSegmentMembership.valid_until > self.now),
@@ -105,7 +108,7 @@ class MembershipResolver:
         """Compute membership of `user_ids` now, and write the answer back to the cache."""
         condition = compile_sql(parse(segment.conditions, allow_event=False), now=self.now)
         members = set(self.session.execute(
-            select(User.id).where(User.id.in_(user_ids), condition)
+            select(User.id).where(User.id == func.any(cast(user_ids, ARRAY(PG_UUID))), condition)
         ).scalars())
         self.members.update((u, segment.id) for u in members)
         if members:
@@ -123,5 +126,5 @@ class MembershipResolver:
         if gone:
             self.session.execute(delete(UserSegmentMembership).where(
                 UserSegmentMembership.segment_id == segment.id,
-                UserSegmentMembership.user_id.in_(gone),
+                UserSegmentMembership.user_id == func.any(cast(gone, ARRAY(PG_UUID))),
             ))
