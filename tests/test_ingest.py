@@ -224,7 +224,7 @@ def test_cold_membership_cache_is_evaluated_on_the_spot(
 def test_dead_letter_replay_after_the_cause_is_fixed(engine: Engine,
                                                      celery_worker: WorkerProcess) -> None:
     from db.session import session_scope
-    from workers.dead_letters import replay
+    from workers.events.replay import replay
 
     user_id = uuid.uuid4()
     event_id = uuid.uuid4()
@@ -266,3 +266,32 @@ def test_outbox_relay_publishes_once_even_if_marking_fails(
     _wait_ingested(engine, event_id)
     time.sleep(1)
     assert _audit(engine, event_id) == 1
+
+
+def test_poison_broker_messages_are_dead_lettered(engine: Engine,
+                                                  celery_worker: WorkerProcess) -> None:
+    from kombu import Exchange
+
+    from workers.celery_app import app
+
+    marker = uuid.uuid4().hex
+    before = {s: _one(engine, "SELECT count(*) FROM dead_letters WHERE source = :s", s=s)
+              for s in ("broker:undecodable", "broker:unknown_task", "broker:rejected")}
+    with app.producer_or_acquire() as producer:
+        producer.publish(  # declared as JSON, but not JSON (and not even UTF-8)
+            b"\xff\xfe{" + marker.encode(), exchange=Exchange("events", type="direct"),
+            routing_key="events", content_type="application/json", content_encoding="utf-8",
+            headers={"task": "events.ingest", "id": str(uuid.uuid4())}, serializer=None)
+        producer.publish(  # no task headers at all
+            {"marker": marker}, exchange=Exchange("events", type="direct"), routing_key="events",
+            serializer="json")
+    app.send_task("events.no_such_task", args=[marker], queue="events")
+    for source, count in before.items():
+        wait_for(lambda s=source, c=count: _one(
+            engine, "SELECT count(*) FROM dead_letters WHERE source = :s", s=s) == c + 1,
+            message=f"a {source} dead letter")
+    raw = _rows(engine, "SELECT raw_payload FROM dead_letters WHERE source = 'broker:undecodable' "
+                "ORDER BY id DESC LIMIT 1")[0]["raw_payload"]
+    assert bytes(raw) == b"\xff\xfe{" + marker.encode()
+    # The worker is still consuming.
+    _wait_ingested(engine, send_event("test.after_poison", user="after@example.com"))

@@ -51,6 +51,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_send_sent_event": True,
         "task_track_started": True,
         "worker_hijack_root_logger": False,
+        # Dead-letters undecodable messages instead of only logging them.
+        "worker_consumer": "workers.rejected:FleetConsumer",
         "timezone": "UTC",
         "enable_utc": True,
         "beat_schedule": beat_schedule.BEAT_SCHEDULE,
@@ -67,4 +69,5 @@ app = create_app()
 
 # Signal handlers (logging, fork safety) must be connected in every process that
 # imports the app: worker, beat and Flower.
+import workers.rejected  # noqa: E402,F401
 import workers.signals  # noqa: E402,F401

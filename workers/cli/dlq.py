@@ -44,7 +44,7 @@ def replay(
 ) -> None:
     """Re-send a dead letter (optionally corrected); a new failure makes a new dead letter."""
     ensure_servers()
-    from workers.dead_letters import replay as do_replay
+    from workers.events.replay import replay as do_replay
 
     with session_scope() as session:
         sent = do_replay(session, dead_letter_id, json.loads(payload) if payload else None)
