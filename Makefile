@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test dev clean
+.PHONY: install lint test dev clean
 
 install: $(STAMP)
 
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Uses DATABASE_URL / CELERY_BROKER_URL when set, else embedded servers it starts and stops.
-test: install
+test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
 
 # The whole fleet in the foreground (a worker per queue, beat, Flower); Ctrl-C stops it.
 dev: install

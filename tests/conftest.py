@@ -19,38 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, create_engine
 
+from db.admin import create_database, drop_database
 from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, Servers, WorkerProcess
-
-
 
 
 def _sqlalchemy(url: str) -> str:
     from workers.settings import to_sqlalchemy_url
 
     return to_sqlalchemy_url(url)
-
-
-def _admin_engine(url: str) -> Engine:
-    return create_engine(_sqlalchemy(url), isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-
-
-def create_database(admin_url: str, name: str) -> str:
-    """CREATE DATABASE `name` on the server of `admin_url`; returns its URL."""
-    engine = _admin_engine(admin_url)
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    engine = _admin_engine(admin_url)
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
 
 
 def pytest_configure(config: pytest.Config) -> None:

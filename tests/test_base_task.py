@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 
+from tasks.maintenance import ensure_partitions
 from tests.helpers import WorkerProcess, wait_for
 from tests.worker_tasks import broken, flaky, write_then_send
-from tasks.maintenance import ensure_partitions
 
 pytestmark = pytest.mark.servers
 

@@ -18,7 +18,7 @@ from typing import Any
 import kombu.exceptions
 
 from workers.celery_app import app
-from workers.events.envelope import Event, parse_event
+from workers.events.envelope import Event, build_event, parse_event
 from workers.queues import EVENTS, TaskNames
 
 RETRY_POLICY = {"max_retries": 6, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3.0}
@@ -43,12 +43,8 @@ def send_event(event_type: str, *, user: str | uuid.UUID, data: Mapping[str, Any
     Raises `InvalidEvent` for a bad envelope (nothing is sent) and `PublishError`
     when the broker cannot be reached.
     """
-    raw: dict[str, Any] = {"event_type": event_type, "user": str(user), "data": dict(data or {})}
-    if event_id is not None:
-        raw["event_id"] = str(event_id)
-    if occurred_at is not None:
-        raw["occurred_at"] = occurred_at.isoformat() if isinstance(occurred_at, dt.datetime) else occurred_at
-    event = parse_event(raw)
+    event = build_event(event_type, user=user, data=data, event_id=event_id,
+                        occurred_at=occurred_at)
     _publish(TaskNames.INGEST, event.to_message())
     return event.event_id
 

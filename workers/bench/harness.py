@@ -19,9 +19,10 @@ from typing import Any
 import redis
 from celery import Celery
 from kombu.exceptions import ChannelError
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
+from db.admin import create_database, drop_database
 from db.migrate import upgrade
 from workers.celery_app import create_app
 from workers.settings import Settings, to_sqlalchemy_url
@@ -35,7 +36,7 @@ class BenchEnvironment:
         base = Settings()
         if base.database_url is None or base.broker_url is None:
             raise RuntimeError("no servers: run through `fleet bench`, which starts them")
-        self.admin_url = to_sqlalchemy_url(base.database_url)
+        self.admin_url = base.database_url
         self.database = f"fleet_bench_{self.tag}"
         self.log_dir = log_dir or base.home / "bench"
         self.env = dict(os.environ)
@@ -52,10 +53,7 @@ class BenchEnvironment:
         self.app: Celery
 
     def __enter__(self) -> BenchEnvironment:
-        admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{self.database}"'))
-        admin.dispose()
+        create_database(self.admin_url, self.database)
         upgrade(to_sqlalchemy_url(self.env["DATABASE_URL"]))
         self.engine = create_engine(to_sqlalchemy_url(self.env["DATABASE_URL"]))
         self.app = create_app(Settings(
@@ -134,7 +132,4 @@ class BenchEnvironment:
                 self.worker.kill()
         self.engine.dispose()
         self._forget_broker_keys()
-        admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(self.admin_url, self.database)

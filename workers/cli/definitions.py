@@ -20,7 +20,8 @@ def apply(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                       help="YAML with workflows, segments and triggers")) -> None:
     """Create or update workflows, segments and triggers by name (all or nothing)."""
     ensure_servers()
-    from workers.definitions import DefinitionError, apply as apply_definitions, load
+    from workers.definitions import DefinitionError, load
+    from workers.definitions import apply as apply_definitions
 
     try:
         doc, xml = load(file)

@@ -8,9 +8,9 @@ import typer
 
 from db.migrate import upgrade
 from workers.cli import bench, dlq, services
+from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.events import emit
-from workers.cli.context import console, ensure_servers
 from workers.queues import QUEUE_NAMES
 
 app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",

@@ -118,6 +118,19 @@ class Event(BaseModel):
         }
 
 
+def build_event(event_type: str, *, user: str | uuid.UUID, data: Any = None,
+                event_id: uuid.UUID | str | None = None,
+                occurred_at: dt.datetime | str | None = None) -> Event:
+    """Validate an event given as arguments (producers, the outbox); raises InvalidEvent."""
+    raw: dict[str, Any] = {"event_type": event_type, "user": str(user), "data": dict(data or {})}
+    if event_id is not None:
+        raw["event_id"] = str(event_id)
+    if occurred_at is not None:
+        raw["occurred_at"] = (occurred_at.isoformat() if isinstance(occurred_at, dt.datetime)
+                              else occurred_at)
+    return parse_event(raw)
+
+
 def parse_event(raw: Any) -> Event:
     """Validate one raw envelope (a dict, or a JSON string of one); raises InvalidEvent."""
     if isinstance(raw, (str, bytes)):

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import EventOutbox
-from workers.events.envelope import parse_event
+from workers.events.envelope import build_event
 from workers.queues import TaskNames
 
 MAX_PUBLISH_ATTEMPTS = 10
@@ -28,12 +28,8 @@ def add_to_outbox(session: Session, event_type: str, *, user: str | uuid.UUID,
                   data: Mapping[str, Any] | None = None, event_id: uuid.UUID | None = None,
                   occurred_at: dt.datetime | None = None) -> uuid.UUID:
     """Write one validated event into the outbox, in the caller's transaction."""
-    raw: dict[str, Any] = {"event_type": event_type, "user": str(user), "data": dict(data or {})}
-    if event_id is not None:
-        raw["event_id"] = str(event_id)
-    if occurred_at is not None:
-        raw["occurred_at"] = occurred_at.isoformat()
-    event = parse_event(raw)
+    event = build_event(event_type, user=user, data=data, event_id=event_id,
+                        occurred_at=occurred_at)
     session.add(EventOutbox(
         event_id=event.event_id,
         topic=TaskNames.INGEST_BATCH,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 MAX_DEPTH = 32
 MAX_NODES = 500
@@ -40,7 +40,7 @@ TIMESTAMP_RE_SQL = (
     r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?$"
 )
 
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 
 class ConditionError(ValueError):
@@ -107,7 +107,7 @@ class Performed:
     within: dt.timedelta | None
 
 
-Node = Union[All, AnyOf, Not, Compare, InSegment, Performed]
+Node = All | AnyOf | Not | Compare | InSegment | Performed
 TRUE = All(())
 
 

@@ -19,10 +19,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from workers.log import get_logger
-from workers.settings import get_settings
 from workers.rules.conditions import ConditionError, parse
 from workers.rules.conditions import segment_refs as node_segment_refs
 from workers.rules.python_backend import EvalContext, compile_python
+from workers.settings import get_settings
 
 if TYPE_CHECKING:
     from workers.events.envelope import Event
