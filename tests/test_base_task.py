@@ -36,8 +36,8 @@ def _runs(engine: Engine, key: str) -> list[int]:
 def _dead_letters(engine: Engine, needle: str) -> list[dict]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT source, reason, error_type, raw_payload, payload "
-                                 "FROM dead_letters WHERE convert_from(raw_payload, 'UTF8') "
-                                 "LIKE :n"), {"n": f"%{needle}%"}).mappings().all()
+                                 "FROM dead_letters WHERE position(CAST(:n AS bytea) IN raw_payload) > 0"),
+                            {"n": needle}).mappings().all()
     return [dict(r) for r in rows]
 
 

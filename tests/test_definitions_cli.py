@@ -92,7 +92,7 @@ def test_emit_file_and_dlq(engine: Engine, celery_worker: WorkerProcess, tmp_pat
     wait_for(lambda: _count(engine, "SELECT count(*) FROM lifecycle_events WHERE event_type = :t",
                             t=etype) == 5, message="5 events")
     wait_for(lambda: _count(engine, "SELECT count(*) FROM dead_letters WHERE "
-                            "convert_from(raw_payload, 'UTF8') = '{broken' OR "
+                            "raw_payload = CAST('{broken' AS bytea) OR "
                             "payload->>'event_type' = 'BAD'") == 2, message="2 dead letters")
     assert "{broken" in fleet("dlq", "list").stderr
     single = fleet("emit", etype, "--user", "one@example.com", "--data", '{"k": 1}')

@@ -76,13 +76,20 @@ def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]
     ids = sorted({e.user_id for e in events if e.user_id})
     rows: list[Any] = []
     if emails:
-        session.execute(text(
-            "INSERT INTO users (email, current_lifecycle_stage) "
-            "SELECT unnest(CAST(:emails AS text[])), 'Acquisition' "
-            "ON CONFLICT (email) DO NOTHING"), {"emails": emails})
+        # One round trip: the rows this statement inserts are not visible to its own
+        # SELECT of users, so the UNION returns every user exactly once.
         rows += session.execute(text(
+            f"WITH created AS (INSERT INTO users (email, current_lifecycle_stage) "
+            f"SELECT unnest(CAST(:emails AS text[])), 'Acquisition' "
+            f"ON CONFLICT (email) DO NOTHING RETURNING {USER_COLUMNS}) "
+            f"SELECT {USER_COLUMNS} FROM created UNION ALL "
             f"SELECT {USER_COLUMNS} FROM users WHERE email = ANY(CAST(:emails AS text[]))"),
             {"emails": emails}).all()
+        missing = sorted(set(emails) - {r.email for r in rows})
+        if missing:  # created by a concurrent transaction after this statement's snapshot
+            rows += session.execute(text(
+                f"SELECT {USER_COLUMNS} FROM users WHERE email = ANY(CAST(:emails AS text[]))"),
+                {"emails": missing}).all()
     if ids:
         rows += session.execute(text(
             f"SELECT {USER_COLUMNS} FROM users WHERE id = ANY(CAST(:ids AS uuid[]))"),
@@ -279,7 +286,7 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
     evaluations: list[tuple[Event, CompiledTrigger, UserView, bool]] = []
     relevant = [(e, active_triggers.for_event_type(e.event_type)) for e in fresh]
     needed_segments = {ref for _, ts in relevant for t in ts for ref in t.segment_refs}
-    membership = MembershipResolver(session, now)
+    membership = MembershipResolver(session, now, active_triggers.segments)
     membership.prefetch([users[e.user].id for e, ts in relevant if ts], needed_segments)
     for event, candidates in relevant:
         user = users[event.user]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,8 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from db.models import User, UserSegment, UserSegmentMembership
-from workers.rules.conditions import parse
+from db.models import User, UserSegmentMembership
+from workers.rules.conditions import Node, parse
 from workers.rules.sql_backend import compile_sql
 
 
@@ -33,33 +33,30 @@ class SegmentInfo:
     id: uuid.UUID
     name: str
     kind: str
-    conditions: Any
+    condition: Node  # parsed once, when the definitions are loaded
     ttl: dt.timedelta
 
 
-def _as_uuid(ref: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(ref)
-    except ValueError:
-        return None
+def segment_info(row: Any) -> SegmentInfo:
+    """From a user_segments row; raises ConditionError for invalid stored conditions."""
+    return SegmentInfo(row.id, row.name, row.kind, parse(row.conditions, allow_event=False),
+                       dt.timedelta(seconds=row.ttl_seconds))
 
 
 class MembershipResolver:
     """Answers `is_member(user, segment)` for one message, from a batched prefetch."""
 
-    def __init__(self, session: Session, now: dt.datetime) -> None:
+    def __init__(self, session: Session, now: dt.datetime,
+                 segments: Mapping[str, SegmentInfo]) -> None:
         self.session = session
         self.now = now
-        self.segments: dict[str, SegmentInfo] = {}
+        self.segments = segments  # by name and by id; a ref naming none has no members
         self.members: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self.known: set[tuple[uuid.UUID, uuid.UUID]] = set()
-        self.missing: set[str] = set()  # refs naming no segment: nobody is a member
 
     def prefetch(self, user_ids: Iterable[uuid.UUID], refs: Iterable[str]) -> None:
         """Resolve every (user, segment) pair not known yet, in a few set-based queries."""
         users = sorted(set(user_ids))
-        refs = set(refs)
-        self._load_segments(refs - self.segments.keys() - self.missing)
         segments = {self.segments[r].id: self.segments[r] for r in refs if r in self.segments}
         pending = [(u, s) for s in segments for u in users if (u, s) not in self.known]
         if not pending:
@@ -83,30 +80,15 @@ class MembershipResolver:
     def is_member(self, user_id: uuid.UUID, ref: str) -> bool:
         """Membership of one user; resolved on the spot if the prefetch did not cover it."""
         segment = self.segments.get(ref)
-        if segment is None or (user_id, segment.id) not in self.known:
+        if segment is None:
+            return False
+        if (user_id, segment.id) not in self.known:
             self.prefetch([user_id], [ref])
-            segment = self.segments.get(ref)
-        return segment is not None and (user_id, segment.id) in self.members
-
-    def _load_segments(self, refs: set[str]) -> None:
-        if not refs:
-            return
-        ids = [u for u in (_as_uuid(r) for r in refs) if u]
-        names = [r for r in refs if _as_uuid(r) is None]
-        rows = self.session.execute(
-            select(UserSegment).where(or_(UserSegment.id.in_(ids), UserSegment.name.in_(names)))
-        ).scalars()
-        for row in rows:
-            info = SegmentInfo(row.id, row.name, row.kind, row.conditions,
-                               dt.timedelta(seconds=row.ttl_seconds))
-            for ref in (str(row.id), row.name):
-                if ref in refs:
-                    self.segments[ref] = info
-        self.missing.update(refs - self.segments.keys())
+        return (user_id, segment.id) in self.members
 
     def _evaluate(self, segment: SegmentInfo, user_ids: list[uuid.UUID]) -> None:
         """Compute membership of `user_ids` now, and write the answer back to the cache."""
-        condition = compile_sql(parse(segment.conditions, allow_event=False), now=self.now)
+        condition = compile_sql(segment.condition, now=self.now)
         members = set(self.session.execute(
             select(User.id).where(User.id == func.any(cast(user_ids, ARRAY(PG_UUID))), condition)
         ).scalars())

@@ -1,9 +1,10 @@
-"""Enabled triggers, compiled once and cached per worker process.
+"""Enabled triggers and segment definitions, compiled once and cached per worker process.
 
-The cache re-reads the triggers table when its fingerprint (a hash of every
-trigger row and its workflow's version and status) changes; the fingerprint is
-checked at most every FLEET_TRIGGER_CACHE_SECONDS (default 2), so a create, update or disable takes
-effect within a few seconds on every worker without a restart.
+The cache re-reads the definitions when their fingerprint (a hash of every
+trigger row with its workflow's version and status, and of every segment) changes.
+The fingerprint is checked at most every FLEET_TRIGGER_CACHE_SECONDS (default 2),
+so a create, update or disable takes effect within seconds on every worker,
+without a restart.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from sqlalchemy.orm import Session
 from workers.log import get_logger
 from workers.rules.conditions import ConditionError, parse
 from workers.rules.conditions import segment_refs as node_segment_refs
+from workers.rules.membership import MembershipResolver, SegmentInfo, segment_info
 from workers.rules.python_backend import EvalContext, compile_python
 from workers.settings import get_settings
 
 if TYPE_CHECKING:
     from workers.events.envelope import Event
-    from workers.rules.membership import MembershipResolver
 
 log = get_logger(__name__)
 
@@ -88,6 +89,8 @@ class CompiledTrigger:
 @dataclass
 class ActiveTriggers:
     by_event_type: dict[str, list[CompiledTrigger]] = field(default_factory=dict)
+    # Segment definitions by name and by id, for in_segment during evaluation.
+    segments: dict[str, SegmentInfo] = field(default_factory=dict)
 
     def for_event_type(self, event_type: str) -> list[CompiledTrigger]:
         return self.by_event_type.get(event_type, [])
@@ -99,9 +102,12 @@ class ActiveTriggers:
 
 FINGERPRINT_SQL = text(
     "SELECT md5(coalesce(string_agg(t::text || '|' || coalesce(w.version, '') || '|' || "
-    "coalesce(w.status, ''), ',' ORDER BY t.id), '')) "
+    "coalesce(w.status, ''), ',' ORDER BY t.id), '') || '#' || "
+    "coalesce((SELECT string_agg(s::text, ',' ORDER BY s.id) FROM user_segments s), '')) "
     "FROM triggers t LEFT JOIN workflows w ON w.id = t.workflow_id"
 )
+
+SEGMENTS_SQL = text("SELECT id, name, kind, conditions, ttl_seconds FROM user_segments")
 
 LOAD_SQL = text(
     "SELECT t.id, t.name, t.event_type, t.conditions, t.workflow_id, t.reentry, "
@@ -159,5 +165,13 @@ class TriggerCache:
                 log.error("trigger.invalid_conditions", trigger_id=str(row.id), error=str(exc))
                 continue
             active.by_event_type.setdefault(trigger.event_type, []).append(trigger)
-        log.info("triggers.loaded", count=sum(1 for _ in active))
+        for row in session.execute(SEGMENTS_SQL):
+            try:
+                segment = segment_info(row)
+            except ConditionError as exc:
+                log.error("segment.invalid_conditions", segment_id=str(row.id), error=str(exc))
+                continue
+            active.segments[segment.name] = active.segments[str(segment.id)] = segment
+        log.info("definitions.loaded", triggers=sum(1 for _ in active),
+                 segments=len(active.segments) // 2)
         return active
