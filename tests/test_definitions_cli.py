@@ -68,6 +68,8 @@ def test_apply_creates_updates_and_versions(engine: Engine, tmp_path: Path) -> N
     (MINIMAL, {"field": "event.data.x", "op": "nope", "value": 1}, "/op: unknown operator"),
     (MINIMAL, {"in_segment": "no-such-segment"}, "in_segment names no segment"),
     ("<not bpmn", None, "not well-formed XML"),
+    ((Path(__file__).parent / "bpmn" / "hostile_script.bpmn").read_text(), None,
+     "element compute: script refused: unknown function '__import__'"),
 ])
 def test_apply_rejects_invalid_definitions_and_writes_nothing(
         engine: Engine, tmp_path: Path, bpmn: str, condition: object, message: str) -> None:

@@ -37,8 +37,13 @@ from sqlalchemy import Text, cast, select, update
 from sqlalchemy.orm import Session
 
 from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, WorkflowVersion
-from workers.engine.bpmn import BpmnError, parse_bpmn
+from workers.engine.bpmn import BpmnError
+from workers.engine.validate import validate_bpmn
 from workers.rules.conditions import ConditionError, parse, parse_duration, segment_refs
+
+# Service-task operators the engine can run. None exist until the workflow stepper
+# lands, so a BPMN with a service task is refused at deploy rather than failing later.
+OPERATORS: frozenset[str] = frozenset()
 
 
 class DefinitionError(ValueError):
@@ -136,7 +141,7 @@ def load(path: Path) -> tuple[Definitions, dict[str, str]]:
         source = (path.parent / wf.file)
         try:
             xml[wf.name] = source.read_text()
-            parse_bpmn(xml[wf.name])
+            validate_bpmn(xml[wf.name], OPERATORS)
         except (OSError, BpmnError) as exc:
             problems.append(f"workflow {wf.name} ({source}): {exc}")
     for seg in doc.segments:
@@ -172,7 +177,7 @@ def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyRepor
     now = dt.datetime.now(dt.UTC)
     workflow_ids: dict[str, Any] = {}
     for wf in doc.workflows:
-        process_id = parse_bpmn(xml[wf.name]).process_id
+        process_id = validate_bpmn(xml[wf.name], OPERATORS).process_id
         row = session.execute(select(Workflow).where(Workflow.name == wf.name)).scalar_one_or_none()
         if row is None:
             row = Workflow(name=wf.name, description=wf.description, bpmn_xml=xml[wf.name],

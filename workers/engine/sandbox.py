@@ -173,7 +173,19 @@ def check(source: str, mode: Literal["eval", "exec"] = "eval") -> ast.AST:
             visit(child, depth + 1)
 
     visit(tree, 0)
+    _fold_constants(tree, source)
     return tree
+
+
+_CONSTANT_ONLY = (ast.Constant, ast.BinOp, ast.UnaryOp, *_BINARY, *_UNARY)
+
+
+def _fold_constants(tree: ast.AST, source: str) -> None:
+    """Evaluate arithmetic on literals at check time, so 9**9**9 is refused at deploy."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and all(isinstance(n, _CONSTANT_ONLY)
+                                               for n in ast.walk(node)):
+            _guard(source, lambda n=node: _Interpreter({}).eval(n))
 
 
 class _Interpreter:

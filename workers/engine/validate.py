@@ -1,0 +1,127 @@
+"""Deploy-time validation of BPMN workflows: supported elements, safe expressions.
+
+Everything the fleet cannot run is refused when a workflow is deployed, not found
+at run time: unsupported elements (user and manual tasks, multi-instance and loop
+tasks, signals, escalations, conditional events, transactions, event and ad-hoc
+subprocesses), unknown service-task operators, and any expression the sandbox
+would not run (gateway conditions, scripts, pre/post scripts, timer expressions,
+operator parameters). The error names the element and the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from SpiffWorkflow.bpmn.specs.control import (
+    BoundaryEventJoin,
+    BoundaryEventSplit,
+    BpmnStartTask,
+    SimpleBpmnTask,
+    StartEventJoin,
+    StartEventSplit,
+    _EndJoin,
+)
+from SpiffWorkflow.bpmn.specs.event_definitions.item_aware_event import ErrorEventDefinition
+from SpiffWorkflow.bpmn.specs.event_definitions.message import MessageEventDefinition
+from SpiffWorkflow.bpmn.specs.event_definitions.simple import (
+    NoneEventDefinition,
+    TerminateEventDefinition,
+)
+from SpiffWorkflow.bpmn.specs.event_definitions.timer import TimerEventDefinition
+from SpiffWorkflow.bpmn.specs.mixins.events.end_event import EndEvent
+from SpiffWorkflow.bpmn.specs.mixins.events.intermediate_event import (
+    BoundaryEvent,
+    EventBasedGateway,
+    IntermediateCatchEvent,
+)
+from SpiffWorkflow.bpmn.specs.mixins.events.start_event import StartEvent
+from SpiffWorkflow.bpmn.specs.mixins.exclusive_gateway import ExclusiveGateway
+from SpiffWorkflow.bpmn.specs.mixins.inclusive_gateway import InclusiveGateway
+from SpiffWorkflow.bpmn.specs.mixins.none_task import NoneTask
+from SpiffWorkflow.bpmn.specs.mixins.parallel_gateway import ParallelGateway
+from SpiffWorkflow.bpmn.specs.mixins.script_task import ScriptTask
+from SpiffWorkflow.bpmn.specs.mixins.service_task import ServiceTask
+from SpiffWorkflow.bpmn.specs.mixins.subworkflow_task import (
+    AdHocSubprocess,
+    CallActivity,
+    EventSubprocess,
+    SubWorkflowTask,
+    TransactionSubprocess,
+)
+
+from workers.engine.bpmn import BpmnError, ParsedBpmn, parse_bpmn
+from workers.engine.sandbox import SandboxError, check
+
+# Internal specs SpiffWorkflow adds around the drawn elements.
+_CONTROL = (BpmnStartTask, _EndJoin, BoundaryEventSplit, BoundaryEventJoin, StartEventSplit,
+            StartEventJoin)
+_SUBPROCESS_NOT_SUPPORTED = (TransactionSubprocess, EventSubprocess, AdHocSubprocess)
+_SUPPORTED = (StartEvent, EndEvent, ExclusiveGateway, InclusiveGateway, ParallelGateway,
+              EventBasedGateway, ScriptTask, ServiceTask, IntermediateCatchEvent, BoundaryEvent,
+              SubWorkflowTask, CallActivity, NoneTask)
+_EVENTS = (NoneEventDefinition, TimerEventDefinition, MessageEventDefinition,
+           ErrorEventDefinition, TerminateEventDefinition)
+
+
+@dataclass(frozen=True)
+class ValidatedWorkflow:
+    parsed: ParsedBpmn
+    awaited_events: frozenset[str]  # message names: the event types executions may wait for
+
+    @property
+    def process_id(self) -> str:
+        return self.parsed.process_id
+
+
+def _specs(parsed: ParsedBpmn) -> Iterator[Any]:
+    for spec in (parsed.spec, *parsed.subprocess_specs.values()):
+        yield from spec.task_specs.values()
+
+
+def _expressions(spec: Any) -> Iterator[tuple[str, Literal["eval", "exec"], str]]:
+    """(what, mode, source) for every piece of code an element carries."""
+    for condition, _target in getattr(spec, "cond_task_specs", []) or []:
+        args = getattr(condition, "args", None)
+        if args and isinstance(args[0], str):
+            yield "condition", "eval", args[0]
+    if isinstance(spec, ScriptTask) and spec.script:
+        yield "script", "exec", spec.script
+    for attr in ("prescript", "postscript"):
+        if getattr(spec, attr, None):
+            yield attr, "exec", getattr(spec, attr)
+    definition = getattr(spec, "event_definition", None)
+    if isinstance(definition, TimerEventDefinition) and definition.expression:
+        yield "timer expression", "eval", definition.expression
+    for name, param in (getattr(spec, "operation_params", None) or {}).items():
+        if isinstance(param, dict) and isinstance(param.get("value"), str):
+            yield f"operator parameter {name!r}", "eval", param["value"]
+
+
+def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None) -> ValidatedWorkflow:
+    """Parse and check a BPMN file for deployment; raises BpmnError naming the element."""
+    parsed = parse_bpmn(xml)
+    awaited: set[str] = set()
+    for spec in _specs(parsed):
+        element = getattr(spec, "bpmn_id", None) or spec.name
+        if isinstance(spec, _CONTROL) or (type(spec) is SimpleBpmnTask):
+            continue
+        if isinstance(spec, _SUBPROCESS_NOT_SUPPORTED) or not isinstance(spec, _SUPPORTED):
+            raise BpmnError(f"element {element}: {type(spec).__name__} is not supported")
+        definition = getattr(spec, "event_definition", None)
+        if definition is not None and not isinstance(definition, _EVENTS):
+            raise BpmnError(f"element {element}: {type(definition).__name__} is not supported")
+        if isinstance(definition, MessageEventDefinition):
+            awaited.add(definition.name)
+        if isinstance(spec, ServiceTask) and operators is not None:
+            operator = getattr(spec, "operation_name", None)
+            if operator not in operators:
+                raise BpmnError(f"element {element}: unknown service-task operator {operator!r} "
+                                f"(known: {', '.join(sorted(operators))})")
+        for what, mode, source in _expressions(spec):
+            try:
+                check(source, mode)
+            except SandboxError as exc:
+                raise BpmnError(f"element {element}: {what} refused: {exc}") from None
+    return ValidatedWorkflow(parsed, frozenset(awaited))
