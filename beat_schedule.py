@@ -10,13 +10,18 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from workers.queues import MAINTENANCE, TaskNames
+from workers.queues import MAINTENANCE, SEGMENTS, TaskNames
 
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "relay-outbox": {
         "task": TaskNames.RELAY_OUTBOX,
         "schedule": 2.0,
         "options": {"queue": MAINTENANCE, "expires": 10},
+    },
+    "refresh-expiring-segments": {
+        "task": TaskNames.REFRESH_EXPIRED_SEGMENTS,
+        "schedule": 60.0,
+        "options": {"queue": SEGMENTS, "expires": 55},
     },
     "ensure-partitions-daily": {
         "task": TaskNames.ENSURE_PARTITIONS,

@@ -231,6 +231,8 @@ class UserSegment(Base):
     kind: Mapped[str] = mapped_column(String(20), server_default=text("'dynamic'"))
     # How long a computed membership stays valid (valid_until = evaluated_at + ttl).
     ttl_seconds: Mapped[int] = mapped_column(Integer, server_default=text("3600"))
+    # When the last full refresh ran (dynamic segments); NULL: never.
+    refreshed_at: Mapped[dt.datetime | None]
 
 
 class UserSegmentMembership(Base):

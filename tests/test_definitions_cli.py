@@ -62,6 +62,8 @@ def test_apply_creates_updates_and_versions(engine: Engine, tmp_path: Path) -> N
     assert _count(engine, "SELECT count(*) FROM triggers WHERE name = :n AND NOT enabled",
                   n=f"trig-{tag}") == 1
     assert f"pro-{tag}" in fleet("segment", "list").stderr
+    shown = fleet("segment", "show", f"pro-{tag}")
+    assert shown.returncode == 0 and "(dynamic, ttl 600s, refreshed never): 0 members" in shown.stderr
 
 
 @pytest.mark.parametrize(("bpmn", "condition", "message"), [

@@ -13,7 +13,8 @@ import beat_schedule
 from workers.queues import EVENTS, TASK_QUEUES, route_for_task
 from workers.settings import Settings, get_settings
 
-TASK_MODULES: tuple[str, ...] = ("tasks.events", "tasks.maintenance", "tasks.bench")
+TASK_MODULES: tuple[str, ...] = ("tasks.events", "tasks.segments", "tasks.maintenance",
+                                  "tasks.bench")
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -56,6 +57,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "timezone": "UTC",
         "enable_utc": True,
         "beat_schedule": beat_schedule.BEAT_SCHEDULE,
+        "beat_scheduler": "workers.beat:LockedScheduler",  # exactly one beat acts
     }
 
 

@@ -29,6 +29,8 @@ class TaskNames:
 
     INGEST = "events.ingest"
     INGEST_BATCH = "events.ingest_batch"
+    REFRESH_SEGMENT = "segments.refresh"
+    REFRESH_EXPIRED_SEGMENTS = "segments.refresh_expired"
     RELAY_OUTBOX = "maintenance.relay_outbox"
     ENSURE_PARTITIONS = "maintenance.ensure_partitions"
     BENCH_NOOP = "bench.noop"

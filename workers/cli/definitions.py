@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import func, select, update
 
-from db.models import Trigger, UserSegment, UserSegmentMembership, Workflow
+from db.models import Trigger, User, UserSegment, UserSegmentMembership, Workflow
 from db.session import session_scope
 from workers.cli.context import console, ensure_servers
 
@@ -90,3 +90,26 @@ def segment_list() -> None:
             table.add_row(seg.name, seg.kind, str(seg.ttl_seconds), str(counts.get(seg.id, 0)),
                           str(seg.conditions)[:60])
     console.print(table)
+
+
+@segment_app.command("show")
+def segment_show(name: str, sample: int = typer.Option(10, help="members to list")) -> None:
+    """A segment's definition, cached member count and a sample of members."""
+    ensure_servers()
+    with session_scope() as session:
+        seg = session.execute(select(UserSegment).where(UserSegment.name == name)).scalar_one_or_none()
+        if seg is None:
+            console.print(f"[red]no segment named {name!r}[/]")
+            raise typer.Exit(1)
+        valid = (UserSegmentMembership.segment_id == seg.id) & (
+            UserSegmentMembership.valid_until.is_(None)
+            | (UserSegmentMembership.valid_until > func.now()))
+        count = session.execute(select(func.count()).where(valid)).scalar_one()
+        emails = session.execute(
+            select(User.email).join(UserSegmentMembership, UserSegmentMembership.user_id == User.id)
+            .where(valid).order_by(User.email).limit(sample)).scalars().all()
+        console.print(f"{seg.name} ({seg.kind}, ttl {seg.ttl_seconds}s, refreshed "
+                      f"{seg.refreshed_at or 'never'}): {count} members")
+        console.print(f"conditions: {seg.conditions}")
+        for email in emails:
+            console.print(f"  {email}")
