@@ -204,8 +204,11 @@ def test_cold_membership_cache_is_evaluated_on_the_spot(
             {"field": "user.attributes.vip", "op": "eq", "value": True})}).scalar_one()
     trigger = _trigger(engine, etype, {"in_segment": segment}, _workflow(engine))
     vip, plain = (f"{uuid.uuid4().hex[:8]}@example.com" for _ in range(2))
-    for email, is_vip in ((vip, True), (plain, False)):
-        _wait_ingested(engine, send_event("user.identify", user=email, data={"vip": is_vip}))
+    with engine.begin() as conn:  # written around ingest, so no membership is computed yet
+        for email, is_vip in ((vip, True), (plain, False)):
+            conn.execute(text("INSERT INTO users (email, current_lifecycle_stage, attributes) "
+                              "VALUES (:e, 'Activation', CAST(:a AS jsonb))"),
+                         {"e": email, "a": json.dumps({"vip": is_vip})})
     assert _one(engine, "SELECT count(*) FROM user_segment_memberships WHERE segment_id = :s",
                 s=segment_id) == 0  # the cache is cold
     ids = [send_event(etype, user=email) for email in (vip, plain)]
@@ -295,3 +298,25 @@ def test_poison_broker_messages_are_dead_lettered(engine: Engine,
     assert bytes(raw) == b"\xff\xfe{" + marker.encode()
     # The worker is still consuming.
     _wait_ingested(engine, send_event("test.after_poison", user="after@example.com"))
+
+
+def test_identify_reevaluates_memberships_at_once(engine: Engine,
+                                                  celery_worker: WorkerProcess) -> None:
+    tag = uuid.uuid4().hex[:8]
+    with engine.begin() as conn:
+        segment_id = conn.execute(text(
+            "INSERT INTO user_segments (name, conditions) VALUES (:n, CAST(:c AS jsonb)) "
+            "RETURNING id"), {"n": f"gold-{tag}", "c": json.dumps(
+                {"field": "user.attributes.tier", "op": "eq", "value": "gold"})}).scalar_one()
+    time.sleep(TRIGGER_CACHE_SECONDS + 0.2)
+    email = f"{tag}@example.com"
+
+    def member() -> bool:
+        return _one(engine, "SELECT count(*) FROM user_segment_memberships m JOIN users u "
+                    "ON u.id = m.user_id WHERE m.segment_id = :s AND u.email = :e",
+                    s=segment_id, e=email) == 1
+
+    _wait_ingested(engine, send_event("user.identify", user=email, data={"tier": "gold"}))
+    assert member()
+    _wait_ingested(engine, send_event("user.identify", user=email, data={"tier": "silver"}))
+    assert not member()

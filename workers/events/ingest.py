@@ -114,7 +114,8 @@ def _claim_event_ids(session: Session, events: list[Event]) -> set[uuid.UUID]:
     return set(new)
 
 
-def _apply_identify(session: Session, events: list[Event], users: dict[str, UserView]) -> None:
+def _apply_identify(session: Session, events: list[Event],
+                    users: dict[str, UserView]) -> set[uuid.UUID]:
     """Merge identify traits into users.attributes (null removes a key), one UPDATE per message.
 
     The patch is applied in SQL (`attributes - removed || set`), so a concurrent
@@ -137,7 +138,7 @@ def _apply_identify(session: Session, events: list[Event], users: dict[str, User
                 user_removes.discard(key)
                 user.attributes[key] = value
     if not sets:
-        return
+        return set()
     session.execute(
         text(
             "UPDATE users u SET attributes = (COALESCE(u.attributes, '{}') - p.removes) || p.sets, "
@@ -148,6 +149,7 @@ def _apply_identify(session: Session, events: list[Event], users: dict[str, User
         {"rows": json.dumps([{"id": str(uid), "sets": sets[uid], "removes": sorted(removes[uid])}
                              for uid in sets])},
     )
+    return set(sets)
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
     if not fresh:
         return result
 
-    _apply_identify(session, fresh, users)
+    changed = _apply_identify(session, fresh, users)
     copy_rows(
         session, "lifecycle_events",
         ("event_type", "user_id", "lifecycle_stage", "event_data", "event_id", "occurred_at"),
@@ -287,6 +289,8 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
     relevant = [(e, active_triggers.for_event_type(e.event_type)) for e in fresh]
     needed_segments = {ref for _, ts in relevant for t in ts for ref in t.segment_refs}
     membership = MembershipResolver(session, now, active_triggers.segments)
+    if changed:  # attributes changed: their memberships are recomputed now, not at the next sweep
+        membership.reevaluate(changed)
     membership.prefetch([users[e.user].id for e, ts in relevant if ts], needed_segments)
     for event, candidates in relevant:
         user = users[event.user]

@@ -77,6 +77,14 @@ class MembershipResolver:
                 self._evaluate(segment, cold)
         self.known.update(pending)
 
+    def reevaluate(self, user_ids: Iterable[uuid.UUID]) -> None:
+        """Recompute these users' memberships of every dynamic segment and write them back."""
+        users = sorted(set(user_ids))
+        for segment in {s.id: s for s in self.segments.values()}.values():
+            if segment.kind == "dynamic":
+                self._evaluate(segment, users)
+                self.known.update((u, segment.id) for u in users)
+
     def is_member(self, user_id: uuid.UUID, ref: str) -> bool:
         """Membership of one user; resolved on the spot if the prefetch did not cover it."""
         segment = self.segments.get(ref)
