@@ -122,12 +122,33 @@ def ensure_partition(conn: Connection, rng: PartitionRange) -> bool:
     return True
 
 
+def split_default(conn: Connection, table: str) -> list[str]:
+    """Give every range that has rows in the DEFAULT partition a partition of its own."""
+    column, interval = PARTITIONED_TABLES[table]
+    unit = "year" if interval == "year" else "month"
+    starts = conn.execute(text(
+        f"SELECT DISTINCT date_trunc('{unit}', {column} AT TIME ZONE 'UTC')::date "
+        f"FROM {default_partition_name(table)}"
+    )).scalars()
+    created = []
+    for start in sorted(starts):
+        rng = range_containing(table, start)
+        if ensure_partition(conn, rng):
+            created.append(rng.name)
+    return created
+
+
 MONTHS_AHEAD = 3
 YEARS_AHEAD = 1
 
 
-def ensure_partitions_ahead(conn: Connection, today: dt.date) -> list[str]:
-    """Default partitions plus this period's and the next ones, for every partitioned table."""
+def ensure_partitions_ahead(conn: Connection, today: dt.date,
+                            split_stray_rows: bool = False) -> list[str]:
+    """Default partitions plus this period's and the next ones, for every partitioned table.
+
+    With `split_stray_rows`, rows that landed in a DEFAULT partition (far past or
+    future timestamps) are moved into partitions of their own as well.
+    """
     created: list[str] = []
     for table, (_, interval) in PARTITIONED_TABLES.items():
         create_default_partition(conn, table)
@@ -135,4 +156,6 @@ def ensure_partitions_ahead(conn: Connection, today: dt.date) -> list[str]:
         for rng in ranges_ahead(table, today, ahead):
             if ensure_partition(conn, rng):
                 created.append(rng.name)
+        if split_stray_rows:
+            created += split_default(conn, table)
     return created

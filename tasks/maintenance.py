@@ -16,7 +16,8 @@ log = get_logger(__name__)
 @app.task(base=FleetTask, bind=True, name=TaskNames.ENSURE_PARTITIONS)
 def ensure_partitions(self: FleetTask) -> list[str]:
     """Create this period's and the next partitions; move stray default rows into them."""
-    created = ensure_partitions_ahead(self.session.connection(), dt.datetime.now(dt.UTC).date())
+    created = ensure_partitions_ahead(self.session.connection(), dt.datetime.now(dt.UTC).date(),
+                                      split_stray_rows=True)
     log.info("partitions.ensured", created=created)
     return created
 

@@ -76,3 +76,18 @@ def test_far_past_and_future_rows_are_kept_then_split_out(engine: Engine) -> Non
 def test_ensure_partitions_ahead_is_idempotent(engine: Engine) -> None:
     with engine.begin() as conn:
         assert ensure_partitions_ahead(conn, dt.datetime.now(dt.UTC).date()) == []
+
+
+def test_stray_rows_of_any_period_get_partitions_of_their_own(engine: Engine) -> None:
+    from db.partitions import split_default
+
+    when = dt.datetime(1987, 5, 17, 9, tzinfo=dt.UTC)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO lifecycle_events (event_type, created_at) "
+                          "VALUES ('test.stray', :at)"), {"at": when})
+        assert "lifecycle_events_1987_05" in split_default(conn, "lifecycle_events")
+        assert split_default(conn, "lifecycle_events") == []
+        assert _partition_of(conn, "lifecycle_events", "event_type = 'test.stray'") == \
+            "lifecycle_events_1987_05"
+        remaining = conn.execute(text("SELECT count(*) FROM lifecycle_events_default")).scalar()
+    assert remaining == 0
