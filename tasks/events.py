@@ -18,9 +18,9 @@ TRIGGERS = TriggerCache()  # per worker process; refreshed every few seconds
 
 
 def _run(task: FleetTask, raws: list[Any]) -> dict[str, int]:
-    result: IngestResult = ingest(task.session, raws, source=task.name, triggers=TRIGGERS)
     if len(raws) == 1 and isinstance(raws[0], dict):
         structlog.contextvars.bind_contextvars(event_id=raws[0].get("event_id"))
+    result: IngestResult = ingest(task.session, raws, source=task.name, triggers=TRIGGERS)
     log.info("events.ingested", accepted=result.accepted, duplicates=result.duplicates,
              rejected=result.rejected, evaluated=result.evaluated, matched=result.matched,
              started=len(result.started))

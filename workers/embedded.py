@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
@@ -35,22 +35,9 @@ with warnings.catch_warnings():
         ensure_user_exists,
     )
 
-STATE_FILE = "services.json"
+from workers.service_state import STATE_FILE, ServiceState, read_state
+
 PG_SYSTEM_USER = "embedded_postgres"  # initdb and postgres refuse to run as root
-
-
-@dataclass
-class ServiceState:
-    postgres_port: int
-    redis_port: int
-
-    @property
-    def database_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"
-
-    @property
-    def broker_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
 
 
 def free_port() -> int:
@@ -68,14 +55,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def read_state(home: Path) -> ServiceState | None:
-    """The recorded ports, or None when the servers were never started here."""
-    try:
-        return ServiceState(**json.loads((home / STATE_FILE).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def _pid_alive(pidfile: Path, first_line_only: bool = True) -> int | None:

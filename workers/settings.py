@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.embedded import read_state
+from workers.service_state import read_state
 
 
 class Settings(BaseSettings):

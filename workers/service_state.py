@@ -1,0 +1,36 @@
+"""Where the embedded servers listen, as recorded in FLEET_HOME/services.json.
+
+Kept apart from `workers.embedded` so every process can read the URLs (settings
+do, when DATABASE_URL / CELERY_BROKER_URL are unset) without importing the
+server packages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_FILE = "services.json"
+
+
+@dataclass
+class ServiceState:
+    postgres_port: int
+    redis_port: int
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"
+
+    @property
+    def broker_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+
+def read_state(home: Path) -> ServiceState | None:
+    """The recorded ports, or None when the servers were never started here."""
+    try:
+        return ServiceState(**json.loads((home / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
