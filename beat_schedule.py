@@ -23,6 +23,11 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": 60.0,
         "options": {"queue": SEGMENTS, "expires": 55},
     },
+    "metrics-daily": {  # yesterday's figures, once the day is over everywhere in UTC
+        "task": TaskNames.METRICS_DAILY,
+        "schedule": crontab(minute=15, hour=0),
+        "options": {"queue": MAINTENANCE, "expires": 20 * 3600},
+    },
     "ensure-partitions-daily": {
         "task": TaskNames.ENSURE_PARTITIONS,
         "schedule": crontab(minute=5, hour=0),

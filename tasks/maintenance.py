@@ -32,3 +32,15 @@ def relay_outbox(self: FleetTask, limit: int = 500) -> int:
     if published:
         log.info("outbox.relayed", published=published)
     return published
+
+
+@app.task(base=FleetTask, bind=True, name=TaskNames.METRICS_DAILY)
+def metrics_daily(self: FleetTask, day: str | None = None) -> int:
+    """Upsert one day's metrics (default: yesterday, UTC); safe to rerun."""
+    from workers.reports.metrics import aggregate_day
+
+    target = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date() - dt.timedelta(1)
+    result = aggregate_day(self.session, target)
+    log.info("metrics.aggregated", day=str(target), rows=result.rows, written=result.written,
+             removed=result.removed)
+    return result.rows

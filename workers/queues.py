@@ -33,6 +33,7 @@ class TaskNames:
     REFRESH_EXPIRED_SEGMENTS = "segments.refresh_expired"
     RELAY_OUTBOX = "maintenance.relay_outbox"
     ENSURE_PARTITIONS = "maintenance.ensure_partitions"
+    METRICS_DAILY = "maintenance.metrics_daily"
     BENCH_NOOP = "bench.noop"
 
 

@@ -7,7 +7,7 @@ import os
 import typer
 
 from db.migrate import upgrade
-from workers.cli import bench, dlq, services
+from workers.cli import bench, dlq, metrics, services
 from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.events import emit
@@ -18,6 +18,7 @@ app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle o
 app.add_typer(services.app, name="services")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(bench.app, name="bench")
+app.add_typer(metrics.app, name="metrics")
 app.add_typer(trigger_app, name="trigger")
 app.add_typer(segment_app, name="segment")
 app.command()(emit)

@@ -1,0 +1,1 @@
+"""Reporting: the nightly metrics that feed dashboards and the AARRR funnel."""

@@ -1,0 +1,136 @@
+"""Nightly metrics: one day's figures upserted into `metrics_daily`, idempotently.
+
+One statement computes every figure of a day from the audit tables, upserts it
+(one row per date x stage x metric x dimensions) and deletes the rows of that date
+it no longer produces. Running it twice leaves the same rows, ids included, so a
+rerun or a backfill is always safe.
+
+| metric | stage | dimensions |
+|---|---|---|
+| users_in_stage (at end of day) | the stage | {} |
+| stage_entries, stage_exits (user_lifecycle_history) | the stage | {} |
+| events | the user's stage when recorded ('Unknown' without one) | {"event_type"} |
+| triggers_evaluated, triggers_matched | All | {"trigger"} |
+| executions_started, executions_completed, executions_failed | All | {"workflow"} |
+| execution_median_seconds (completed that day) | All | {"workflow"} |
+| conversion_7d, conversion_30d: share of users who entered the stage 7 (30) days before and reached the next stage within 7 (30) days | the stage | {"to"} |
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from db.models import LIFECYCLE_STAGES
+
+_NEXT_STAGE = ", ".join(
+    f"('{a}', '{b}')" for a, b in zip(LIFECYCLE_STAGES, LIFECYCLE_STAGES[1:], strict=False))
+
+AGGREGATE = text(f"""
+WITH day AS (SELECT CAST(:start AS timestamptz) AS s, CAST(:end AS timestamptz) AS e),
+next_stage(stage, next) AS (VALUES {_NEXT_STAGE}),
+computed(lifecycle_stage, metric_name, metric_value, dimensions) AS (
+    SELECT stage, 'users_in_stage', count(*)::numeric, '{{}}'::jsonb FROM (
+        SELECT coalesce(
+            (SELECT h.to_stage FROM user_lifecycle_history h, day
+              WHERE h.user_id = u.id AND h.transitioned_at < day.e
+              ORDER BY h.transitioned_at DESC LIMIT 1),
+            (SELECT h.from_stage FROM user_lifecycle_history h, day
+              WHERE h.user_id = u.id AND h.transitioned_at >= day.e
+              ORDER BY h.transitioned_at LIMIT 1),
+            u.current_lifecycle_stage) AS stage
+        FROM users u, day WHERE u.created_at < day.e
+    ) at_end GROUP BY stage
+  UNION ALL
+    SELECT h.to_stage, 'stage_entries', count(*), '{{}}' FROM user_lifecycle_history h, day
+     WHERE h.transitioned_at >= day.s AND h.transitioned_at < day.e GROUP BY h.to_stage
+  UNION ALL
+    SELECT h.from_stage, 'stage_exits', count(*), '{{}}' FROM user_lifecycle_history h, day
+     WHERE h.transitioned_at >= day.s AND h.transitioned_at < day.e AND h.from_stage IS NOT NULL
+     GROUP BY h.from_stage
+  UNION ALL
+    SELECT coalesce(ev.lifecycle_stage, 'Unknown'), 'events', count(*),
+           jsonb_build_object('event_type', ev.event_type)
+      FROM lifecycle_events ev, day WHERE ev.created_at >= day.s AND ev.created_at < day.e
+     GROUP BY 1, ev.event_type
+  UNION ALL
+    SELECT 'All', m.name, m.value, jsonb_build_object('trigger', t.name) FROM (
+        SELECT te.trigger_id, count(*) AS evaluated, count(*) FILTER (WHERE te.condition_met) AS met
+          FROM trigger_executions te, day
+         WHERE te.executed_at >= day.s AND te.executed_at < day.e GROUP BY te.trigger_id
+    ) c JOIN triggers t ON t.id = c.trigger_id,
+    LATERAL (VALUES ('triggers_evaluated', c.evaluated::numeric),
+                    ('triggers_matched', c.met::numeric)) AS m(name, value)
+  UNION ALL
+    SELECT 'All', 'executions_started', count(*), jsonb_build_object('workflow', w.name)
+      FROM workflow_executions x JOIN workflows w ON w.id = x.workflow_id, day
+     WHERE x.started_at >= day.s AND x.started_at < day.e GROUP BY w.name
+  UNION ALL
+    SELECT 'All', 'executions_' || x.status, count(*), jsonb_build_object('workflow', w.name)
+      FROM workflow_executions x JOIN workflows w ON w.id = x.workflow_id, day
+     WHERE x.status IN ('completed', 'failed')
+       AND x.completed_at >= day.s AND x.completed_at < day.e GROUP BY x.status, w.name
+  UNION ALL
+    SELECT 'All', 'execution_median_seconds',
+           percentile_cont(0.5) WITHIN GROUP (
+               ORDER BY extract(epoch FROM x.completed_at - x.started_at))::numeric,
+           jsonb_build_object('workflow', w.name)
+      FROM workflow_executions x JOIN workflows w ON w.id = x.workflow_id, day
+     WHERE x.status = 'completed' AND x.completed_at >= day.s AND x.completed_at < day.e
+     GROUP BY w.name
+  UNION ALL
+    SELECT cohort.to_stage, 'conversion_' || cohort.days || 'd',
+           round(avg(CASE WHEN EXISTS (
+               SELECT 1 FROM user_lifecycle_history later
+                WHERE later.user_id = cohort.user_id AND later.to_stage = cohort.next
+                  AND later.transitioned_at > cohort.transitioned_at
+                  AND later.transitioned_at <= cohort.transitioned_at
+                      + make_interval(days => cohort.days)) THEN 1 ELSE 0 END), 6),
+           jsonb_build_object('to', cohort.next)
+      FROM (
+        SELECT h.user_id, h.to_stage, h.transitioned_at, n.next, w.days
+          FROM (VALUES (7), (30)) AS w(days), day, user_lifecycle_history h
+          JOIN next_stage n ON n.stage = h.to_stage
+         WHERE h.transitioned_at >= day.s - make_interval(days => w.days)
+           AND h.transitioned_at < day.e - make_interval(days => w.days)
+      ) cohort
+     GROUP BY cohort.to_stage, cohort.next, cohort.days
+),
+upserted AS (
+    INSERT INTO metrics_daily (metric_date, lifecycle_stage, metric_name, metric_value, dimensions)
+    SELECT CAST(:day AS date), lifecycle_stage, metric_name, metric_value, dimensions FROM computed
+    ON CONFLICT (metric_date, lifecycle_stage, metric_name, dimensions)
+    DO UPDATE SET metric_value = EXCLUDED.metric_value
+    WHERE metrics_daily.metric_value IS DISTINCT FROM EXCLUDED.metric_value
+    RETURNING 1
+),
+removed AS (
+    DELETE FROM metrics_daily m
+     WHERE m.metric_date = CAST(:day AS date) AND NOT EXISTS (
+        SELECT 1 FROM computed c WHERE c.lifecycle_stage = m.lifecycle_stage
+           AND c.metric_name = m.metric_name AND c.dimensions = m.dimensions)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM computed) AS rows,
+       (SELECT count(*) FROM upserted) AS written,
+       (SELECT count(*) FROM removed) AS removed
+""")
+
+
+@dataclass(frozen=True)
+class DayResult:
+    day: dt.date
+    rows: int  # figures the day has
+    written: int  # rows inserted or changed (0 on a rerun with unchanged data)
+    removed: int  # rows of figures the day no longer has
+
+
+def aggregate_day(session: Session, day: dt.date) -> DayResult:
+    """Compute and upsert one UTC day's metrics, in the caller's transaction."""
+    start = dt.datetime.combine(day, dt.time(), dt.UTC)
+    row = session.execute(AGGREGATE, {"day": day, "start": start,
+                                      "end": start + dt.timedelta(days=1)}).one()
+    return DayResult(day, row.rows, row.written, row.removed)
