@@ -28,6 +28,11 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": crontab(minute=15, hour=0),
         "options": {"queue": MAINTENANCE, "expires": 20 * 3600},
     },
+    "retention-nightly": {
+        "task": TaskNames.RETENTION,
+        "schedule": crontab(minute=30, hour=1),
+        "options": {"queue": MAINTENANCE, "expires": 20 * 3600},
+    },
     "ensure-partitions-daily": {
         "task": TaskNames.ENSURE_PARTITIONS,
         "schedule": crontab(minute=5, hour=0),

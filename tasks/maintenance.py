@@ -44,3 +44,19 @@ def metrics_daily(self: FleetTask, day: str | None = None) -> int:
     log.info("metrics.aggregated", day=str(target), rows=result.rows, written=result.written,
              removed=result.removed)
     return result.rows
+
+
+@app.task(base=FleetTask, bind=True, name=TaskNames.RETENTION, soft_time_limit=3000,
+          time_limit=3300)
+def retention(self: FleetTask, dry_run: bool = False) -> dict[str, object]:
+    """Nightly: archive and drop expired partitions, delete expired rows in batches."""
+    from dataclasses import asdict
+
+    from db.session import get_engine
+    from workers.retention import run_retention
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",
+                           dry_run=dry_run)
+    return asdict(report)

@@ -34,6 +34,7 @@ class TaskNames:
     RELAY_OUTBOX = "maintenance.relay_outbox"
     ENSURE_PARTITIONS = "maintenance.ensure_partitions"
     METRICS_DAILY = "maintenance.metrics_daily"
+    RETENTION = "maintenance.retention"
     BENCH_NOOP = "bench.noop"
 
 

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         default=Path(".fleet"),
         description="Folder for embedded servers' data, logs and run files.",
     )
+    archive_dir: Path | None = Field(
+        default=None,
+        description="Where retention archives old audit partitions (default: FLEET_HOME/archive).",
+    )
     broker_key_prefix: str = Field(
         default="",
         description="Redis key prefix, so several fleets or test sessions can share one Redis.",

@@ -53,3 +53,24 @@ def show(days: int = typer.Option(30, help="how many days back")) -> None:
             f"{figures.get((s, 'users_in_stage'), 0):.0f}/+{figures.get((s, 'stage_entries'), 0):.0f}"
             for s in LIFECYCLE_STAGES))
     console.print(table)
+
+
+retention_app = typer.Typer(help="Retention of old data (the seed's policy).",
+                            no_args_is_help=True)
+
+
+@retention_app.command("run")
+def retention_run(dry_run: bool = typer.Option(False, "--dry-run",
+                                               help="report what would go, change nothing")) -> None:
+    """Archive and drop expired partitions, delete expired rows."""
+    settings = ensure_servers()
+    from db.session import get_engine
+    from workers.retention import run_retention
+
+    report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",
+                           dry_run=dry_run)
+    verb = "would" if dry_run else "did"
+    console.print(f"{verb} archive: {', '.join(report.archived) or 'nothing'}")
+    console.print(f"{verb} drop: {', '.join(report.dropped) or 'nothing'}")
+    for table, count in report.deleted.items():
+        console.print(f"{verb} delete {count} rows of {table}")
