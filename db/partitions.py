@@ -9,6 +9,7 @@ in the default for its range into it, in the same transaction, so maintenance ca
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -159,3 +160,30 @@ def ensure_partitions_ahead(conn: Connection, today: dt.date,
         if split_stray_rows:
             created += split_default(conn, table)
     return created
+
+
+@dataclass(frozen=True)
+class Coverage:
+    table: str
+    missing: list[str]  # expected ranges (now and ahead) without a partition
+    unexpected: list[str]  # partitions whose name is not one this module makes
+    default_rows: int  # rows waiting in the DEFAULT partition for a partition of their own
+
+
+def coverage(conn: Connection, today: dt.date) -> list[Coverage]:
+    """What maintenance should have made and has not, per partitioned table."""
+    report = []
+    for table, (_, interval) in PARTITIONED_TABLES.items():
+        names = set(existing_partitions(conn, table))
+        ahead = YEARS_AHEAD if interval == "year" else MONTHS_AHEAD
+        missing = [r.name for r in ranges_ahead(table, today, ahead) if r.name not in names]
+        pattern = re.escape(table) + r"_(\d{4}|\d{4}_\d{2}|default)$"
+        unexpected = sorted(n for n in names if not re.match(pattern, n))
+        default_rows = 0
+        if default_partition_name(table) in names:
+            default_rows = conn.execute(
+                text(f"SELECT count(*) FROM {default_partition_name(table)}")).scalar_one()
+        else:
+            missing.append(default_partition_name(table))
+        report.append(Coverage(table, missing, unexpected, default_rows))
+    return report

@@ -103,3 +103,28 @@ def test_emit_file_and_dlq(engine: Engine, celery_worker: WorkerProcess, tmp_pat
     assert single.returncode == 0 and single.stderr.startswith("sent ")
     bad = fleet("emit", "Not A Type", "--user", "one@example.com")
     assert bad.returncode == 2 and "invalid event" in bad.stderr
+
+
+def test_static_segments_status_and_funnel(engine: Engine, tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO user_segments (name, conditions, kind) "
+                          "VALUES (:n, '{}', 'static')"), {"n": f"vip-{tag}"})
+        conn.execute(text("INSERT INTO users (email, current_lifecycle_stage) "
+                          "VALUES (:e, 'Revenue')"), {"e": f"{tag}@example.com"})
+    added = fleet("segment", "add", f"vip-{tag}", f"{tag}@example.com", "nobody@example.com")
+    assert "added 1 of 2 users (1 unknown)" in added.stderr
+    assert "1 members" in fleet("segment", "show", f"vip-{tag}").stderr
+    assert "removed 1 of 1" in fleet("segment", "remove", f"vip-{tag}", f"{tag}@example.com").stderr
+
+    status = fleet("status")
+    assert status.returncode == 0, status.stderr
+    assert "lifecycle_events" in status.stderr and "dead letters pending" in status.stderr
+
+    today = __import__("datetime").date.today().isoformat()
+    assert fleet("metrics", "backfill", "--from", today, "--to", today).returncode == 0
+    chart = tmp_path / "funnel.html"
+    shown = fleet("metrics", "show", "--days", "2", "--chart", str(chart))
+    assert shown.returncode == 0, shown.stderr
+    page = chart.read_text()
+    assert "<svg" in page and "Acquisition:" in page and "Referral:" in page

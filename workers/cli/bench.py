@@ -24,10 +24,38 @@ def events(
     ensure_servers()
     from workers.bench.events import as_dict, run
 
-    result = as_dict(run(noops=noops, single=single, batched=batched, concurrency=concurrency))
+    _report(as_dict(run(noops=noops, single=single, batched=batched, concurrency=concurrency)),
+            as_json)
+
+
+def _report(result: dict[str, object], as_json: bool) -> None:
     table = Table("figure", "value")
     for key, value in result.items():
         table.add_row(key, str(value))
     console.print(table)
     if as_json:
         print(json.dumps(result))
+
+
+@app.command()
+def segments(
+    users: int = typer.Option(1_000_000, help="generated users"),
+    as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
+) -> None:
+    """Refresh of one segment over generated users, and the bare INSERT … SELECT ratio."""
+    ensure_servers()
+    from workers.bench.scheduled import bench_segments
+
+    _report(bench_segments(users), as_json)
+
+
+@app.command()
+def metrics(
+    events: int = typer.Option(5_000_000, help="generated audit events in the day"),
+    as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
+) -> None:
+    """The nightly aggregation of one day of generated events."""
+    ensure_servers()
+    from workers.bench.scheduled import bench_metrics
+
+    _report(bench_metrics(events), as_json)

@@ -113,3 +113,38 @@ def segment_show(name: str, sample: int = typer.Option(10, help="members to list
         console.print(f"conditions: {seg.conditions}")
         for email in emails:
             console.print(f"  {email}")
+
+
+def _static_members(name: str, emails: list[str], add: bool) -> None:
+    ensure_servers()
+    with session_scope() as session:
+        seg = session.execute(select(UserSegment).where(UserSegment.name == name)).scalar_one_or_none()
+        if seg is None or seg.kind != "static":
+            console.print(f"[red]no static segment named {name!r}[/]")
+            raise typer.Exit(1)
+        ids = session.execute(select(User.id).where(User.email.in_(emails))).scalars().all()
+        if add:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            if ids:
+                session.execute(pg_insert(UserSegmentMembership).values(
+                    [{"user_id": i, "segment_id": seg.id, "valid_until": None} for i in ids]
+                ).on_conflict_do_nothing())
+        else:
+            session.execute(UserSegmentMembership.__table__.delete().where(
+                UserSegmentMembership.segment_id == seg.id,
+                UserSegmentMembership.user_id.in_(ids)))
+    console.print(f"{'added' if add else 'removed'} {len(ids)} of {len(emails)} users "
+                  f"({len(emails) - len(ids)} unknown)")
+
+
+@segment_app.command("add")
+def segment_add(name: str, emails: list[str]) -> None:
+    """Add users (by email) to a static segment."""
+    _static_members(name, emails, add=True)
+
+
+@segment_app.command("remove")
+def segment_remove(name: str, emails: list[str]) -> None:
+    """Remove users (by email) from a static segment."""
+    _static_members(name, emails, add=False)

@@ -11,6 +11,7 @@ from workers.cli import bench, dlq, metrics, services
 from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.events import emit
+from workers.cli.status import status
 from workers.queues import QUEUE_NAMES
 
 app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",
@@ -24,6 +25,7 @@ app.add_typer(trigger_app, name="trigger")
 app.add_typer(segment_app, name="segment")
 app.command()(emit)
 app.command()(apply)
+app.command()(status)
 
 
 @app.command()

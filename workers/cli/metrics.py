@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -34,7 +35,9 @@ def backfill(
 
 
 @app.command()
-def show(days: int = typer.Option(30, help="how many days back")) -> None:
+def show(days: int = typer.Option(30, help="how many days back"),
+         chart: Path = typer.Option(None, help="also write the AARRR funnel to this HTML file"),
+         ) -> None:
     """Users per stage at the end of each day, and stage entries."""
     ensure_servers()
     since = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
@@ -53,6 +56,12 @@ def show(days: int = typer.Option(30, help="how many days back")) -> None:
             f"{figures.get((s, 'users_in_stage'), 0):.0f}/+{figures.get((s, 'stage_entries'), 0):.0f}"
             for s in LIFECYCLE_STAGES))
     console.print(table)
+    if chart is not None:
+        from workers.reports.funnel import funnel_counts, write_funnel
+
+        with session_scope() as session:
+            write_funnel(chart, *funnel_counts(session))
+        console.print(f"funnel written to {chart}")
 
 
 retention_app = typer.Typer(help="Retention of old data (the seed's policy).",

@@ -131,6 +131,8 @@ class DayResult:
 def aggregate_day(session: Session, day: dt.date) -> DayResult:
     """Compute and upsert one UTC day's metrics, in the caller's transaction."""
     start = dt.datetime.combine(day, dt.time(), dt.UTC)
+    # A whole day of audit rows: more than the fleet's default statement timeout allows.
+    session.execute(text("SET LOCAL statement_timeout = '30min'"))
     row = session.execute(AGGREGATE, {"day": day, "start": start,
                                       "end": start + dt.timedelta(days=1)}).one()
     return DayResult(day, row.rows, row.written, row.removed)
