@@ -23,6 +23,7 @@ from sqlalchemy import Engine, create_engine
 
 from db.admin import create_database, drop_database
 from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, Servers, WorkerProcess
+from workers.broker import delete_prefixed_keys
 
 
 def _sqlalchemy(url: str) -> str:
@@ -73,6 +74,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     from db.session import reset_engine
 
     reset_engine()
+    delete_prefixed_keys(SERVERS.broker_url, os.environ["FLEET_BROKER_KEY_PREFIX"])
     try:
         drop_database(SERVERS.admin_url, SERVERS.database)
     finally:

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import redis
 from celery import Celery
 from kombu.exceptions import ChannelError
 from sqlalchemy import Engine, create_engine
@@ -24,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from db.admin import create_database, drop_database
 from db.migrate import upgrade
+from workers.broker import delete_prefixed_keys
 from workers.celery_app import create_app
 from workers.settings import Settings, to_sqlalchemy_url
 
@@ -94,17 +94,6 @@ class BenchEnvironment:
     def queue_empty(self, queue: str) -> bool:
         return self.queue_length(queue) == 0
 
-    def _forget_broker_keys(self) -> None:
-        """Remove this run's Redis keys (queues, bindings): a run leaves nothing behind."""
-        url = self.env["CELERY_BROKER_URL"]
-        if not url.startswith(("redis://", "rediss://")):
-            return
-        client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter(match=f"{self.env['FLEET_BROKER_KEY_PREFIX']}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
-
     def scalar(self, sql: Any, params: dict[str, Any] | None = None) -> Any:
         with self.engine.connect() as conn:
             return conn.execute(sql, params or {}).scalar()
@@ -131,5 +120,5 @@ class BenchEnvironment:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
         self.engine.dispose()
-        self._forget_broker_keys()
+        delete_prefixed_keys(self.env["CELERY_BROKER_URL"], self.env["FLEET_BROKER_KEY_PREFIX"])
         drop_database(self.admin_url, self.database)
