@@ -18,6 +18,16 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": 2.0,
         "options": {"queue": MAINTENANCE, "expires": 10},
     },
+    "wake-due-timers": {  # durable timers: steps every execution whose wake_at has passed
+        "task": TaskNames.WAKE_DUE_TIMERS,
+        "schedule": 5.0,
+        "options": {"queue": MAINTENANCE, "expires": 20},
+    },
+    "reap-stuck-steps": {  # re-sends steps lost with a killed worker or a dropped message
+        "task": TaskNames.REAP_STUCK,
+        "schedule": 60.0,
+        "options": {"queue": MAINTENANCE, "expires": 55},
+    },
     "refresh-expiring-segments": {
         "task": TaskNames.REFRESH_EXPIRED_SEGMENTS,
         "schedule": 60.0,

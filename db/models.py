@@ -423,6 +423,81 @@ class ExecutionStep(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
 
 
+class ExecutionMessage(Base):
+    """An event delivered to a waiting execution (message catch); consumed by its next step."""
+
+    __tablename__ = "execution_messages"
+    __table_args__ = (
+        UniqueConstraint("execution_id", "event_id", name="uq_execution_messages_event"),
+        Index("idx_execution_messages_pending", "execution_id", "id",
+              postgresql_where=text("consumed_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE")
+    )
+    event_id: Mapped[uuid.UUID]
+    event_type: Mapped[str] = mapped_column(String(100))
+    payload: Mapped[dict[str, Any]]
+    received_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    consumed_at: Mapped[dt.datetime | None]
+
+
+class ActionDelivery(Base):
+    """One service-task operator call: its idempotency key, parameters, state and result.
+
+    The key is (execution, node, task instance); a redelivered action finds its row
+    and does not repeat the effect.
+    """
+
+    __tablename__ = "action_deliveries"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed')",
+                        name="chk_action_delivery_status"),
+        Index("idx_action_deliveries_execution", "execution_id"),
+        Index("idx_action_deliveries_pending", "created_at",
+              postgresql_where=text("status = 'pending'")),
+    )
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE")
+    )
+    node_id: Mapped[str] = mapped_column(String(255))
+    operator: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    result: Mapped[dict[str, Any] | None]
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    finished_at: Mapped[dt.datetime | None]
+
+
+class MessageLog(Base):
+    """Messages sent by the default (local) channel of `send_message`: the offline outbox."""
+
+    __tablename__ = "message_log"
+    __table_args__ = (
+        Index("idx_message_log_user", "user_id", text("sent_at DESC")),
+        Index("idx_message_log_sent", "sent_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    execution_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="SET NULL")
+    )
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(50))
+    recipient: Mapped[str] = mapped_column(String(255))
+    template: Mapped[str | None] = mapped_column(String(255))
+    subject: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
 class EventInbox(Base):
     """Dedupe ledger: one row per accepted event_id; a redelivery finds it and stops."""
 

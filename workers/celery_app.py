@@ -13,8 +13,8 @@ import beat_schedule
 from workers.queues import EVENTS, TASK_QUEUES, route_for_task
 from workers.settings import Settings, get_settings
 
-TASK_MODULES: tuple[str, ...] = ("tasks.events", "tasks.segments", "tasks.maintenance",
-                                  "tasks.bench")
+TASK_MODULES: tuple[str, ...] = ("tasks.events", "tasks.workflows", "tasks.actions",
+                                 "tasks.segments", "tasks.maintenance", "tasks.bench")
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

@@ -38,12 +38,12 @@ from sqlalchemy.orm import Session
 
 from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, WorkflowVersion
 from workers.engine.bpmn import BpmnError
+from workers.engine.operators import operator_names
 from workers.engine.validate import validate_bpmn
 from workers.rules.conditions import ConditionError, parse, parse_duration, segment_refs
 
-# Service-task operators the engine can run. None exist until the workflow stepper
-# lands, so a BPMN with a service task is refused at deploy rather than failing later.
-OPERATORS: frozenset[str] = frozenset()
+# Service-task operators the engine can run; a BPMN naming another is refused at deploy.
+OPERATORS: frozenset[str] = operator_names()
 
 
 class DefinitionError(ValueError):
@@ -177,29 +177,8 @@ def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyRepor
     now = dt.datetime.now(dt.UTC)
     workflow_ids: dict[str, Any] = {}
     for wf in doc.workflows:
-        process_id = validate_bpmn(xml[wf.name], OPERATORS).process_id
-        row = session.execute(select(Workflow).where(Workflow.name == wf.name)).scalar_one_or_none()
-        if row is None:
-            row = Workflow(name=wf.name, description=wf.description, bpmn_xml=xml[wf.name],
-                           version="1.0.0", lifecycle_stages=wf.stages, status=wf.status)
-            session.add(row)
-            session.flush()
-            report.created.append(f"workflow {wf.name} 1.0.0")
-        elif (row.bpmn_xml, row.status, row.description, row.lifecycle_stages) == (
-                xml[wf.name], wf.status, wf.description, wf.stages):
-            report.unchanged.append(f"workflow {wf.name}")
-        else:
-            if row.bpmn_xml != xml[wf.name]:
-                row.version = _next_version(row.version)
-                row.bpmn_xml = xml[wf.name]
-            row.status, row.description, row.lifecycle_stages = wf.status, wf.description, wf.stages
-            row.updated_at = now
-            report.updated.append(f"workflow {wf.name} {row.version}")
-        workflow_ids[wf.name] = row.id
-        exists = session.get(WorkflowVersion, (row.id, row.version))
-        if exists is None:
-            session.add(WorkflowVersion(workflow_id=row.id, version=row.version,
-                                        bpmn_xml=row.bpmn_xml, process_id=process_id))
+        workflow_ids[wf.name] = _apply_workflow(session, wf.name, xml[wf.name], wf.description,
+                                                wf.stages, wf.status, now, report)
     for seg in doc.segments:
         values = {"description": seg.description, "conditions": seg.conditions, "kind": seg.kind,
                   "ttl_seconds": seg.ttl_seconds, "lifecycle_stages": seg.stages}
@@ -224,6 +203,48 @@ def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyRepor
                   "max_runs_per_user": trig.max_runs_per_user,
                   "cooldown_seconds": trig.cooldown_seconds}
         _upsert(session, Trigger, trig.name, values, now, report, "trigger")
+    return report
+
+
+def _apply_workflow(session: Session, name: str, xml: str, description: str | None,
+                    stages: list[str], status: str | None, now: dt.datetime,
+                    report: ApplyReport) -> Any:
+    """Create or update one workflow by name; changed BPMN bumps the version (status None: keep)."""
+    process_id = validate_bpmn(xml, OPERATORS).process_id
+    row = session.execute(select(Workflow).where(Workflow.name == name)).scalar_one_or_none()
+    if row is None:
+        row = Workflow(name=name, description=description, bpmn_xml=xml, version="1.0.0",
+                       lifecycle_stages=stages, status=status or "draft")
+        session.add(row)
+        session.flush()
+        report.created.append(f"workflow {name} 1.0.0")
+    elif (row.bpmn_xml, row.status, row.description, row.lifecycle_stages) == (
+            xml, status or row.status, description, stages):
+        report.unchanged.append(f"workflow {name}")
+    else:
+        if row.bpmn_xml != xml:
+            row.version = _next_version(row.version)
+            row.bpmn_xml = xml
+        row.status, row.description, row.lifecycle_stages = status or row.status, description, stages
+        row.updated_at = now
+        report.updated.append(f"workflow {name} {row.version}")
+    if session.get(WorkflowVersion, (row.id, row.version)) is None:
+        session.add(WorkflowVersion(workflow_id=row.id, version=row.version, bpmn_xml=row.bpmn_xml,
+                                    process_id=process_id))
+    return row.id
+
+
+def deploy_workflow(session: Session, name: str, xml: str, *, stages: list[str],
+                    activate: bool, description: str | None = None) -> ApplyReport:
+    """`fleet workflow deploy`: validate and store one BPMN file as the named workflow."""
+    try:
+        validate_bpmn(xml, OPERATORS)
+        _stages(stages)
+    except (BpmnError, ValueError) as exc:
+        raise DefinitionError(f"workflow {name}: {exc}") from None
+    report = ApplyReport()
+    _apply_workflow(session, name, xml, description, stages, "active" if activate else None,
+                    dt.datetime.now(dt.UTC), report)
     return report
 
 

@@ -29,6 +29,10 @@ class TaskNames:
 
     INGEST = "events.ingest"
     INGEST_BATCH = "events.ingest_batch"
+    STEP = "workflows.step"
+    WAKE_DUE_TIMERS = "workflows.wake_due_timers"
+    REAP_STUCK = "workflows.reap_stuck"
+    RUN_ACTION = "actions.run"
     REFRESH_SEGMENT = "segments.refresh"
     REFRESH_EXPIRED_SEGMENTS = "segments.refresh_expired"
     RELAY_OUTBOX = "maintenance.relay_outbox"

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     trigger_cache_seconds: float = Field(
         default=2.0, description="How often a worker checks for changed trigger definitions."
     )
+    webhook_secret: str | None = Field(
+        default=None,
+        description="HMAC-SHA256 key signing send_webhook bodies (X-Fleet-Signature); unsigned if unset.",
+    )
+    webhook_timeout: float = Field(default=10.0, description="send_webhook request timeout, seconds.")
+    stuck_step_seconds: int = Field(
+        default=600,
+        description="A step or operator call sent longer ago than this is re-sent by the reaper "
+        "(keep it above the longest retry delay).",
+    )
     log_level: str = Field(default="INFO", description="Root log level.")
     log_json: bool = Field(default=True, description="JSON logs (False: human-readable console).")
     flower_port: int = Field(default=5555, description="Port Flower listens on.")

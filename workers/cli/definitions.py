@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from db.models import Trigger, User, UserSegment, UserSegmentMembership, Workflow
 from db.session import session_scope
 from workers.cli.context import console, ensure_servers
+from workers.rules.segments import set_static_members
 
 trigger_app = typer.Typer(help="Event triggers.", no_args_is_help=True)
 segment_app = typer.Typer(help="User segments.", no_args_is_help=True)
@@ -123,17 +124,7 @@ def _static_members(name: str, emails: list[str], add: bool) -> None:
             console.print(f"[red]no static segment named {name!r}[/]")
             raise typer.Exit(1)
         ids = session.execute(select(User.id).where(User.email.in_(emails))).scalars().all()
-        if add:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            if ids:
-                session.execute(pg_insert(UserSegmentMembership).values(
-                    [{"user_id": i, "segment_id": seg.id, "valid_until": None} for i in ids]
-                ).on_conflict_do_nothing())
-        else:
-            session.execute(UserSegmentMembership.__table__.delete().where(
-                UserSegmentMembership.segment_id == seg.id,
-                UserSegmentMembership.user_id.in_(ids)))
+        set_static_members(session, seg.id, list(ids), add=add)
     console.print(f"{'added' if add else 'removed'} {len(ids)} of {len(emails)} users "
                   f"({len(emails) - len(ids)} unknown)")
 

@@ -12,6 +12,7 @@ from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.events import emit
 from workers.cli.status import status
+from workers.cli.workflows import execution_app, workflow_app
 from workers.queues import QUEUE_NAMES
 
 app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",
@@ -23,6 +24,8 @@ app.add_typer(metrics.app, name="metrics")
 app.add_typer(metrics.retention_app, name="retention")
 app.add_typer(trigger_app, name="trigger")
 app.add_typer(segment_app, name="segment")
+app.add_typer(workflow_app, name="workflow")
+app.add_typer(execution_app, name="execution")
 app.command()(emit)
 app.command()(apply)
 app.command()(status)

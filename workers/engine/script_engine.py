@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from SpiffWorkflow.bpmn.script_engine import PythonScriptEngine
 from SpiffWorkflow.bpmn.script_engine.python_environment import BasePythonScriptEngineEnvironment
 
 from workers.engine import sandbox
+from workers.engine.sandbox import SandboxError
+
+# Internal data key under which the stepper hands a service task its operator's result.
+ACTION_RESULT = "fleet_action_result"
 
 
 class SandboxEnvironment(BasePythonScriptEngineEnvironment):
@@ -36,3 +41,9 @@ class SandboxScriptEngine(PythonScriptEngine):  # type: ignore[misc]
 
     def validate(self, expression: str) -> None:
         sandbox.check(expression, "eval")
+
+    def call_service(self, task: Any, operation_name: str, operation_params: dict[str, Any]) -> str:
+        """A service task's result: its operator already ran on the actions queue."""
+        if ACTION_RESULT not in task.internal_data:
+            raise SandboxError(f"operator {operation_name!r} has not run for this task")
+        return json.dumps(task.internal_data.pop(ACTION_RESULT))

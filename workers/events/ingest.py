@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from db.bulk import copy_rows
-from db.models import WorkflowExecution
+from db.models import ExecutionMessage, WorkflowExecution
 from workers.dead_letters import record_dead_letter
 from workers.events.envelope import IDENTIFY, Event, InvalidEvent, parse_event
 from workers.rules.membership import MembershipResolver
@@ -42,7 +42,8 @@ class IngestResult:
     rejected: int = 0
     evaluated: int = 0
     matched: int = 0
-    started: list[uuid.UUID] = field(default_factory=list)
+    started: list[uuid.UUID] = field(default_factory=list)  # executions to step (version 0)
+    woken: list[tuple[uuid.UUID, int]] = field(default_factory=list)  # (execution, version) to step
 
 
 def _raw_bytes(raw: Any) -> bytes:
@@ -207,7 +208,8 @@ def _allowed_starts(session: Session, matches: list[_Match], now: dt.datetime) -
     return allowed
 
 
-def _start_executions(session: Session, matches: list[_Match]) -> dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID]:
+def _start_executions(session: Session, matches: list[_Match],
+                      now: dt.datetime) -> dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID]:
     """Insert pending executions; the unique indexes drop racing duplicates.
 
     Returns {(trigger_id, event_id): execution_id} for the executions created.
@@ -227,6 +229,7 @@ def _start_executions(session: Session, matches: list[_Match]) -> dict[tuple[uui
                 "trigger_id": m.trigger.id,
                 "source_event_id": m.event.event_id,
                 "single_active": m.trigger.reentry == "no_concurrent",
+                "step_enqueued_at": now,
             }
             for m in matches
         ])
@@ -235,6 +238,45 @@ def _start_executions(session: Session, matches: list[_Match]) -> dict[tuple[uui
                    WorkflowExecution.source_event_id)
     ).all()
     return {(r.trigger_id, r.source_event_id): r.id for r in rows}
+
+
+def _wake_waiting(session: Session, events: list[Event], users: dict[str, UserView],
+                  now: dt.datetime) -> list[tuple[uuid.UUID, int]]:
+    """Deliver events to their users' executions waiting for that event type (message catch).
+
+    The waiting rows are locked until this transaction commits, so a step of one of
+    them either ran before (and is seen here as waiting) or runs after and finds the
+    message: a wake-up is never lost between the two. Returns (execution, version)
+    to step for those with no step already on its way.
+    """
+    by_user: dict[uuid.UUID, list[Event]] = defaultdict(list)
+    for event in events:
+        by_user[users[event.user].id].append(event)
+    waiting = session.execute(text(
+        "SELECT id, user_id, awaiting_events, state_version, step_enqueued_at, paused_at "
+        "FROM workflow_executions WHERE user_id = ANY(CAST(:users AS uuid[])) "
+        "AND awaiting_events && CAST(:types AS varchar[]) AND status IN ('pending', 'running') "
+        "ORDER BY id FOR UPDATE"),
+        {"users": list(by_user), "types": sorted({e.event_type for e in events})}).all()
+    if not waiting:
+        return []
+    messages: list[dict[str, Any]] = []
+    woken: list[tuple[uuid.UUID, int]] = []
+    for row in waiting:
+        matching = [e for e in by_user[row.user_id] if e.event_type in row.awaiting_events]
+        messages += [{"execution_id": row.id, "event_id": e.event_id, "event_type": e.event_type,
+                      "payload": {"event_id": str(e.event_id), "event_type": e.event_type,
+                                  "data": e.data, "occurred_at": e.occurred_at.isoformat()}}
+                     for e in matching]
+        if matching and row.step_enqueued_at is None and row.paused_at is None:
+            woken.append((row.id, row.state_version))
+    if messages:
+        session.execute(pg_insert(ExecutionMessage).values(messages).on_conflict_do_nothing())
+    if woken:
+        session.execute(text("UPDATE workflow_executions SET step_enqueued_at = :now "
+                             "WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                        {"now": now, "ids": [w[0] for w in woken]})
+    return woken
 
 
 def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: TriggerCache,
@@ -277,6 +319,7 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
         return result
 
     changed = _apply_identify(session, fresh, users)
+    result.woken = _wake_waiting(session, fresh, users, now)
     copy_rows(
         session, "lifecycle_events",
         ("event_type", "user_id", "lifecycle_stage", "event_data", "event_id", "occurred_at"),
@@ -300,7 +343,7 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
     result.evaluated = len(evaluations)
     matches = [_Match(e, t, u) for e, t, u, met in evaluations if met and t.workflow_id]
     result.matched = sum(1 for *_, met in evaluations if met)
-    started = _start_executions(session, _allowed_starts(session, matches, now))
+    started = _start_executions(session, _allowed_starts(session, matches, now), now)
     result.started = list(started.values())
     if evaluations:
         copy_rows(

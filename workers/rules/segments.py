@@ -71,3 +71,22 @@ def segments_due(session: Session, now: dt.datetime, horizon: dt.timedelta) -> l
             (UserSegment.refreshed_at.is_(None)) | (expires < literal(now + horizon, TS)),
         ).order_by(UserSegment.refreshed_at.nulls_first())
     ).scalars())
+
+
+def set_static_members(session: Session, segment_id: uuid.UUID, user_ids: list[uuid.UUID],
+                       add: bool) -> int:
+    """Add users to (or remove them from) a static segment; returns how many rows changed.
+
+    Static memberships never expire (`valid_until` NULL) and are never recomputed.
+    """
+    if not user_ids:
+        return 0
+    if add:
+        result = session.execute(pg_insert(UserSegmentMembership).values(
+            [{"user_id": u, "segment_id": segment_id, "valid_until": None} for u in user_ids]
+        ).on_conflict_do_nothing())
+    else:
+        result = session.execute(delete(UserSegmentMembership).where(
+            UserSegmentMembership.segment_id == segment_id,
+            UserSegmentMembership.user_id.in_(user_ids)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -175,3 +175,14 @@ class TriggerCache:
         log.info("definitions.loaded", triggers=sum(1 for _ in active),
                  segments=len(active.segments) // 2)
         return active
+
+
+_PROCESS_TRIGGERS: TriggerCache | None = None
+
+
+def process_triggers() -> TriggerCache:
+    """This process's trigger cache, shared by every task that ingests events."""
+    global _PROCESS_TRIGGERS
+    if _PROCESS_TRIGGERS is None:
+        _PROCESS_TRIGGERS = TriggerCache()
+    return _PROCESS_TRIGGERS

@@ -1,0 +1,82 @@
+"""Deploy test BPMN files, start executions, wait for them: shared by the workflow tests."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, text
+
+from db.models import ExecutionStep, WorkflowExecution
+from db.session import session_scope
+from tests.helpers import wait_for
+from workers.definitions import deploy_workflow
+from workers.engine import control
+from workers.engine.dispatch import send_step
+
+BPMN = Path(__file__).parent / "bpmn"
+
+
+def deploy(file: str, name: str | None = None) -> str:
+    """Deploy tests/bpmn/<file> as an active workflow; returns its (unique) name."""
+    name = name or f"{Path(file).stem}-{uuid.uuid4().hex[:8]}"
+    with session_scope() as session:
+        deploy_workflow(session, name, (BPMN / file).read_text(), stages=[], activate=True)
+    return name
+
+
+def new_user(attributes: dict[str, Any] | None = None) -> uuid.UUID:
+    import json
+
+    with session_scope() as session:
+        return session.execute(text(
+            "INSERT INTO users (email, current_lifecycle_stage, attributes) "
+            "VALUES (:e, 'Acquisition', CAST(:a AS jsonb)) RETURNING id"),
+            {"e": f"wf-{uuid.uuid4().hex[:10]}@example.com",
+             "a": json.dumps(attributes or {})}).scalar_one()
+
+
+def start(workflow: str, variables: dict[str, Any] | None = None,
+          user_id: uuid.UUID | None = None) -> uuid.UUID:
+    user_id = user_id or new_user()
+    with session_scope() as session:
+        execution_id = control.start(session, workflow, user_id, variables)
+    send_step(execution_id, 0)
+    return execution_id
+
+
+def execution(execution_id: uuid.UUID) -> WorkflowExecution:
+    with session_scope() as session:
+        row = session.get(WorkflowExecution, execution_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
+def wait_status(execution_id: uuid.UUID, *statuses: str, timeout: float = 30) -> WorkflowExecution:
+    return wait_for(lambda: (row := execution(execution_id)).status in statuses and row,
+                    timeout=timeout, message=f"execution {execution_id} to be {statuses}")
+
+
+def wait_waiting(execution_id: uuid.UUID, timeout: float = 30) -> WorkflowExecution:
+    """Until the execution rests on a timer or a message, with no step on its way."""
+    def resting() -> WorkflowExecution | None:
+        row = execution(execution_id)
+        if row.status == "running" and row.step_enqueued_at is None and (
+                row.wake_at is not None or row.awaiting_events):
+            return row
+        return None
+    return wait_for(resting, timeout=timeout, message=f"execution {execution_id} to wait")
+
+
+def history(execution_id: uuid.UUID) -> list[tuple[int, str, str]]:
+    """(seq, node id, outcome) of every step, in order."""
+    with session_scope() as session:
+        return [(s.seq, s.node_id, s.outcome) for s in session.execute(
+            select(ExecutionStep).where(ExecutionStep.execution_id == execution_id)
+            .order_by(ExecutionStep.seq)).scalars()]
+
+
+def nodes(execution_id: uuid.UUID) -> list[str]:
+    return [node for _, node, outcome in history(execution_id) if outcome == "completed"]

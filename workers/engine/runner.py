@@ -1,0 +1,151 @@
+"""Run a SpiffWorkflow workflow one drawn BPMN node at a time (no database here).
+
+SpiffWorkflow adds control tasks around the drawn elements (the Start root, end
+joins, boundary-event splits); they are run eagerly so that every step runs exactly
+one node a modeler drew. Subprocesses are served deepest first, as SpiffWorkflow's
+own `do_engine_steps` does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from SpiffWorkflow.bpmn.specs.event_definitions.message import MessageEventDefinition
+from SpiffWorkflow.bpmn.specs.event_definitions.timer import TimerEventDefinition
+from SpiffWorkflow.bpmn.specs.mixins.service_task import ServiceTask
+from SpiffWorkflow.bpmn.util.event import BpmnEvent
+from SpiffWorkflow.bpmn.workflow import BpmnWorkflow
+from SpiffWorkflow.task import Task
+from SpiffWorkflow.util.task import TaskState
+
+from workers.engine.script_engine import ACTION_RESULT
+
+
+@dataclass(frozen=True)
+class Waits:
+    """What a workflow with no ready node is waiting for."""
+
+    wake_at: dt.datetime | None  # the earliest timer
+    messages: tuple[str, ...]  # message names (event types) it can catch
+
+
+def _workflows(workflow: BpmnWorkflow) -> Iterator[Any]:
+    yield from sorted(workflow.get_active_subprocesses(), key=lambda s: s.depth, reverse=True)
+    yield workflow
+
+
+def _ready(workflow: Any) -> Iterator[Task]:
+    yield from workflow.get_tasks_iterator(state=TaskState.READY, manual=False)
+
+
+def is_node(task: Task) -> bool:
+    """A drawn BPMN element (control tasks SpiffWorkflow adds have no bpmn_id)."""
+    return getattr(task.task_spec, "bpmn_id", None) is not None
+
+
+def _after_run(task: Task) -> None:
+    parent_id = task.workflow.parent_task_id
+    if parent_id is not None:  # as do_engine_steps: let the subprocess task see the change
+        parent = task.workflow.top_workflow.get_task_from_id(parent_id)
+        parent.task_spec._update(parent)
+
+
+def _run_control(workflow: BpmnWorkflow) -> None:
+    progressed = True
+    while progressed:
+        progressed = False
+        for wf in _workflows(workflow):
+            for task in _ready(wf):
+                if not is_node(task):
+                    task.run()
+                    _after_run(task)
+                    progressed = True
+                    break
+            if progressed:
+                break
+
+
+def next_node(workflow: BpmnWorkflow) -> Task | None:
+    """The next ready drawn node (control tasks before it are run), or None."""
+    _run_control(workflow)
+    workflow.refresh_timers()
+    _run_control(workflow)
+    for wf in _workflows(workflow):
+        for task in _ready(wf):
+            return task
+    return None
+
+
+def run_node(workflow: BpmnWorkflow, task: Task) -> None:
+    """Run one drawn node, then the control tasks it made ready."""
+    task.run()
+    _after_run(task)
+    _run_control(workflow)
+
+
+def complete_service_task(workflow: BpmnWorkflow, task: Task, result: Any) -> None:
+    """Run a service task with the result its operator produced on the actions queue."""
+    task.internal_data[ACTION_RESULT] = result
+    run_node(workflow, task)
+
+
+def is_service_task(task: Task) -> bool:
+    return isinstance(task.task_spec, ServiceTask)
+
+
+def service_call(task: Task) -> tuple[str, dict[str, Any]]:
+    """(operator, evaluated parameters) of a ready service task."""
+    params = task.task_spec.evaluate_params(task)
+    return task.task_spec.operation_name, {k: v["value"] for k, v in params.items()}
+
+
+def _parse_when(value: Any) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        when = value
+    elif isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    else:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def waits(workflow: BpmnWorkflow) -> Waits:
+    """The earliest timer and the messages the workflow is waiting for."""
+    wake_at: dt.datetime | None = None
+    messages: set[str] = set()
+    for task in list(workflow.event_manager.tasks.values()):
+        if not task.has_state(TaskState.WAITING):
+            continue
+        definition = task.task_spec.event_definition
+        if isinstance(definition, MessageEventDefinition):
+            messages.add(definition.name)
+        elif isinstance(definition, TimerEventDefinition):
+            when = _parse_when(definition.details(task).value)
+            if when is not None and (wake_at is None or when < wake_at):
+                wake_at = when
+    return Waits(wake_at, tuple(sorted(messages)))
+
+
+def deliver(workflow: BpmnWorkflow, name: str, payload: dict[str, Any]) -> bool:
+    """Hand a message to the workflow; False when nothing waits for it."""
+    for task in list(workflow.event_manager.tasks.values()):
+        definition = task.task_spec.event_definition
+        if (task.has_state(TaskState.WAITING) and isinstance(definition, MessageEventDefinition)
+                and definition.name == name):
+            workflow.catch(BpmnEvent(definition, payload))
+            return True
+    return False
+
+
+def variables(workflow: BpmnWorkflow, task: Task | None) -> dict[str, Any]:
+    """The execution's variables as JSON: the workflow's result, or the last node's data."""
+    data = workflow.data if workflow.is_completed() else (task.data if task else {})
+    data = {k: v for k, v in data.items() if k != "data_objects" or v}
+    return json.loads(json.dumps(data, default=str))  # type: ignore[no-any-return]

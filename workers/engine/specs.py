@@ -1,0 +1,62 @@
+"""Parsed workflow specs, cached per worker process by (workflow id, version).
+
+A version's BPMN never changes once deployed (`workflow_versions`), so a parsed
+spec can be kept for the life of the process; the cache is bounded (LRU).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from threading import Lock
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import WorkflowVersion
+from workers.engine.validate import validate_bpmn
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    workflow_id: uuid.UUID
+    version: str
+    process_id: str
+    spec: Any  # SpiffWorkflow BpmnProcessSpec
+    subprocess_specs: dict[str, Any]
+
+
+class SpecNotFound(LookupError):
+    """The execution names a workflow version that was never deployed."""
+
+
+class SpecCache:
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._specs: OrderedDict[tuple[uuid.UUID, str], LoadedSpec] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, session: Session, workflow_id: uuid.UUID, version: str) -> LoadedSpec:
+        key = (workflow_id, version)
+        with self._lock:
+            if key in self._specs:
+                self._specs.move_to_end(key)
+                return self._specs[key]
+        xml = session.execute(select(WorkflowVersion.bpmn_xml).where(
+            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == version,
+        )).scalar_one_or_none()
+        if xml is None:
+            raise SpecNotFound(f"workflow {workflow_id} has no deployed version {version}")
+        parsed = validate_bpmn(xml).parsed  # operators were checked at deploy
+        loaded = LoadedSpec(workflow_id, version, parsed.process_id, parsed.spec,
+                            parsed.subprocess_specs)
+        with self._lock:
+            self._specs[key] = loaded
+            while len(self._specs) > self._size:
+                self._specs.popitem(last=False)
+        return loaded
+
+
+SPECS = SpecCache()  # the worker process's cache

@@ -1,0 +1,236 @@
+"""One step of an execution: lock it, run exactly one BPMN node, persist, say what comes next.
+
+The row lock (`SELECT ... FOR UPDATE`) makes two steps of one execution run one
+after the other; each step message carries the `state_version` it expects, so a
+duplicate, late or stale message finds a different version and does nothing.
+Engine state, variables, current node, status, waits and the step-history row
+are written in the caller's transaction; the caller sends the next step (or the
+operator call) only after the commit.
+
+Service tasks run in two steps around the actions queue: the first step records
+an `action_deliveries` row (the idempotency key and the evaluated parameters) and
+asks for the operator to run; once it has, the next step completes the node with
+the operator's result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import (
+    TERMINAL_EXECUTION_STATUSES,
+    ActionDelivery,
+    ExecutionMessage,
+    ExecutionStep,
+    User,
+    WorkflowExecution,
+)
+from workers.engine import runner, state
+from workers.engine.specs import SPECS, LoadedSpec
+from workers.log import get_logger
+
+log = get_logger(__name__)
+MAX_ERROR = 2000
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did and what the caller sends after commit."""
+
+    outcome: str  # noop | completed | waiting | failed
+    node_id: str | None = None
+    next_version: int | None = None  # send workflows.step(id, next_version)
+    action_key: str | None = None  # send actions.run(action_key)
+    reason: str | None = None  # why a step was a no-op
+
+
+def action_key(execution_id: uuid.UUID, task_id: uuid.UUID) -> str:
+    """The idempotency key of one operator call: (execution, task instance of the node)."""
+    return f"{execution_id}:{task_id}"
+
+
+def _user_variables(session: Session, user_id: uuid.UUID) -> dict[str, Any]:
+    user = session.get(User, user_id)
+    if user is None:
+        return {}
+    return {"id": str(user.id), "email": user.email, "stage": user.current_lifecycle_stage,
+            "attributes": user.attributes or {}}
+
+
+def _deliver_messages(session: Session, execution: WorkflowExecution, workflow: Any,
+                      now: dt.datetime) -> None:
+    """Hand pending events (message catch) to the workflow, oldest first; mark them consumed."""
+    pending = session.execute(
+        select(ExecutionMessage)
+        .where(ExecutionMessage.execution_id == execution.id, ExecutionMessage.consumed_at.is_(None))
+        .order_by(ExecutionMessage.id)
+    ).scalars().all()
+    for message in pending:
+        caught = runner.deliver(workflow, message.event_type, message.payload)
+        message.consumed_at = now
+        log.info("execution.message", execution_id=str(execution.id),
+                 event_type=message.event_type, caught=caught)
+
+
+def _fail(execution: WorkflowExecution, node_id: str, error: str, now: dt.datetime) -> None:
+    execution.status = "failed"
+    execution.error_message = error[:MAX_ERROR]
+    execution.current_node_id = node_id
+    execution.completed_at = now
+    execution.wake_at = None
+    execution.step_enqueued_at = None
+
+
+def step(session: Session, execution_id: uuid.UUID, expected_version: int,
+         now: dt.datetime | None = None) -> StepResult:
+    """Run the execution's next node, if this step message is the current one."""
+    now = now or dt.datetime.now(dt.UTC)
+    execution = session.execute(
+        select(WorkflowExecution).where(WorkflowExecution.id == execution_id).with_for_update()
+    ).scalar_one_or_none()
+    if execution is None:
+        return StepResult("noop", reason="no such execution")
+    if execution.status in TERMINAL_EXECUTION_STATUSES:
+        return StepResult("noop", reason=f"execution is {execution.status}")
+    if execution.paused_at is not None:
+        return StepResult("noop", reason="execution is paused")
+    if execution.state_version != expected_version:
+        return StepResult("noop", reason=f"stale step {expected_version}, "
+                                         f"execution is at {execution.state_version}")
+
+    loaded: LoadedSpec = SPECS.get(session, execution.workflow_id, execution.workflow_version or "")
+    if execution.engine_state is None:
+        variables = dict(execution.variables or {})
+        variables.setdefault("user", _user_variables(session, execution.user_id))
+        workflow = state.new_workflow(loaded, variables)
+    else:
+        workflow = state.load(execution.engine_state, loaded)
+    if execution.awaiting_events:
+        _deliver_messages(session, execution, workflow, now)
+
+    started = now
+    task = runner.next_node(workflow)
+    result: StepResult
+    if task is None:
+        result = StepResult("waiting")
+        node_id = None
+    else:
+        node_id = task.task_spec.bpmn_id
+        structured = _run(session, execution, workflow, task, node_id, now)
+        if structured is not None:  # the node did not run to completion this step
+            return structured
+        result = StepResult("completed", node_id=node_id)
+
+    return _persist(session, execution, workflow, task, result, started, now)
+
+
+def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: Any, node_id: str,
+         now: dt.datetime) -> StepResult | None:
+    """Run the node; returns a result when the step ends here (failure or action in flight)."""
+    try:
+        if runner.is_service_task(task):
+            key = action_key(execution.id, task.id)
+            delivery = session.get(ActionDelivery, key)
+            if delivery is None:
+                operator, params = runner.service_call(task)
+                session.add(ActionDelivery(key=key, execution_id=execution.id, node_id=node_id,
+                                           operator=operator, params=params))
+                return _record(session, execution, workflow, task, node_id, "waiting", now,
+                               action=key)
+            if delivery.status == "pending":  # lost or slow: ask again (the action is idempotent)
+                execution.step_enqueued_at = now
+                return StepResult("waiting", node_id=node_id, action_key=key)
+            if delivery.status == "failed":
+                raise _OperatorFailed(f"operator {delivery.operator} failed: "
+                                      f"{delivery.error_message}")
+            runner.complete_service_task(workflow, task, delivery.result or {})
+        else:
+            runner.run_node(workflow, task)
+    except Exception as exc:  # a node's failure fails the execution, not the worker
+        if _is_infrastructure(exc):
+            raise
+        error = f"node {node_id}: {exc}"
+        log.warning("execution.failed", execution_id=str(execution.id), node_id=node_id,
+                    error=error)
+        _fail(execution, node_id, error, now)
+        return _record(session, execution, None, task, node_id, "failed", now, error=error)
+    return None
+
+
+class _OperatorFailed(Exception):
+    pass
+
+
+def _is_infrastructure(exc: BaseException) -> bool:
+    """Database and broker trouble is retried by the task, not blamed on the node."""
+    from workers.errors import is_transient
+
+    return is_transient(exc)
+
+
+def _record(session: Session, execution: WorkflowExecution, workflow: Any, task: Any,
+            node_id: str, outcome: str, now: dt.datetime, *, action: str | None = None,
+            error: str | None = None) -> StepResult:
+    """Write the step-history row and bump the version (engine state only if `workflow`)."""
+    if workflow is not None:
+        execution.engine_state = state.dump(workflow)
+        execution.variables = runner.variables(workflow, task)
+        execution.current_node_id = node_id
+        execution.status = "running"
+        execution.step_enqueued_at = now
+    execution.state_version += 1
+    execution.updated_at = now
+    session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
+                              node_id=node_id, node_type=type(task.task_spec).__name__,
+                              outcome=outcome, started_at=now,
+                              finished_at=dt.datetime.now(dt.UTC), error_message=error))
+    return StepResult(outcome, node_id=node_id, action_key=action)
+
+
+def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task: Any,
+             result: StepResult, started: dt.datetime, now: dt.datetime) -> StepResult:
+    """Save state and waits after a node ran (or none was ready); decide the next step."""
+    has_next = runner.next_node(workflow) is not None  # also runs control tasks left over
+    completed = workflow.is_completed()
+    waits = runner.waits(workflow) if not completed else runner.Waits(None, ())
+    if result.node_id is None:  # nothing ran: only the waits change, the version stays
+        execution.wake_at = waits.wake_at
+        execution.awaiting_events = list(waits.messages) or None
+        execution.step_enqueued_at = now if has_next else None
+        if execution.status == "pending":
+            execution.status = "running"
+        if completed:
+            execution.status, execution.completed_at = "completed", now
+        execution.engine_state = state.dump(workflow)
+        execution.updated_at = now
+        return StepResult("waiting", next_version=execution.state_version if has_next else None)
+
+    execution.engine_state = state.dump(workflow)
+    execution.variables = runner.variables(workflow, task)
+    execution.current_node_id = result.node_id
+    execution.status = "completed" if completed else "running"
+    execution.completed_at = now if completed else None
+    execution.wake_at = waits.wake_at
+    execution.awaiting_events = list(waits.messages) or None
+    execution.step_enqueued_at = now if has_next else None
+    execution.state_version += 1
+    execution.updated_at = now
+    session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
+                              node_id=result.node_id, node_type=type(task.task_spec).__name__,
+                              outcome="completed", started_at=started,
+                              finished_at=dt.datetime.now(dt.UTC)))
+    return StepResult("completed", node_id=result.node_id,
+                      next_version=execution.state_version if has_next else None)
+
+
+def mark_enqueued(session: Session, execution_ids: list[uuid.UUID], now: dt.datetime) -> None:
+    """Record that a step was sent for these executions (the reaper watches the time)."""
+    if execution_ids:
+        session.execute(update(WorkflowExecution).where(WorkflowExecution.id.in_(execution_ids))
+                        .values(step_enqueued_at=now))
