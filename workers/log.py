@@ -44,7 +44,8 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("sqlalchemy.engine", "alembic.runtime.migration"):
+    # SpiffWorkflow logs every task state change at INFO: the step history says it better.
+    for noisy in ("sqlalchemy.engine", "alembic.runtime.migration", "spiff"):
         logging.getLogger(noisy).setLevel("WARNING")
 
 
