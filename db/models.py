@@ -256,6 +256,26 @@ class UserSegmentMembership(Base):
     valid_until: Mapped[dt.datetime | None]
 
 
+class SegmentExclusion(Base):
+    """The negative side of the membership cache: evaluated as not a member, until valid_until.
+
+    Kept apart from `user_segment_memberships` so that table keeps the seed's meaning
+    (its rows are members). Without it, every message about a non-member would
+    evaluate the segment's SQL again.
+    """
+
+    __tablename__ = "segment_exclusions"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    segment_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("user_segments.id", ondelete="CASCADE"), primary_key=True
+    )
+    evaluated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    valid_until: Mapped[dt.datetime]
+
+
 class Trigger(Base):
     __tablename__ = "triggers"
     __table_args__ = (

@@ -222,6 +222,18 @@ def test_cold_membership_cache_is_evaluated_on_the_spot(
                   "JOIN users u ON u.id = m.user_id WHERE m.segment_id = :s", s=segment_id)
     assert row["email"] == vip
     assert row["valid_until"] > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    # The "no" is cached too, so the next message about `plain` reads it instead of
+    # evaluating again; an identify that changes the answer rewrites it at once.
+    [excluded] = _rows(engine, "SELECT u.email FROM segment_exclusions x "
+                       "JOIN users u ON u.id = x.user_id WHERE x.segment_id = :s", s=segment_id)
+    assert excluded["email"] == plain
+    _wait_ingested(engine, send_event("user.identify", user=plain, data={"vip": True}))
+    _wait_ingested(engine, send_event(etype, user=plain))
+    assert _one(engine, "SELECT count(*) FROM trigger_executions t JOIN users u "
+                "ON u.id = t.user_id WHERE t.trigger_id = :t AND u.email = :e AND condition_met",
+                t=trigger, e=plain) == 1
+    assert _one(engine, "SELECT count(*) FROM segment_exclusions WHERE segment_id = :s",
+                s=segment_id) == 0
 
 
 def test_dead_letter_replay_after_the_cause_is_fixed(engine: Engine,

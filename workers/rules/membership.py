@@ -1,12 +1,12 @@
 """Segment membership as conditions read it: the cache table first, SQL on a miss.
 
-`user_segment_memberships` holds members only, each with a `valid_until`. For a
-message's users and the segments its triggers mention, one query reads the
-still-valid rows; users without one (cold or expired cache) are evaluated on the
-spot with the segment's SQL condition, in one statement per segment, and the
-answer is written back (members upserted with a fresh valid_until, stale rows of
-non-members deleted). A cold cache is never read as "not a member". Static
-segments are never computed: their rows are the truth.
+`user_segment_memberships` holds members, `segment_exclusions` users evaluated as
+not members, each row with a `valid_until`. For a message's users and the segments
+its triggers mention, one query reads the still-valid rows of both; users with
+neither (cold or expired cache) are evaluated on the spot with the segment's SQL
+condition and the answer is written back to both tables, in one statement per
+segment. A cold cache is never read as "not a member". Static segments are never
+computed: their membership rows are the truth.
 """
 
 from __future__ import annotations
@@ -17,15 +17,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import cast, delete, func, or_, select
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import cast, delete, func, literal, or_, select, union_all
+from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from db.models import User, UserSegmentMembership
+from db.models import SegmentExclusion as X
+from db.models import User
+from db.models import UserSegmentMembership as M
 from workers.rules.conditions import Node, parse
 from workers.rules.sql_backend import compile_sql
+
+TS = TIMESTAMP(timezone=True)
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,20 @@ class MembershipResolver:
         pending = [(u, s) for s in segments for u in users if (u, s) not in self.known]
         if not pending:
             return
-        valid = self.session.execute(
-            select(UserSegmentMembership.user_id, UserSegmentMembership.segment_id).where(
-                UserSegmentMembership.user_id == func.any(
-                    cast(sorted({u for u, _ in pending}), ARRAY(PG_UUID))),
-                UserSegmentMembership.segment_id.in_({s for _, s in pending}),
-                or_(UserSegmentMembership.valid_until.is_(None),
-                    UserSegmentMembership.valid_until > self.now),
-            )
-        ).all()
-        self.members.update((r.user_id, r.segment_id) for r in valid)
+        users_param = cast(sorted({u for u, _ in pending}), ARRAY(PG_UUID))
+        segments_param = cast(sorted({s for _, s in pending}), ARRAY(PG_UUID))
+        valid = self.session.execute(union_all(
+            select(M.user_id, M.segment_id, literal(True).label("member")).where(
+                M.user_id == func.any(users_param), M.segment_id == func.any(segments_param),
+                or_(M.valid_until.is_(None), M.valid_until > self.now)),
+            select(X.user_id, X.segment_id, literal(False).label("member")).where(
+                X.user_id == func.any(users_param), X.segment_id == func.any(segments_param),
+                X.valid_until > self.now),
+        )).all()
+        cached = {(r.user_id, r.segment_id) for r in valid}
+        self.members.update((r.user_id, r.segment_id) for r in valid if r.member)
         for segment_id, segment in segments.items():
-            cold = [u for u, s in pending if s == segment_id and (u, s) not in self.members]
+            cold = [u for u, s in pending if s == segment_id and (u, s) not in cached]
             if cold and segment.kind == "dynamic":
                 self._evaluate(segment, cold)
         self.known.update(pending)
@@ -95,26 +101,34 @@ class MembershipResolver:
         return (user_id, segment.id) in self.members
 
     def _evaluate(self, segment: SegmentInfo, user_ids: list[uuid.UUID]) -> None:
-        """Compute membership of `user_ids` now, and write the answer back to the cache."""
+        """Compute membership of `user_ids` now and write both answers back, in one statement."""
         condition = compile_sql(segment.condition, now=self.now)
-        members = set(self.session.execute(
-            select(User.id).where(User.id == func.any(cast(user_ids, ARRAY(PG_UUID))), condition)
-        ).scalars())
-        self.members.update((u, segment.id) for u in members)
-        if members:
-            stmt = pg_insert(UserSegmentMembership).values([
-                {"user_id": u, "segment_id": segment.id, "evaluated_at": self.now,
-                 "valid_until": self.now + segment.ttl}
-                for u in sorted(members)
-            ])
-            self.session.execute(stmt.on_conflict_do_update(
-                index_elements=["user_id", "segment_id"],
-                set_={"evaluated_at": stmt.excluded.evaluated_at,
-                      "valid_until": stmt.excluded.valid_until},
-            ))
-        gone = [u for u in user_ids if u not in members]
-        if gone:
-            self.session.execute(delete(UserSegmentMembership).where(
-                UserSegmentMembership.segment_id == segment.id,
-                UserSegmentMembership.user_id == func.any(cast(gone, ARRAY(PG_UUID))),
-            ))
+        until = literal(self.now + segment.ttl, TS)
+        now = literal(self.now, TS)
+        # NULL (a missing attribute) is "not a member", as in a WHERE clause.
+        member = func.coalesce(condition, literal(False))
+        evaluated = select(User.id.label("user_id"), member.label("member")).where(
+            User.id == func.any(cast(user_ids, ARRAY(PG_UUID)))).cte("evaluated")
+        members = select(evaluated.c.user_id, literal(segment.id), now, until) \
+            .where(evaluated.c.member)
+        excluded = select(evaluated.c.user_id, literal(segment.id), now, until) \
+            .where(~evaluated.c.member)
+        columns = ["user_id", "segment_id", "evaluated_at", "valid_until"]
+        add_m = pg_insert(M).from_select(columns, members)
+        add_x = pg_insert(X).from_select(columns, excluded)
+        refresh = {"evaluated_at": now, "valid_until": until}
+        statement = select(evaluated.c.user_id, evaluated.c.member).add_cte(
+            add_m.on_conflict_do_update(index_elements=["user_id", "segment_id"], set_=refresh)
+            .cte("add_members"),
+            add_x.on_conflict_do_update(index_elements=["user_id", "segment_id"], set_=refresh)
+            .cte("add_exclusions"),
+            delete(M).where(M.segment_id == segment.id, M.user_id.in_(
+                select(evaluated.c.user_id).where(~evaluated.c.member))).cte("drop_members"),
+            delete(X).where(X.segment_id == segment.id, X.user_id.in_(
+                select(evaluated.c.user_id).where(evaluated.c.member))).cte("drop_exclusions"),
+        )
+        for user_id, member in self.session.execute(statement):
+            if member:
+                self.members.add((user_id, segment.id))
+            else:
+                self.members.discard((user_id, segment.id))

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from db.models import User, UserSegment, UserSegmentMembership
+from db.models import SegmentExclusion, User, UserSegment, UserSegmentMembership
 from workers.rules.conditions import parse
 from workers.rules.sql_backend import compile_sql
 
@@ -56,6 +56,9 @@ def refresh_segment(session: Session, segment_id: uuid.UUID,
         UserSegmentMembership.segment_id == segment.id,
         UserSegmentMembership.evaluated_at < now,
     )).rowcount
+    # The refresh is the newer answer for everyone: earlier "not a member" answers go.
+    session.execute(delete(SegmentExclusion).where(SegmentExclusion.segment_id == segment.id,
+                                                   SegmentExclusion.evaluated_at < now))
     session.execute(update(UserSegment).where(UserSegment.id == segment.id)
                     .values(refreshed_at=now))
     return RefreshResult(segment.id, upserted, removed)
