@@ -1,15 +1,17 @@
-"""Event ingest tasks (events queue): unpack the message, call the ingest service."""
+"""Event ingest tasks (events queue): unpack the messages, call the ingest service."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import structlog
+from celery_batches import Batches
 
 from workers.base_task import FleetTask
 from workers.celery_app import app
 from workers.engine import dispatch
 from workers.events.ingest import IngestResult, ingest
+from workers.events.micro_batch import FLUSH_EVERY, FLUSH_INTERVAL, ingest_durably, message_event
 from workers.log import get_logger
 from workers.queues import TaskNames
 from workers.rules.triggers import process_triggers
@@ -17,24 +19,32 @@ from workers.rules.triggers import process_triggers
 log = get_logger(__name__)
 
 
-def _run(task: FleetTask, raws: list[Any]) -> dict[str, int]:
-    if len(raws) == 1 and isinstance(raws[0], dict):
-        structlog.contextvars.bind_contextvars(event_id=raws[0].get("event_id"))
-    result: IngestResult = ingest(task.session, raws, source=task.name, triggers=process_triggers())
+def _logged(result: IngestResult) -> dict[str, int]:
     log.info("events.ingested", accepted=result.accepted, duplicates=result.duplicates,
              rejected=result.rejected, evaluated=result.evaluated, matched=result.matched,
              started=len(result.started), woken=len(result.woken))
-    task.after_commit(lambda: dispatch.send_ingest_followups([result]))
-    return {"accepted": result.accepted, "rejected": result.rejected}
+    return {"accepted": result.accepted, "rejected": result.rejected,
+            "evaluated": result.evaluated, "matched": result.matched}
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.INGEST)
-def ingest_one(self: FleetTask, event: Any) -> dict[str, int]:
-    """One event per message."""
-    return _run(self, [event])
+@app.task(base=Batches, bind=True, name=TaskNames.INGEST, acks_late=True,
+          flush_every=FLUSH_EVERY, flush_interval=FLUSH_INTERVAL)
+def ingest_one(self: Batches, requests: list[Any]) -> dict[str, int] | None:
+    """One event per message; the worker ingests buffered messages in one transaction."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_name=self.name, messages=len(requests))
+    result = ingest_durably([message_event(r) for r in requests], self.name,
+                            lambda raws: app.send_task(TaskNames.INGEST_BATCH, args=[raws]))
+    if result is None:
+        return None
+    dispatch.send_ingest_followups([result])
+    return _logged(result)
 
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.INGEST_BATCH)
 def ingest_batch(self: FleetTask, events: Any) -> dict[str, int]:
     """A batch per message; a non-list body is dead-lettered as one bad event."""
-    return _run(self, events if isinstance(events, list) else [events])
+    raws = events if isinstance(events, list) else [events]
+    result = ingest(self.session, raws, source=self.name, triggers=process_triggers())
+    self.after_commit(lambda: dispatch.send_ingest_followups([result]))
+    return _logged(result)

@@ -36,6 +36,7 @@ def test_key_prefix_reaches_the_transport() -> None:
     settings = Settings(CELERY_BROKER_URL="redis://x", broker_key_prefix="tenant-a:")
     assert celery_config(settings)["broker_transport_options"] == {
         "visibility_timeout": 3600, "global_keyprefix": "tenant-a:",
+        "unacked_restore_interval": 10, "unacked_restore_throttle": 1,
     }
 
 

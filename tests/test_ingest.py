@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests.helpers import TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
+from tests.workflow_helpers import BPMN
 from workers.producer import send_event, send_events
 
 pytestmark = pytest.mark.servers
@@ -29,11 +30,17 @@ def _rows(engine: Engine, sql: str, **params: Any) -> list[Any]:
 
 
 def _workflow(engine: Engine) -> uuid.UUID:
+    """An active workflow whose executions stay active: they wait for a message never sent."""
+    from db.session import session_scope
+    from workers.definitions import deploy_workflow
+
+    name = f"wf-{uuid.uuid4()}"
+    with session_scope() as session:
+        deploy_workflow(session, name, (BPMN / "wait_for_message.bpmn").read_text(), stages=[],
+                        activate=True)
     with engine.begin() as conn:
-        return conn.execute(text(
-            "INSERT INTO workflows (name, bpmn_xml, status, version) "
-            "VALUES (:n, '<definitions/>', 'active', '1.0.0') RETURNING id"
-        ), {"n": f"wf-{uuid.uuid4()}"}).scalar_one()
+        return conn.execute(text("SELECT id FROM workflows WHERE name = :n"),
+                            {"n": name}).scalar_one()
 
 
 def _trigger(engine: Engine, event_type: str, conditions: dict[str, Any],
@@ -82,7 +89,12 @@ def test_an_event_produces_exactly_its_rows(engine: Engine, celery_worker: Worke
     [execution] = _rows(engine, "SELECT * FROM workflow_executions WHERE source_event_id = :e",
                         e=event_id)
     assert execution["id"] == evaluated[match]["workflow_execution_id"]
-    assert execution["status"] == "pending" and execution["workflow_id"] == wf
+    assert execution["status"] in ("pending", "running") and execution["workflow_id"] == wf
+    # After the commit, ingest sent the first step: the execution runs to its wait.
+    waiting = wait_for(lambda: _one(
+        engine, "SELECT awaiting_events FROM workflow_executions WHERE id = :i",
+        i=execution["id"]), message="the first steps to run")
+    assert waiting == ["test.never_sent"]
     assert execution["user_id"] == user["id"] and execution["workflow_version"] == "1.0.0"
 
 

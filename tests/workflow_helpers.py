@@ -20,9 +20,14 @@ BPMN = Path(__file__).parent / "bpmn"
 
 def deploy(file: str, name: str | None = None) -> str:
     """Deploy tests/bpmn/<file> as an active workflow; returns its (unique) name."""
-    name = name or f"{Path(file).stem}-{uuid.uuid4().hex[:8]}"
+    return deploy_xml((BPMN / file).read_text(), name or f"{Path(file).stem}-{uuid.uuid4().hex[:8]}")
+
+
+def deploy_xml(xml: str, name: str | None = None) -> str:
+    """Deploy BPMN text (validated as `fleet apply` does) as an active workflow; returns its name."""
+    name = name or f"workflow-{uuid.uuid4().hex[:8]}"
     with session_scope() as session:
-        deploy_workflow(session, name, (BPMN / file).read_text(), stages=[], activate=True)
+        deploy_workflow(session, name, xml, stages=[], activate=True)
     return name
 
 
@@ -80,3 +85,30 @@ def history(execution_id: uuid.UUID) -> list[tuple[int, str, str]]:
 
 def nodes(execution_id: uuid.UUID) -> list[str]:
     return [node for _, node, outcome in history(execution_id) if outcome == "completed"]
+
+
+def wake_timers_until(execution_id: uuid.UUID, *statuses: str,
+                      timeout: float = 30) -> WorkflowExecution:
+    """Play the beat: send `workflows.wake_due_timers` until the execution is in `statuses`.
+
+    No beat runs in the tests; each send steps every execution whose timer is due.
+    """
+    import time
+
+    from tests.helpers import wait_for
+    from workers.celery_app import app
+    from workers.queues import TaskNames
+
+    last_sent = 0.0
+
+    def done() -> WorkflowExecution | None:
+        nonlocal last_sent
+        row = execution(execution_id)
+        if row.status in statuses:
+            return row
+        if time.monotonic() - last_sent > 0.25:
+            app.send_task(TaskNames.WAKE_DUE_TIMERS)
+            last_sent = time.monotonic()
+        return None
+    return wait_for(done, timeout=timeout, interval=0.05,
+                    message=f"execution {execution_id} to be {statuses} (waking timers)")

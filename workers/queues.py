@@ -40,6 +40,19 @@ class TaskNames:
     METRICS_DAILY = "maintenance.metrics_daily"
     RETENTION = "maintenance.retention"
     BENCH_NOOP = "bench.noop"
+    BENCH_HOP = "bench.hop"
+
+
+# Messages a worker of the queue may hold unacknowledged, per pool process. The
+# events worker buffers single-event messages into micro-batches of up to 100
+# (workers/events/micro_batch.py), so it must be allowed to hold that many.
+PREFETCH_MULTIPLIER: dict[str, int] = {EVENTS: 100}
+
+
+def worker_options(queues: str) -> list[str]:
+    """Extra `celery worker` options for a worker consuming `queues` (comma-separated)."""
+    multiplier = max((PREFETCH_MULTIPLIER.get(q, 1) for q in queues.split(",")), default=1)
+    return ["--prefetch-multiplier", str(multiplier)] if multiplier > 1 else []
 
 
 def route_for_task(name: str, args: Any = None, kwargs: Any = None, options: Any = None,

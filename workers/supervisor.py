@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from workers.queues import QUEUE_NAMES
+from workers.queues import QUEUE_NAMES, worker_options
 
 
 @dataclass
@@ -105,7 +105,7 @@ def worker_spec(queue: str, concurrency: int, ping: Callable[[str], bool]) -> Pr
     return ProcessSpec(
         name=f"worker-{queue}",
         argv=celery_argv("worker", "-Q", queue, "-n", hostname, "-c", str(concurrency),
-                         "--loglevel", "INFO"),
+                         *worker_options(queue), "--loglevel", "INFO"),
         ready=lambda: ping(hostname),
     )
 

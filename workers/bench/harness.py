@@ -25,6 +25,7 @@ from db.admin import create_database, drop_database
 from db.migrate import upgrade
 from workers.broker import delete_prefixed_keys
 from workers.celery_app import create_app
+from workers.queues import worker_options
 from workers.settings import Settings, to_sqlalchemy_url
 
 
@@ -68,7 +69,7 @@ class BenchEnvironment:
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
              self.queues, "-n", self.hostname, "-c", str(self.concurrency),
-             "--without-mingle", "--without-gossip", "--loglevel", "WARNING"],
+             *worker_options(self.queues), "--without-mingle", "--without-gossip", "--loglevel", "WARNING"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

@@ -16,6 +16,7 @@ from SpiffWorkflow.bpmn.parser.ValidationException import ValidationException
 from SpiffWorkflow.spiff.parser.process import SpiffBpmnParser
 
 MAX_BPMN_BYTES = 2 * 1024 * 1024
+NS = {"bpmn": "http://www.omg.org/spec/BPMN/20100524/MODEL"}
 
 
 class BpmnError(ValueError):
@@ -46,9 +47,14 @@ def _tree(xml: str | bytes) -> Any:
 def parse_bpmn(xml: str | bytes) -> ParsedBpmn:
     """The executable process (or the only one) of a BPMN file, parsed and validated."""
     parser = SpiffBpmnParser()
+    tree = _tree(xml)
+    # Processes reached by a call activity must be executable for SpiffWorkflow to parse
+    # them, but they are not the entry point: the one process nobody calls is.
+    called = set(tree.xpath("//bpmn:callActivity/@calledElement", namespaces=NS))
     try:
-        parser.add_bpmn_xml(_tree(xml))
-        process_ids = parser.get_process_ids() or list(parser.process_parsers)
+        parser.add_bpmn_xml(tree)
+        process_ids = [p for p in (parser.get_process_ids() or list(parser.process_parsers))
+                       if p not in called]
         if len(process_ids) != 1:
             raise BpmnError(f"expected one executable process, found {sorted(process_ids)}")
         process_id = process_ids[0]

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from SpiffWorkflow.bpmn.specs.event_definitions.message import MessageEventDefinition
+from SpiffWorkflow.bpmn.specs.event_definitions.multiple import MultipleEventDefinition
 from SpiffWorkflow.bpmn.specs.event_definitions.timer import TimerEventDefinition
+from SpiffWorkflow.bpmn.specs.mixins.events.intermediate_event import EventBasedGateway
 from SpiffWorkflow.bpmn.specs.mixins.service_task import ServiceTask
 from SpiffWorkflow.bpmn.util.event import BpmnEvent
 from SpiffWorkflow.bpmn.workflow import BpmnWorkflow
@@ -69,10 +71,24 @@ def _run_control(workflow: BpmnWorkflow) -> None:
                 break
 
 
+def _first_event_only(workflow: BpmnWorkflow) -> None:
+    """An event-based gateway follows the first event it saw, not every one.
+
+    SpiffWorkflow 3.2 also records a timer that is due when the gateway is next
+    looked at, after a message was caught, and would then take both ways.
+    """
+    for wf in _workflows(workflow):
+        for task in wf.get_tasks_iterator(state=TaskState.READY):
+            seen = task.internal_data.get("seen_events") or []
+            if isinstance(task.task_spec, EventBasedGateway) and len(seen) > 1:
+                task.internal_data["seen_events"] = seen[:1]
+
+
 def next_node(workflow: BpmnWorkflow) -> Task | None:
     """The next ready drawn node (control tasks before it are run), or None."""
     _run_control(workflow)
     workflow.refresh_timers()
+    _first_event_only(workflow)
     _run_control(workflow)
     for wf in _workflows(workflow):
         for task in _ready(wf):
@@ -116,6 +132,18 @@ def _parse_when(value: Any) -> dt.datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+def _definitions(task: Task) -> list[Any]:
+    """The event definitions a waiting task catches.
+
+    An event-based gateway waits with a MultipleEventDefinition holding those of
+    the catch events after it (one message and one timer, say).
+    """
+    definition = task.task_spec.event_definition
+    if isinstance(definition, MultipleEventDefinition):
+        return list(definition.event_definitions)
+    return [definition]
+
+
 def waits(workflow: BpmnWorkflow) -> Waits:
     """The earliest timer and the messages the workflow is waiting for."""
     wake_at: dt.datetime | None = None
@@ -123,24 +151,38 @@ def waits(workflow: BpmnWorkflow) -> Waits:
     for task in list(workflow.event_manager.tasks.values()):
         if not task.has_state(TaskState.WAITING):
             continue
-        definition = task.task_spec.event_definition
-        if isinstance(definition, MessageEventDefinition):
-            messages.add(definition.name)
-        elif isinstance(definition, TimerEventDefinition):
-            when = _parse_when(definition.details(task).value)
-            if when is not None and (wake_at is None or when < wake_at):
-                wake_at = when
+        for definition in _definitions(task):
+            if isinstance(definition, MessageEventDefinition):
+                messages.add(definition.name)
+            elif isinstance(definition, TimerEventDefinition):
+                when = _parse_when(definition.details(task).value)
+                if when is not None and (wake_at is None or when < wake_at):
+                    wake_at = when
     return Waits(wake_at, tuple(sorted(messages)))
 
 
+def _timer_came_first(task: Task, payload: dict[str, Any]) -> bool:
+    """An event-based gateway's timer was due before the event occurred (the step ran late)."""
+    occurred = _parse_when(payload.get("occurred_at"))
+    if occurred is None or not isinstance(task.task_spec, EventBasedGateway):
+        return False
+    for definition in _definitions(task):
+        if isinstance(definition, TimerEventDefinition):
+            due = _parse_when(definition.details(task).value)
+            if due is not None and due <= occurred:
+                return True
+    return False
+
+
 def deliver(workflow: BpmnWorkflow, name: str, payload: dict[str, Any]) -> bool:
-    """Hand a message to the workflow; False when nothing waits for it."""
+    """Hand a message to the workflow; False when nothing waits for it (or it came too late)."""
     for task in list(workflow.event_manager.tasks.values()):
-        definition = task.task_spec.event_definition
-        if (task.has_state(TaskState.WAITING) and isinstance(definition, MessageEventDefinition)
-                and definition.name == name):
-            workflow.catch(BpmnEvent(definition, payload))
-            return True
+        if not task.has_state(TaskState.WAITING) or _timer_came_first(task, payload):
+            continue
+        for definition in _definitions(task):
+            if isinstance(definition, MessageEventDefinition) and definition.name == name:
+                workflow.catch(BpmnEvent(definition, payload))
+                return True
     return False
 
 

@@ -104,18 +104,25 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
         return StepResult("noop", reason=f"stale step {expected_version}, "
                                          f"execution is at {execution.state_version}")
 
-    loaded: LoadedSpec = SPECS.get(session, execution.workflow_id, execution.workflow_version or "")
-    if execution.engine_state is None:
-        variables = dict(execution.variables or {})
-        variables.setdefault("user", _user_variables(session, execution.user_id))
-        workflow = state.new_workflow(loaded, variables)
-    else:
-        workflow = state.load(execution.engine_state, loaded)
-    if execution.awaiting_events:
-        _deliver_messages(session, execution, workflow, now)
+    try:  # a definition or state that cannot be loaded fails the execution, not the worker
+        workflow = _load(session, execution)
+        if execution.awaiting_events:
+            _deliver_messages(session, execution, workflow, now)
+        task = runner.next_node(workflow)
+    except Exception as exc:
+        if _is_infrastructure(exc):
+            raise
+        node_id = execution.current_node_id or "-"
+        error = f"cannot run the workflow: {exc}"
+        log.warning("execution.failed", execution_id=str(execution.id), error=error)
+        _fail(execution, node_id, error, now)
+        execution.state_version += 1
+        session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
+                                  node_id=node_id, node_type="Load", outcome="failed",
+                                  started_at=now, finished_at=now, error_message=error[:MAX_ERROR]))
+        return StepResult("failed", node_id=node_id)
 
     started = now
-    task = runner.next_node(workflow)
     result: StepResult
     if task is None:
         result = StepResult("waiting")
@@ -128,6 +135,17 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
         result = StepResult("completed", node_id=node_id)
 
     return _persist(session, execution, workflow, task, result, started, now)
+
+
+def _load(session: Session, execution: WorkflowExecution) -> Any:
+    """The execution's workflow: restored from its state, or new with its start variables."""
+    loaded: LoadedSpec = SPECS.get(session, execution.workflow_id,
+                                   execution.workflow_version or "")
+    if execution.engine_state is not None:
+        return state.load(execution.engine_state, loaded)
+    variables = dict(execution.variables or {})
+    variables.setdefault("user", _user_variables(session, execution.user_id))
+    return state.new_workflow(loaded, variables)
 
 
 def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: Any, node_id: str,

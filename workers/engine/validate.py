@@ -3,9 +3,12 @@
 Everything the fleet cannot run is refused when a workflow is deployed, not found
 at run time: unsupported elements (user and manual tasks, multi-instance and loop
 tasks, signals, escalations, conditional events, transactions, event and ad-hoc
-subprocesses), unknown service-task operators, and any expression the sandbox
-would not run (gateway conditions, scripts, pre/post scripts, timer expressions,
-operator parameters). The error names the element and the reason.
+subprocesses, catch events with several definitions, event-based gateways with
+more than one timer), unknown service-task operators, and any expression the
+sandbox would not run (gateway conditions, scripts, pre/post scripts, timer
+expressions, operator parameters). The error names the element and the reason.
+Receive tasks (a message wait drawn as a task) are supported, so that a boundary
+timer can time the wait out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from SpiffWorkflow.bpmn.specs.control import (
 )
 from SpiffWorkflow.bpmn.specs.event_definitions.item_aware_event import ErrorEventDefinition
 from SpiffWorkflow.bpmn.specs.event_definitions.message import MessageEventDefinition
+from SpiffWorkflow.bpmn.specs.event_definitions.multiple import MultipleEventDefinition
 from SpiffWorkflow.bpmn.specs.event_definitions.simple import (
     NoneEventDefinition,
     TerminateEventDefinition,
@@ -35,6 +39,7 @@ from SpiffWorkflow.bpmn.specs.mixins.events.intermediate_event import (
     BoundaryEvent,
     EventBasedGateway,
     IntermediateCatchEvent,
+    ReceiveTask,
 )
 from SpiffWorkflow.bpmn.specs.mixins.events.start_event import StartEvent
 from SpiffWorkflow.bpmn.specs.mixins.exclusive_gateway import ExclusiveGateway
@@ -60,7 +65,8 @@ _CONTROL = (BpmnStartTask, _EndJoin, BoundaryEventSplit, BoundaryEventJoin, Star
 _SUBPROCESS_NOT_SUPPORTED = (TransactionSubprocess, EventSubprocess, AdHocSubprocess)
 _SUPPORTED = (StartEvent, EndEvent, ExclusiveGateway, InclusiveGateway, ParallelGateway,
               EventBasedGateway, ScriptTask, ServiceTask, IntermediateCatchEvent, BoundaryEvent,
-              SubWorkflowTask, CallActivity, NoneTask)
+              SubWorkflowTask, CallActivity, NoneTask,
+              ReceiveTask)  # a message wait drawn as a task, so boundary events can time it out
 _EVENTS = (NoneEventDefinition, TimerEventDefinition, MessageEventDefinition,
            ErrorEventDefinition, TerminateEventDefinition)
 
@@ -80,6 +86,20 @@ def _specs(parsed: ParsedBpmn) -> Iterator[Any]:
         yield from spec.task_specs.values()
 
 
+def _definitions(definition: Any) -> Iterator[Any]:
+    """The definition and, for a multiple event, the ones it holds.
+
+    An event-based gateway takes over the event definitions of the catch events
+    after it (a MultipleEventDefinition; the catch events are left with none), so
+    their messages and timers are checked and collected on the gateway.
+    """
+    if isinstance(definition, MultipleEventDefinition):
+        for item in definition.event_definitions:
+            yield from _definitions(item)
+    elif definition is not None:
+        yield definition
+
+
 def _expressions(spec: Any) -> Iterator[tuple[str, Literal["eval", "exec"], str]]:
     """(what, mode, source) for every piece of code an element carries."""
     for condition, _target in getattr(spec, "cond_task_specs", []) or []:
@@ -91,9 +111,9 @@ def _expressions(spec: Any) -> Iterator[tuple[str, Literal["eval", "exec"], str]
     for attr in ("prescript", "postscript"):
         if getattr(spec, attr, None):
             yield attr, "exec", getattr(spec, attr)
-    definition = getattr(spec, "event_definition", None)
-    if isinstance(definition, TimerEventDefinition) and definition.expression:
-        yield "timer expression", "eval", definition.expression
+    for definition in _definitions(getattr(spec, "event_definition", None)):
+        if isinstance(definition, TimerEventDefinition) and definition.expression:
+            yield "timer expression", "eval", definition.expression
     for name, param in (getattr(spec, "operation_params", None) or {}).items():
         if isinstance(param, dict) and isinstance(param.get("value"), str):
             yield f"operator parameter {name!r}", "eval", param["value"]
@@ -110,10 +130,19 @@ def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None) -> 
         if isinstance(spec, _SUBPROCESS_NOT_SUPPORTED) or not isinstance(spec, _SUPPORTED):
             raise BpmnError(f"element {element}: {type(spec).__name__} is not supported")
         definition = getattr(spec, "event_definition", None)
-        if definition is not None and not isinstance(definition, _EVENTS):
-            raise BpmnError(f"element {element}: {type(definition).__name__} is not supported")
-        if isinstance(definition, MessageEventDefinition):
-            awaited.add(definition.name)
+        if isinstance(definition, MultipleEventDefinition) and not isinstance(
+                spec, EventBasedGateway):
+            raise BpmnError(f"element {element}: an event with several definitions "
+                            "is not supported")
+        # SpiffWorkflow keeps one timer value per gateway task: two timers would share it.
+        if sum(isinstance(d, TimerEventDefinition) for d in _definitions(definition)) > 1:
+            raise BpmnError(f"element {element}: an event-based gateway with more than one "
+                            "timer is not supported")
+        for item in _definitions(definition):
+            if not isinstance(item, _EVENTS):
+                raise BpmnError(f"element {element}: {type(item).__name__} is not supported")
+            if isinstance(item, MessageEventDefinition):
+                awaited.add(item.name)
         if isinstance(spec, ServiceTask) and operators is not None:
             operator = getattr(spec, "operation_name", None)
             if operator not in operators:

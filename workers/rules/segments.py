@@ -85,11 +85,12 @@ def set_static_members(session: Session, segment_id: uuid.UUID, user_ids: list[u
     if not user_ids:
         return 0
     if add:
-        result = session.execute(pg_insert(UserSegmentMembership).values(
+        changed = session.execute(pg_insert(UserSegmentMembership).values(
             [{"user_id": u, "segment_id": segment_id, "valid_until": None} for u in user_ids]
-        ).on_conflict_do_nothing())
+        ).on_conflict_do_nothing().returning(UserSegmentMembership.user_id)).all()
     else:
-        result = session.execute(delete(UserSegmentMembership).where(
+        changed = session.execute(delete(UserSegmentMembership).where(
             UserSegmentMembership.segment_id == segment_id,
-            UserSegmentMembership.user_id.in_(user_ids)))
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            UserSegmentMembership.user_id.in_(user_ids)).returning(
+            UserSegmentMembership.user_id)).all()
+    return len(changed)
