@@ -518,6 +518,19 @@ class MessageLog(Base):
     sent_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
+class TaskRedelivery(Base):
+    """How often a task message came back after its worker died running it (poison guard)."""
+
+    __tablename__ = "task_redeliveries"
+    __table_args__ = (Index("idx_task_redeliveries_last_seen", "last_seen"),)
+
+    task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(255))
+    redeliveries: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    first_seen: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    last_seen: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
 class EventInbox(Base):
     """Dedupe ledger: one row per accepted event_id; a redelivery finds it and stops."""
 

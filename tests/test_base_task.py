@@ -102,3 +102,24 @@ def test_worker_runs_tasks_in_forked_children_with_their_own_pool(
     log = celery_worker.log()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line.get("task_name") == "maintenance.test_broken" for line in lines)
+
+
+def test_a_message_that_kills_its_worker_every_time_ends_in_dead_letters(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    """OOM-like: the pool process dies each run; requeued, counted, then dead-lettered."""
+    from tests.worker_tasks import kills_its_worker
+
+    key = f"poison-{uuid.uuid4().hex[:8]}"
+    kills_its_worker.delay(key)
+    [letter] = wait_for(lambda: _dead_letters(engine, key), timeout=90,
+                        message="the poison message to be dead-lettered")
+    assert letter["error_type"] == "PoisonMessage" and "redelivered" in letter["reason"]
+    runs = len(_runs(engine, key))
+    assert runs == 4  # the first delivery and three redeliveries, then no more
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT redeliveries FROM task_redeliveries "
+                                 "WHERE task_name = 'maintenance.test_kills_its_worker' "
+                                 "ORDER BY last_seen DESC LIMIT 1")).scalar_one() == 4
+    # The worker is still serving other work.
+    flaky.delay(f"{key}-after", 0)
+    wait_for(lambda: _runs(engine, f"{key}-after"), message="the worker to go on")

@@ -44,3 +44,17 @@ def check_visible(self: FleetTask, key: str) -> None:
         text("SELECT count(*) FROM test_support.task_runs WHERE key = :key"), {"key": key}
     ).scalar_one()
     _record(self, f"{key}:seen={seen}")
+
+
+@app.task(base=FleetTask, bind=True, name="maintenance.test_kills_its_worker")
+def kills_its_worker(self: FleetTask, key: str) -> None:
+    """Records the attempt (committed), then dies like an out-of-memory kill, every time."""
+    import os
+    import signal
+
+    from db.session import session_scope
+
+    with session_scope() as session:
+        session.execute(text("INSERT INTO test_support.task_runs (key, attempt) "
+                             "VALUES (:key, 0)"), {"key": key})
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -20,11 +20,12 @@ from typing import Any
 import structlog
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.session import new_session, session_scope
 from workers.dead_letters import record_dead_letter
-from workers.errors import is_transient
+from workers.errors import PoisonMessage, is_transient
 from workers.log import get_logger
 from workers.settings import get_settings
 
@@ -70,6 +71,8 @@ class FleetTask(Task):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=self.request.id, task_name=self.name)
+        if self._is_poison(args, kwargs):
+            return None
         unit = _UnitOfWork()
         token = _current.set(unit)
         try:
@@ -85,6 +88,30 @@ class FleetTask(Task):  # type: ignore[misc]
         finally:
             _current.reset(token)
             structlog.contextvars.clear_contextvars()
+
+    def _is_poison(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """A message that keeps coming back because its worker died (OOM, kill) is dead-lettered.
+
+        With `task_reject_on_worker_lost` such a message is requeued every time its
+        process dies; past `FLEET_MAX_REDELIVERIES` it is recorded instead of run.
+        """
+        delivery = self.request.delivery_info or {}
+        if not delivery.get("redelivered") or not self.request.id:
+            return False
+        with session_scope() as session:
+            count = session.execute(text(
+                "INSERT INTO task_redeliveries (task_id, task_name) VALUES (:i, :n) "
+                "ON CONFLICT (task_id) DO UPDATE SET redeliveries = "
+                "task_redeliveries.redeliveries + 1, last_seen = now() RETURNING redeliveries"),
+                {"i": self.request.id, "n": self.name}).scalar_one()
+        limit = get_settings().max_redeliveries
+        log.warning("task.redelivered", redeliveries=count, limit=limit)
+        if count <= limit:
+            return False
+        self._dead_letter(PoisonMessage(f"redelivered {count} times: its worker died running it "
+                                        f"each time (out of memory? killed?)"),
+                          args, kwargs, transient=False)
+        return True
 
     def _run_in_transaction(self, unit: _UnitOfWork, args: tuple[Any, ...],
                             kwargs: dict[str, Any]) -> Any:

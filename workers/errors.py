@@ -16,6 +16,10 @@ class PermanentError(Exception):
     """A failure that retrying cannot fix (bad input, broken definition): dead-letter."""
 
 
+class PoisonMessage(PermanentError):
+    """A message whose worker dies every time it runs; dead-lettered instead of run again."""
+
+
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     TransientError,
     ConnectionError,
