@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         description="Seconds Redis waits for an ack before redelivering a message.",
     )
     task_max_retries: int = Field(default=5, description="Retries of a transient error.")
+    max_redeliveries: int = Field(
+        default=3,
+        description="Times a message may come back after its worker died running it before "
+        "it is dead-lettered (poison-message guard).",
+    )
     retry_backoff_base: float = Field(default=1.0, description="First retry delay, seconds.")
     retry_backoff_max: float = Field(
         default=300.0, description="Longest retry delay, seconds (kept below the visibility timeout)."
