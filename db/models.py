@@ -531,6 +531,17 @@ class TaskRedelivery(Base):
     last_seen: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
+class MaintenanceRun(Base):
+    """A nightly job done for a day: the beat catches up every missed day exactly once."""
+
+    __tablename__ = "maintenance_runs"
+
+    job: Mapped[str] = mapped_column(String(100), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    finished_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    result: Mapped[dict[str, Any] | None]
+
+
 class EventInbox(Base):
     """Dedupe ledger: one row per accepted event_id; a redelivery finds it and stops."""
 

@@ -35,15 +35,22 @@ def relay_outbox(self: FleetTask, limit: int = 500) -> int:
 
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.METRICS_DAILY)
-def metrics_daily(self: FleetTask, day: str | None = None) -> int:
-    """Upsert one day's metrics (default: yesterday, UTC); safe to rerun."""
-    from workers.reports.metrics import aggregate_day
+def metrics_daily(self: FleetTask, day: str | None = None) -> list[str]:
+    """Upsert one day's metrics; by default every day not done yet up to yesterday (UTC).
 
-    target = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date() - dt.timedelta(1)
-    result = aggregate_day(self.session, target)
-    log.info("metrics.aggregated", day=str(target), rows=result.rows, written=result.written,
-             removed=result.removed)
-    return result.rows
+    A beat that was down overnight (or for a week) catches up each missed day
+    once; a rerun of a day is an idempotent upsert.
+    """
+    from workers.reports.metrics import aggregate_day, days_to_aggregate, record_day
+
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(1)
+    days = [dt.date.fromisoformat(day)] if day else days_to_aggregate(self.session, yesterday)
+    for target in days:
+        result = aggregate_day(self.session, target)
+        record_day(self.session, result)
+        log.info("metrics.aggregated", day=str(target), rows=result.rows, written=result.written,
+                 removed=result.removed)
+    return [str(d) for d in days]
 
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.RETENTION, soft_time_limit=3000,

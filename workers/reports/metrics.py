@@ -19,6 +19,7 @@ rerun or a backfill is always safe.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import text
@@ -136,3 +137,32 @@ def aggregate_day(session: Session, day: dt.date) -> DayResult:
     row = session.execute(AGGREGATE, {"day": day, "start": start,
                                       "end": start + dt.timedelta(days=1)}).one()
     return DayResult(day, row.rows, row.written, row.removed)
+
+
+CATCH_UP_DAYS = 31  # how far back a beat that was down catches up
+
+
+def days_to_aggregate(session: Session, yesterday: dt.date) -> list[dt.date]:
+    """Every day up to `yesterday` that the nightly job has not done, oldest first.
+
+    The first run does only yesterday; after that, every day the beat missed
+    (down overnight, down for a week) is done once, up to CATCH_UP_DAYS back.
+    """
+    last = session.execute(text("SELECT max(day) FROM maintenance_runs WHERE job = :j"),
+                           {"j": JOB}).scalar()
+    if last is None:
+        return [yesterday]
+    first = max(last + dt.timedelta(days=1), yesterday - dt.timedelta(days=CATCH_UP_DAYS - 1))
+    return [first + dt.timedelta(days=i) for i in range((yesterday - first).days + 1)]
+
+
+def record_day(session: Session, result: DayResult) -> None:
+    session.execute(text(
+        "INSERT INTO maintenance_runs (job, day, result) VALUES (:j, :d, CAST(:r AS jsonb)) "
+        "ON CONFLICT (job, day) DO UPDATE SET finished_at = now(), result = EXCLUDED.result"),
+        {"j": JOB, "d": result.day, "r": json.dumps({"rows": result.rows,
+                                                    "written": result.written,
+                                                    "removed": result.removed})})
+
+
+JOB = "metrics_daily"
