@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
@@ -11,7 +12,13 @@ from workers.base_task import FleetTask
 from workers.celery_app import app
 from workers.engine import dispatch
 from workers.events.ingest import IngestResult, ingest
-from workers.events.micro_batch import FLUSH_EVERY, FLUSH_INTERVAL, ingest_durably, message_event
+from workers.events.micro_batch import (
+    FLUSH_EVERY,
+    FLUSH_INTERVAL,
+    ingest_durably,
+    message_event,
+    report_to_monitors,
+)
 from workers.log import get_logger
 from workers.queues import TaskNames
 from workers.rules.triggers import process_triggers
@@ -33,11 +40,14 @@ def ingest_one(self: Batches, requests: list[Any]) -> dict[str, int] | None:
     """One event per message; the worker ingests buffered messages in one transaction."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_name=self.name, messages=len(requests))
+    started = time.monotonic()
     result = ingest_durably([message_event(r) for r in requests], self.name,
-                            lambda raws: app.send_task(TaskNames.INGEST_BATCH, args=[raws]))
+                            lambda raws: app.send_task(TaskNames.INGEST_BATCH, args=[raws],
+                                                       argsrepr=f"[{len(raws)} events]"))
     if result is None:
         return None
     dispatch.send_ingest_followups([result])
+    report_to_monitors(app, self.name, requests, time.monotonic() - started)
     return _logged(result)
 
 

@@ -28,9 +28,11 @@ class PublishError(RuntimeError):
     """The broker could not be reached after every retry; nothing was sent."""
 
 
-def _publish(task: str, payload: Any) -> None:
+def _publish(task: str, payload: Any, argsrepr: str) -> None:
+    # argsrepr is what Flower and the logs show: ids, never the user's data.
     try:
-        app.send_task(task, args=[payload], queue=EVENTS, retry=True, retry_policy=RETRY_POLICY)
+        app.send_task(task, args=[payload], queue=EVENTS, retry=True, retry_policy=RETRY_POLICY,
+                      argsrepr=argsrepr)
     except (kombu.exceptions.OperationalError, OSError) as exc:
         raise PublishError(f"could not publish {task} to the broker: {exc}") from exc
 
@@ -45,7 +47,7 @@ def send_event(event_type: str, *, user: str | uuid.UUID, data: Mapping[str, Any
     """
     event = build_event(event_type, user=user, data=data, event_id=event_id,
                         occurred_at=occurred_at)
-    _publish(TaskNames.INGEST, event.to_message())
+    _publish(TaskNames.INGEST, event.to_message(), f"[event {event.event_id}]")
     return event.event_id
 
 
@@ -74,4 +76,4 @@ def send_events(events: Iterable[Mapping[str, Any] | Event], *, validate: bool =
 
 def publish_batch(batch: list[Any]) -> None:
     """Publish already-formed envelopes as one ingest message (used by the outbox relay)."""
-    _publish(TaskNames.INGEST_BATCH, batch)
+    _publish(TaskNames.INGEST_BATCH, batch, f"[{len(batch)} events]")
