@@ -10,6 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 import beat_schedule
+from workers.heartbeat import HeartbeatStep
 from workers.queues import EVENTS, TASK_QUEUES, route_for_task
 from workers.settings import Settings, get_settings
 
@@ -68,6 +69,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("lifecycle_fleet", include=list(TASK_MODULES))
     app.conf.update(celery_config(settings or get_settings()))
+    app.steps["worker"].add(HeartbeatStep)  # liveness file, when FLEET_HEARTBEAT_FILE is set
     return app
 
 
