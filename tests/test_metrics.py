@@ -1,16 +1,33 @@
-"""Nightly metrics on generated data: the figures, and reruns that change nothing."""
+"""Metrics: the nightly figures on generated data (reruns change nothing), and the
+Prometheus metrics `fleet exporter` serves (workers' counters, gauges from the database
+and the broker)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
+import httpx
 import pytest
-from sqlalchemy import Engine, text
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine, create_engine, text
 
+from db.admin import create_database, drop_database
+from db.migrate import upgrade
+from db.partitions import MONTHS_AHEAD, ranges_ahead
 from db.session import session_scope
+from tests.helpers import ROOT, SERVERS, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for, worker_env
+from workers.broker import delete_prefixed_keys
+from workers.embedded import free_port
 from workers.reports.metrics import aggregate_day
+from workers.settings import to_sqlalchemy_url
 
 pytestmark = pytest.mark.servers
 DAY = dt.date(2020, 3, 10)
@@ -106,3 +123,222 @@ def test_a_rerun_changes_nothing_and_removes_what_is_gone(
     assert ("Unknown", "events", "[('event_type', 'x.b')]") not in after
     assert {k: v for k, v in after.items()} == {
         k: v for k, v in before.items() if k != ("Unknown", "events", "[('event_type', 'x.b')]")}
+
+
+# --------------------------------------------------------------- Prometheus: fleet exporter
+
+
+@pytest.fixture()
+def scratch_database() -> Iterator[tuple[str, Engine]]:
+    """A migrated database of its own, so gauges can be checked for exact values."""
+    name = f"fleet_exporter_{uuid.uuid4().hex[:10]}"
+    url = create_database(SERVERS.admin_url, name)
+    upgrade(to_sqlalchemy_url(url))
+    scratch = create_engine(to_sqlalchemy_url(url))
+    try:
+        yield url, scratch
+    finally:
+        scratch.dispose()
+        drop_database(SERVERS.admin_url, name)
+
+
+@contextmanager
+def exporter(**env: str) -> Iterator[str]:
+    """`fleet exporter` on a free port with the session's env (plus `env`); yields its URL."""
+    port = free_port()
+    log_path = SERVERS.home / f"exporter-{port}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli.main", "exporter", "--port", str(port),
+             "--address", "127.0.0.1"], env=worker_env(**env), cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"exporter exited: {log_path.read_text()[-3000:]}")
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(serving, timeout=60, interval=0.25, message="the exporter to serve /metrics")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    response = httpx.get(url, timeout=30)
+    response.raise_for_status()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: Samples, name: str) -> float:
+    """A labelled metric summed over its labels."""
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def test_exporter_serves_what_the_workers_counted(engine: Engine,
+                                                  celery_worker: WorkerProcess) -> None:
+    from tests.workflow_helpers import deploy
+    from workers.producer import send_event, send_events
+
+    workflow = deploy("minimal.bpmn")
+    etype = f"metrics.e{uuid.uuid4().hex[:10]}"
+    with engine.begin() as conn:
+        workflow_id = conn.execute(text("SELECT id FROM workflows WHERE name = :n"),
+                                   {"n": workflow}).scalar_one()
+        for name, conditions in (("always", {}), ("pro-only", {
+                "field": "user.attributes.plan", "op": "eq", "value": "pro"})):
+            conn.execute(text("INSERT INTO triggers (name, event_type, conditions, workflow_id, "
+                              "reentry) VALUES (:n, :t, CAST(:c AS jsonb), :w, 'allow')"),
+                         {"n": f"{name}-{etype}", "t": etype, "c": json.dumps(conditions),
+                          "w": workflow_id})
+    time.sleep(TRIGGER_CACHE_SECONDS + 0.2)  # workers notice definition changes this late
+
+    with exporter() as url:
+        before = scrape(url)
+        for i in range(3):
+            send_event(etype, user=f"metrics-{uuid.uuid4().hex[:8]}-{i}@example.com")
+        send_events([{"event_type": "Not A Type", "user": "metrics-bad@example.com"}],
+                    validate=False)
+
+        def executions_done() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(text(
+                    "SELECT count(*) FROM workflow_executions WHERE workflow_id = :w "
+                    "AND status = 'completed'"), {"w": workflow_id}).scalar_one() == 3
+
+        wait_for(executions_done, timeout=60, message="the three executions to complete")
+
+        def delta(samples: Samples, name: str) -> float:
+            return value(samples, name) - value(before, name)
+
+        def counted() -> Samples | None:
+            after = scrape(url)
+            steps = total(after, "fleet_workflow_steps_total") - total(
+                before, "fleet_workflow_steps_total")
+            ok = (delta(after, "fleet_events_ingested_total") >= 3
+                  and delta(after, "fleet_events_dead_lettered_total") >= 1
+                  and delta(after, "fleet_trigger_evaluations_total") >= 6
+                  and delta(after, "fleet_trigger_matches_total") >= 3
+                  and steps >= 3)
+            return after if ok else None
+
+        after = wait_for(counted, timeout=30, interval=0.5, message="the counters to move")
+    assert value(after, "fleet_workflow_steps_total", outcome="completed") >= 3
+    assert total(after, "fleet_workflow_step_seconds_count") == total(
+        after, "fleet_workflow_steps_total")
+    assert value(after, "fleet_workflow_step_seconds_bucket", le="+Inf",
+                 outcome="completed") == value(after, "fleet_workflow_steps_total",
+                                               outcome="completed")
+    assert value(after, "fleet_workflow_step_seconds_sum", outcome="completed") > 0
+    assert value(after, "fleet_database_up") == 1 and value(after, "fleet_broker_up") == 1
+
+
+def test_exporter_gauges_read_the_database_and_the_broker(
+        scratch_database: tuple[str, Engine]) -> None:
+    from workers.celery_app import app, create_app
+    from workers.settings import Settings
+
+    url, scratch = scratch_database
+    with scratch.begin() as conn:
+        user = conn.execute(text("INSERT INTO users (email, current_lifecycle_stage) VALUES "
+                                 "('gauges@example.com', 'Acquisition') RETURNING id")).scalar()
+        workflow = conn.execute(text("INSERT INTO workflows (name, bpmn_xml) VALUES "
+                                     "('gauges', '<x/>') RETURNING id")).scalar()
+        for status, wake in (("pending", None), ("running", "1 hour"), ("running", None),
+                             ("cancelled", None)):
+            conn.execute(text("INSERT INTO workflow_executions (workflow_id, user_id, status, "
+                              "wake_at) VALUES (:w, :u, :s, now() - CAST(:wake AS interval))"),
+                         {"w": workflow, "u": user, "s": status, "wake": wake})
+        for status in ("pending", "pending", "pending", "replayed"):
+            conn.execute(text("INSERT INTO dead_letters (source, reason, raw_payload, status) "
+                              "VALUES ('test', 'bad', '\\x00'::bytea, :s)"), {"s": status})
+        for status in ("PENDING", "PENDING", "PUBLISHED"):
+            conn.execute(text("INSERT INTO event_outbox (event_id, topic, headers, payload, "
+                              "status, created_at) VALUES (gen_random_uuid(), 'events', '{}', "
+                              "'{}', :s, now() - interval '90 seconds')"), {"s": status})
+        partition = ranges_ahead("trigger_executions", dt.datetime.now(dt.UTC).date(),
+                                 MONTHS_AHEAD)[-1].name
+        conn.execute(text(f"DROP TABLE {partition}"))
+
+    # Messages nobody consumes: a key prefix of its own, three in `events`, one in `segments`.
+    prefix = f"fleet-test-gauges-{uuid.uuid4().hex[:8]}:"
+    other = create_app(Settings(broker_key_prefix=prefix))
+    try:
+        for queue in ("events", "events", "events", "segments"):
+            other.send_task("bench.noop", queue=queue)
+        with exporter(DATABASE_URL=url, FLEET_BROKER_KEY_PREFIX=prefix) as metrics_url:
+            samples = scrape(metrics_url)
+    finally:
+        other.close()
+        app.set_current()
+        delete_prefixed_keys(SERVERS.broker_url, prefix)
+
+    assert value(samples, "fleet_database_up") == 1 and value(samples, "fleet_broker_up") == 1
+    assert {status: value(samples, "fleet_executions", status=status)
+            for status in ("pending", "running", "completed", "failed", "cancelled")} == {
+        "pending": 1, "running": 2, "completed": 0, "failed": 0, "cancelled": 1}
+    assert 3600 <= value(samples, "fleet_timer_lag_seconds") < 3700
+    assert value(samples, "fleet_dead_letters_pending") == 3
+    assert value(samples, "fleet_outbox_backlog") == 2
+    assert 90 <= value(samples, "fleet_outbox_oldest_age_seconds") < 200
+    assert value(samples, "fleet_partitions_missing", table="trigger_executions") == 1
+    assert value(samples, "fleet_partitions_missing", table="lifecycle_events") == 0
+    assert {queue: value(samples, "fleet_queue_depth", queue=queue)
+            for queue in ("events", "workflows", "actions", "segments", "maintenance")} == {
+        "events": 3, "workflows": 0, "actions": 0, "segments": 1, "maintenance": 0}
+
+
+def test_exporter_reports_a_down_database_and_keeps_serving() -> None:
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    with exporter(DATABASE_URL=down) as url:
+        samples = scrape(url)
+        assert value(samples, "fleet_database_up") == 0
+        assert value(samples, "fleet_broker_up") == 1
+        assert ("fleet_executions", (("status", "pending"),)) not in samples
+        assert scrape(url)  # and the next scrape is served too
+
+
+def test_task_results_map_to_counters() -> None:
+    """What task_postrun reports, turned into counters (here in a private registry)."""
+    from celery import states
+    from prometheus_client import CollectorRegistry
+
+    from workers.metrics import WorkerMetrics
+
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    ingest = {"accepted": 5, "duplicates": 2, "rejected": 1, "evaluated": 7, "matched": 3}
+    metrics.record("events.ingest", states.SUCCESS, ingest, 0.01)
+    metrics.record("events.ingest_batch", states.SUCCESS, {"accepted": 1, "rejected": 0}, 0.01)
+    metrics.record("workflows.step", states.SUCCESS, "waiting", 0.2)
+    metrics.record("workflows.step", states.SUCCESS, "completed", 0.02)
+    metrics.record("workflows.step", states.FAILURE, None, 0.5)
+    metrics.record("actions.run", states.RETRY, None, 0.1)
+    metrics.record("bench.noop", states.FAILURE, None, 0.1, fleet_task=False)
+    get = registry.get_sample_value
+    assert get("fleet_events_ingested_total") == 6
+    assert get("fleet_events_duplicate_total") == 2
+    assert get("fleet_events_dead_lettered_total") == 1
+    assert get("fleet_trigger_evaluations_total") == 7
+    assert get("fleet_trigger_matches_total") == 3
+    assert get("fleet_workflow_steps_total", {"outcome": "waiting"}) == 1
+    assert get("fleet_workflow_steps_total", {"outcome": "error"}) == 1
+    assert get("fleet_workflow_step_seconds_count", {"outcome": "completed"}) == 1
+    assert get("fleet_workflow_step_seconds_bucket", {"outcome": "waiting", "le": "0.25"}) == 1
+    assert get("fleet_task_retries_total", {"task": "actions.run"}) == 1
+    assert get("fleet_tasks_dead_lettered_total", {"task": "workflows.step"}) == 1
+    assert get("fleet_tasks_dead_lettered_total", {"task": "bench.noop"}) is None

@@ -53,4 +53,4 @@ def oldest_due_timer(session: Session, now: dt.datetime) -> dt.datetime | None:
     """The oldest `wake_at` that is already due (timer lag = now - this)."""
     return session.execute(text(
         "SELECT min(wake_at) FROM workflow_executions WHERE wake_at <= :now "
-        "AND status IN ('pending', 'running')"), {"now": now}).scalar()
+        "AND status IN ('pending', 'running') AND paused_at IS NULL"), {"now": now}).scalar()

@@ -1,0 +1,250 @@
+"""The fleet's health figures and checks, shared by `fleet status`, `fleet health` and the exporter.
+
+Every figure is one query or one broker call with a short timeout, so a probe or a
+scrape answers within seconds even when a server is down. The database figures take
+a Session (any engine); the broker figures take the broker URL and key prefix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu import Connection as BrokerConnection
+from kombu.transport.redis import PRIORITY_STEPS
+from kombu.transport.redis import Channel as RedisChannel
+from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+
+from db.models import EXECUTION_STATUSES
+from db.partitions import Coverage, coverage
+from workers.engine.timers import oldest_due_timer
+from workers.queues import QUEUE_NAMES
+from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+TIMEOUT = 3.0  # seconds for one connection attempt to PostgreSQL or the broker
+MAX_TIMER_LAG = 120.0  # the beat wakes due timers every 5 s: two minutes late means it is not
+MAX_DEAD_LETTERS = 100
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+# ------------------------------------------------------------------------- database
+
+
+def monitor_engine(settings: Settings, pool_size: int = 1) -> Engine:
+    """A small engine with short connect and statement timeouts, for probes and scrapes."""
+    return create_engine(
+        settings.sqlalchemy_url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": int(TIMEOUT),
+                      "options": "-c statement_timeout=10000 -c timezone=UTC",
+                      "application_name": "lifecycle-fleet-monitor"},
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseFigures:
+    executions: dict[str, int]  # every status, 0 when none
+    dead_letters_pending: int
+    outbox_backlog: int
+    outbox_oldest: dt.datetime | None
+    oldest_due_timer: dt.datetime | None
+    timer_lag: float  # seconds: now - oldest due wake_at, 0 when nothing is due
+    partitions: list[Coverage]
+
+    @property
+    def partitions_missing(self) -> list[str]:
+        return [name for part in self.partitions for name in part.missing]
+
+
+def database_figures(session: Session, now: dt.datetime | None = None) -> DatabaseFigures:
+    """What PostgreSQL says about the fleet's backlog, in a handful of queries."""
+    now = now or dt.datetime.now(dt.UTC)
+    counts = dict(session.execute(text(
+        "SELECT status, count(*) FROM workflow_executions GROUP BY status")).all())
+    executions = {status: int(counts.pop(status, 0)) for status in EXECUTION_STATUSES}
+    executions.update({str(k): int(v) for k, v in counts.items()})
+    dead = session.execute(text(
+        "SELECT count(*) FROM dead_letters WHERE status = 'pending'")).scalar_one()
+    outbox = session.execute(text(
+        "SELECT count(*), min(created_at) FROM event_outbox WHERE status = 'PENDING'")).one()
+    oldest = oldest_due_timer(session, now)
+    return DatabaseFigures(
+        executions=executions, dead_letters_pending=int(dead), outbox_backlog=int(outbox[0]),
+        outbox_oldest=outbox[1], oldest_due_timer=oldest,
+        timer_lag=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
+        partitions=coverage(session.connection(), now.date()),
+    )
+
+
+# --------------------------------------------------------------------------- broker
+
+
+def _is_redis(broker_url: str) -> bool:
+    return broker_url.startswith(REDIS_SCHEMES)
+
+
+def _redis(broker_url: str) -> redis.Redis:
+    return redis.Redis.from_url(broker_url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
+
+
+def ping_broker(broker_url: str) -> str:
+    """Connect to the broker once (raises when it cannot); returns what answered."""
+    if _is_redis(broker_url):
+        client = _redis(broker_url)
+        try:
+            client.ping()
+            version = client.info("server").get("redis_version", "?")
+        finally:
+            client.close()
+        return f"redis {version}"
+    with BrokerConnection(broker_url, connect_timeout=TIMEOUT) as conn:
+        conn.ensure_connection(max_retries=1, timeout=TIMEOUT)
+        return str(conn.transport.driver_name)
+
+
+def redis_queue_keys(queue: str, prefix: str = "") -> list[str]:
+    """The Redis lists holding a queue's messages: one per priority step, as kombu names them."""
+    return [prefix + (f"{queue}{RedisChannel.sep}{step}" if step else queue)
+            for step in PRIORITY_STEPS]
+
+
+def queue_depths(broker_url: str, prefix: str = "",
+                 queues: Sequence[str] = QUEUE_NAMES) -> dict[str, int]:
+    """Messages waiting in each queue (not counting the ones workers hold unacked).
+
+    Redis: LLEN of the prefixed queue lists. Other brokers (RabbitMQ): a passive
+    queue_declare, which reports the count without creating anything.
+    """
+    if _is_redis(broker_url):
+        keys = [redis_queue_keys(queue, prefix) for queue in queues]
+        client = _redis(broker_url)
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for key in (k for group in keys for k in group):
+                    pipe.llen(key)
+                sizes = iter(pipe.execute())
+        finally:
+            client.close()
+        return {queue: sum(next(sizes) for _ in group) for queue, group in zip(queues, keys,
+                                                                               strict=True)}
+    depths: dict[str, int] = {}
+    with BrokerConnection(broker_url, connect_timeout=TIMEOUT) as conn:
+        conn.ensure_connection(max_retries=1, timeout=TIMEOUT)
+        for queue in queues:
+            channel = conn.channel()
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except conn.channel_errors:
+                depths[queue] = 0  # not declared yet: no worker ever consumed it, nothing sent
+            finally:
+                try:
+                    channel.close()
+                except Exception:  # closed by the broker after the error
+                    pass
+    return depths
+
+
+def workers_by_queue(app: Celery, timeout: float = 1.0) -> dict[str, list[str]]:
+    """Worker hostnames answering within `timeout`, by the queue they consume."""
+    replies: dict[str, list[dict[str, Any]]] = app.control.inspect(timeout=timeout).active_queues() or {}
+    by_queue: dict[str, list[str]] = {}
+    for hostname, queues in sorted(replies.items()):
+        for queue in queues or []:
+            by_queue.setdefault(queue["name"], []).append(hostname)
+    return by_queue
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool | None  # None: not checked (what it needs is down)
+    detail: str
+
+    @property
+    def label(self) -> str:
+        return {True: "ok", False: "FAIL", None: "skip"}[self.ok]
+
+    def line(self) -> str:
+        return f"{self.label:<5} {self.name:<13} {self.detail}"
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    value = fn()
+    return value, (time.perf_counter() - started) * 1000
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def run_checks(settings: Settings, *, app: Celery | None = None, queues: Sequence[str] = (),
+               worker_timeout: float = 1.0, max_timer_lag: float = MAX_TIMER_LAG,
+               max_dead_letters: int = MAX_DEAD_LETTERS) -> list[Check]:
+    """Every health check, in order: database, broker, workers (when `queues` and `app` are
+    given), partitions, timer lag, dead letters. The fleet is healthy when none failed."""
+    checks: list[Check] = []
+    figures: DatabaseFigures | None = None
+    try:
+        engine = monitor_engine(settings)
+        try:
+            with Session(engine) as session:
+                version, ms = _timed(lambda: session.execute(text("SHOW server_version")).scalar())
+                figures = database_figures(session)
+        finally:
+            engine.dispose()
+        checks.append(Check("database", True, f"PostgreSQL {version} ({ms:.0f} ms)"))
+    except Exception as exc:  # any failure is the answer
+        checks.append(Check("database", False, _error(exc)))
+
+    broker_ok = False
+    try:
+        if not settings.broker_url:
+            raise RuntimeError("CELERY_BROKER_URL is not set and no embedded server was started")
+        answer, ms = _timed(lambda: ping_broker(settings.broker_url or ""))
+        broker_ok = True
+        checks.append(Check("broker", True, f"{maybe_sanitize_url(settings.broker_url)} "
+                                            f"{answer} ({ms:.0f} ms)"))
+    except Exception as exc:
+        checks.append(Check("broker", False, _error(exc)))
+
+    if queues and app is not None:
+        if not broker_ok:
+            checks.append(Check("workers", None, "broker unreachable"))
+        else:
+            seen = workers_by_queue(app, worker_timeout)
+            missing = [queue for queue in queues if not seen.get(queue)]
+            detail = ", ".join(f"{queue} {len(seen.get(queue, []))}" for queue in queues)
+            if missing:
+                detail += f"; no worker answered for {', '.join(missing)}"
+            checks.append(Check("workers", not missing, detail))
+
+    if figures is None:
+        for name in ("partitions", "timer lag", "dead letters"):
+            checks.append(Check(name, None, "database unreachable"))
+        return checks
+    missing_parts = figures.partitions_missing
+    checks.append(Check("partitions", not missing_parts,
+                        f"missing {', '.join(missing_parts)}" if missing_parts
+                        else f"{len(figures.partitions)} tables covered"))
+    lag = figures.timer_lag
+    checks.append(Check("timer lag", lag <= max_timer_lag,
+                        f"{lag:.1f}s (max {max_timer_lag:g}s)" + (
+                            f", oldest due {figures.oldest_due_timer:%Y-%m-%d %H:%M:%S}"
+                            if figures.oldest_due_timer else "")))
+    dead = figures.dead_letters_pending
+    checks.append(Check("dead letters", dead <= max_dead_letters,
+                        f"{dead} pending (max {max_dead_letters})"))
+    return checks
