@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test dev clean
+.PHONY: install lint test dev demo clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ lint: install
 # The whole fleet in the foreground (a worker per queue, beat, Flower); Ctrl-C stops it.
 dev: install
 	$(BIN)/fleet dev
+
+# The fleet on a sample lifecycle program (examples/lifecycle) and a synthetic month of
+# users: summary on the terminal, report in .fleet/demo-report.html. DEMO_ARGS=--keep-running
+# leaves the fleet up afterwards (e.g. DEMO_ARGS="--users 3000 --seed 42").
+demo: install
+	$(BIN)/fleet demo $(DEMO_ARGS)
 
 clean:
 	-$(BIN)/fleet services stop

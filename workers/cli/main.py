@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import typer
 
 from db.migrate import upgrade
-from workers.cli import bench, dlq, metrics, services
+from workers.cli import bench, dlq, metrics, monitor, services
 from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import apply, segment_app, trigger_app
+from workers.cli.demo import demo
 from workers.cli.events import emit
 from workers.cli.status import status
 from workers.cli.workflows import execution_app, workflow_app
 from workers.queues import QUEUE_NAMES
+from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.supervisor import Supervisor
 
 app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -29,6 +35,10 @@ app.add_typer(execution_app, name="execution")
 app.command()(emit)
 app.command()(apply)
 app.command()(status)
+app.command()(demo)
+app.command()(monitor.health)
+app.command()(monitor.flower)
+app.command()(monitor.exporter)
 
 
 @app.command()
@@ -37,6 +47,27 @@ def migrate() -> None:
     settings = ensure_servers()
     upgrade(settings.sqlalchemy_url)
     console.print("database migrated to head")
+
+
+def start_fleet(settings: Settings, concurrency: int, ready_timeout: float,
+                flower_port: int | None = None) -> Supervisor:
+    """Start a worker per queue, one beat and Flower; return once every process is ready."""
+    from workers.celery_app import app as celery
+    from workers.supervisor import Supervisor, fleet_specs
+
+    def ping(hostname: str) -> bool:
+        return bool(celery.control.ping(destination=[hostname], timeout=0.5))
+
+    specs = fleet_specs(settings.home.resolve(), concurrency, flower_port or settings.flower_port,
+                        settings.flower_basic_auth, ping)
+    supervisor = Supervisor(specs, settings.home.resolve() / "logs", dict(os.environ))
+    supervisor.start()
+    try:
+        supervisor.wait_ready(ready_timeout)
+    except BaseException:
+        supervisor.stop()
+        raise
+    return supervisor
 
 
 @app.command()
@@ -51,22 +82,11 @@ def dev(
     """
     import time
 
-    from workers.celery_app import app as celery
-    from workers.supervisor import Supervisor, fleet_specs
-
     t0 = time.monotonic()
     settings = ensure_servers()
     upgrade(settings.sqlalchemy_url)
-
-    def ping(hostname: str) -> bool:
-        return bool(celery.control.ping(destination=[hostname], timeout=0.5))
-
-    specs = fleet_specs(settings.home.resolve(), concurrency, settings.flower_port,
-                        settings.flower_basic_auth, ping)
-    supervisor = Supervisor(specs, settings.home.resolve() / "logs", dict(os.environ))
-    supervisor.start()
+    supervisor = start_fleet(settings, concurrency, ready_timeout)
     try:
-        supervisor.wait_ready(ready_timeout)
         elapsed = time.monotonic() - t0
         console.print(f"[bold green]fleet ready[/] in {elapsed:.1f}s")
         console.print(f"  database  {settings.database_url}")

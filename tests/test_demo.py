@@ -1,0 +1,236 @@
+"""`fleet demo`: the synthetic stream, the sample program, and a small run end to end."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from db.models import LIFECYCLE_STAGES
+from db.session import session_scope
+from tests.helpers import WorkerProcess
+from workers.definitions import load
+from workers.demo import run
+from workers.demo.generator import DemoStream, generate
+from workers.demo.report import write_report
+from workers.demo.summary import summarize
+from workers.events.envelope import InvalidEvent, parse_event
+
+END = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
+# Event types only the producer sends (workflows also record identify and stage events).
+PRODUCER_ONLY = ("user.signed_up", "session.started", "project.created", "feature.used",
+                 "subscription.upgraded", "referral.sent", "user.heartbeat")
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+def test_the_same_seed_gives_the_same_stream() -> None:
+    first = generate(400, 20, seed=3, end=END, tag="t1")
+    assert generate(400, 20, seed=3, end=END, tag="t1") == first
+    other_seed = generate(400, 20, seed=4, end=END, tag="t1")
+    assert other_seed.counts() != first.counts()
+    # Another run tag: other users and event ids, the same behaviour.
+    other_run = generate(400, 20, seed=3, end=END, tag="t2")
+    assert other_run.counts() == first.counts() and other_run.personas == first.personas
+    assert not {e["event_id"] for e in other_run.events()} & {e["event_id"] for e in first.events()}
+
+
+def test_events_are_valid_envelopes_except_the_deliberate_bad_ones() -> None:
+    stream = generate(500, 30, seed=11, end=END, tag="valid")
+    users: set[str] = set()
+    ids: set[str] = set()
+    last_seen: dict[str, dt.datetime] = {}
+    for phase in stream.phases:
+        for raw in phase.events:
+            event = parse_event(raw)
+            assert event.email and event.email.endswith("@" + stream.domain)
+            users.add(event.email)
+            ids.add(str(event.event_id))
+            if phase.name.startswith("day "):
+                assert stream.start <= event.occurred_at < stream.end
+                assert event.occurred_at >= last_seen.get(phase.name, stream.start)  # sorted
+                last_seen[phase.name] = event.occurred_at
+    assert len(ids) == stream.good  # every event has an id of its own
+    assert len(users) == stream.users
+    counts = stream.counts()
+    assert counts["user.signed_up"] == counts["user.heartbeat"] == stream.users
+    assert stream.users == 500 + stream.referred
+    assert 0 < counts["subscription.upgraded"] < counts["project.created"] < counts["session.started"]
+    assert counts["referral.sent"] > 0 and stream.phases[-1].events  # referrals, win-back replies
+    assert set(stream.personas) == {"bouncer", "explorer", "casual", "fader", "power"}
+
+    assert stream.bad >= 6
+    for raw in stream.bad_inputs():
+        try:
+            event = parse_event(raw)
+        except InvalidEvent:
+            continue
+        # A well-formed envelope naming a user id nobody has: ingest rejects it.
+        assert event.user_id is not None and event.email is None
+    # The bad inputs travel among the good ones of their phase.
+    phase = next(p for p in stream.phases if p.bad)
+    sent = phase.to_send()
+    assert len(sent) == len(phase.events) + len(phase.bad)
+    assert sent[0] is phase.events[0] and sent[-1] is phase.events[-1]
+
+
+def test_a_user_s_events_keep_their_order() -> None:
+    stream = generate(200, 15, seed=5, end=END, tag="order")
+    firsts: dict[str, str] = {}
+    for event in stream.events():
+        firsts.setdefault(event["user"], event["event_type"])
+    # Every user is introduced (identify traits) before anything else happens to them.
+    assert set(firsts.values()) == {"user.identify"}
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def test_the_sample_program_validates_and_moves_users_through_every_stage() -> None:
+    doc, xml = load(run.PROGRAM)
+    workflows = {w.name for w in doc.workflows}
+    assert len(workflows) >= 7
+    assert {t.workflow for t in doc.triggers} <= workflows
+    assert {t.event_type for t in doc.triggers} >= {"user.signed_up", "project.created",
+                                                    "subscription.upgraded", "referral.sent",
+                                                    "user.heartbeat", "lifecycle.stage_changed"}
+    assert {s.name for s in doc.segments} == {"churn-risk", "upsell-open"}
+    bpmn = "".join(xml.values())
+    targets = set(re.findall(r'id="stage" type="str" value="&quot;(\w+)&quot;"', bpmn))
+    assert targets == set(LIFECYCLE_STAGES) - {"Acquisition"}  # ingest puts new users there
+    for operator in ("send_message", "emit_event", "set_lifecycle_stage", "add_to_segment",
+                     "remove_from_segment", "update_user_attributes"):
+        assert f'serviceTaskOperator id="{operator}"' in bpmn
+    assert "<bpmn:receiveTask" in bpmn and "<bpmn:boundaryEvent" in bpmn
+    # Demo timers are seconds, each with the production value beside it.
+    for name, source in xml.items():
+        durations = re.findall(r'<bpmn:timeDuration>"(\w+)"</bpmn:timeDuration>', source)
+        assert all(re.fullmatch(r"PT\d+S", d) for d in durations), name
+        assert source.count("production:") >= len(durations), name
+
+
+def test_demo_is_a_fleet_command() -> None:
+    from workers.cli.main import app
+
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0
+    for option in ("--users", "--days", "--seed", "--keep-running"):
+        assert option in result.output
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@contextmanager
+def playing_the_beat(interval: float = 0.5) -> Iterator[None]:
+    """No beat runs in the tests: send the timer sweep as the beat would."""
+    from workers.celery_app import app
+    from workers.queues import TaskNames
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            app.send_task(TaskNames.WAKE_DUE_TIMERS)
+
+    thread = threading.Thread(target=loop, name="test-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _scalar(sql: str, domain: str) -> int:
+    with session_scope() as session:
+        return int(session.execute(text(sql), {"pattern": f"%@{domain}"}).scalar_one())
+
+
+RUN_USERS = "SELECT id FROM users WHERE email LIKE :pattern"
+
+
+def _quick_program(folder: Path) -> Path:
+    """The sample program with every timer cut to at most 3 s, so a run drains quickly."""
+    program = folder / "program.yaml"
+    program.write_text(run.PROGRAM.read_text())
+    (folder / "bpmn").mkdir()
+    for source in (run.PROGRAM.parent / "bpmn").glob("*.bpmn"):
+        (folder / "bpmn" / source.name).write_text(re.sub(
+            r'"PT(\d+)S"', lambda m: f'"PT{min(3, int(m.group(1)))}S"', source.read_text()))
+    return program
+
+
+@pytest.mark.servers
+def test_a_small_demo_runs_end_to_end(celery_worker: WorkerProcess, tmp_path: Path) -> None:
+    run.apply_program(_quick_program(tmp_path))
+    run.wait_for_trigger_caches()
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    # 18 days: some users go quiet for two weeks, so the win-back has an audience.
+    stream: DemoStream = generate(50, 18, seed=2, tag=tag)
+    with playing_the_beat():
+        result = run.send(stream, day_seconds=0, settle_timeout=60, drain_timeout=60)
+    assert result.drained and not result.unsettled
+    assert result.sent == stream.good + stream.bad
+
+    with session_scope() as session:
+        summary = summarize(session, stream.domain)
+    d = stream.domain
+    # Users and stages.
+    assert summary.users == stream.users == _scalar(
+        "SELECT count(*) FROM users WHERE email LIKE :pattern", d)
+    assert sum(summary.stages.values()) == summary.users
+    reached = list(summary.reached.values())
+    assert reached[0] == summary.users and reached == sorted(reached, reverse=True)
+    assert summary.stages["Activation"] + reached[2] > 0  # someone created a project
+    assert summary.stage_moves == _scalar(
+        f"SELECT count(*) FROM user_lifecycle_history WHERE user_id IN ({RUN_USERS})", d) \
+        == summary.events_by_type.get("lifecycle.stage_changed", 0)
+    # Events: every good event recorded once; workflows add their own.
+    assert summary.events == _scalar(
+        f"SELECT count(*) FROM lifecycle_events WHERE user_id IN ({RUN_USERS})", d)
+    counts = stream.counts()
+    for event_type in PRODUCER_ONLY:
+        assert summary.events_by_type.get(event_type, 0) == counts[event_type], event_type
+    assert summary.events_by_type["user.identify"] >= counts["user.identify"]
+    # Triggers and executions: every start is an execution; every execution has ended.
+    assert summary.evaluated == _scalar(
+        f"SELECT count(*) FROM trigger_executions WHERE user_id IN ({RUN_USERS})", d)
+    executions = summary.executions
+    started = sum(t.started for t in summary.triggers)
+    assert sum(executions.values()) == started == _scalar(
+        f"SELECT count(*) FROM workflow_executions WHERE user_id IN ({RUN_USERS})", d)
+    assert summary.matched >= started > 0
+    assert executions["completed"] == started, [w.failures for w in summary.workflows]
+    by_trigger = {t.name: t for t in summary.triggers}
+    assert by_trigger["welcome-on-signup"].started == stream.users
+    assert {w.name for w in summary.workflows} >= {"welcome-drip", "activation-nudge",
+                                                   "first-project"}
+    drip = next(w for w in summary.workflows if w.name == "welcome-drip")
+    assert drip.outcomes == {"drip_finished": stream.users}
+    # Messages: one message_log row per send_message call that ran.
+    assert summary.messages == _scalar(
+        f"SELECT count(*) FROM message_log WHERE user_id IN ({RUN_USERS})", d) == _scalar(
+        "SELECT count(*) FROM action_deliveries a JOIN workflow_executions e "
+        f"ON e.id = a.execution_id WHERE a.operator = 'send_message' "
+        f"AND a.status = 'succeeded' AND e.user_id IN ({RUN_USERS})", d)
+    assert summary.messages_by_template[("email", "welcome-1-hello")] == stream.users
+    # Dead letters: exactly the deliberate bad inputs.
+    assert summary.dead_letters == stream.bad == len(summary.dead_letter_reasons)
+    assert any("no user with id" in r for r in summary.dead_letter_reasons)
+    assert summary.in_flight == summary.waiting_timers == summary.waiting_messages == 0
+
+    path = write_report(tmp_path / "report" / "demo-report.html", summary, {"seed": 2, "run": tag})
+    page = path.read_text()
+    assert page.startswith("<!doctype html>") and "AARRR funnel" in page
+    assert page.count("<svg") > 5 and "welcome-drip" in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
