@@ -1,4 +1,4 @@
-"""A no-op task: the raw Celery baseline that the benchmarks divide by."""
+"""Benchmark tasks: the raw Celery baselines that the benchmarks divide by."""
 
 from __future__ import annotations
 
@@ -11,3 +11,18 @@ from workers.queues import TaskNames
 @app.task(bind=True, name=TaskNames.BENCH_NOOP, ignore_result=True)
 def noop(self: Task, marker: str = "") -> None:
     """Does nothing, on whichever queue it is sent to."""
+
+
+@app.task(bind=True, name=TaskNames.BENCH_HOP, ignore_result=True)
+def hop(self: Task, remaining: int, queue: str, done_queue: str) -> None:
+    """One link of a chain of no-op tasks, each sending the next (as workflow steps do).
+
+    `bench.*` has no queue of its own, so the queue is an argument; the last link
+    leaves one `bench.noop` on `done_queue` (which nothing consumes) for the
+    benchmark to count finished chains.
+    """
+    if remaining > 0:
+        self.app.send_task(TaskNames.BENCH_HOP, args=[remaining - 1, queue, done_queue],
+                           queue=queue)
+    else:
+        self.app.send_task(TaskNames.BENCH_NOOP, args=["done"], queue=done_queue)

@@ -28,6 +28,23 @@ def events(
             as_json)
 
 
+@app.command()
+def workflows(
+    executions: int = typer.Option(1000, help="concurrent executions of the 10-node workflow "
+                                   "(and concurrent hop chains of 10 tasks)"),
+    loop_iterations: int = typer.Option(200, help="iterations of the loop workflow"),
+    concurrency: int = typer.Option(2, help="worker pool processes"),
+    as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
+) -> None:
+    """Raw Celery chain hops/s, persisted steps/s, step latency, loop step time and state size."""
+    ensure_servers()
+    from workers.bench.workflows import as_dict, run
+
+    result = as_dict(run(executions=executions, loop_iterations=loop_iterations,
+                         concurrency=concurrency))
+    _report(result, as_json)
+
+
 def _report(result: dict[str, object], as_json: bool) -> None:
     table = Table("figure", "value")
     for key, value in result.items():
