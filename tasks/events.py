@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import structlog
@@ -17,7 +16,6 @@ from workers.events.micro_batch import (
     FLUSH_INTERVAL,
     ingest_durably,
     message_event,
-    report_to_monitors,
 )
 from workers.log import get_logger
 from workers.queues import TaskNames
@@ -31,7 +29,8 @@ def _logged(result: IngestResult) -> dict[str, int]:
              rejected=result.rejected, evaluated=result.evaluated, matched=result.matched,
              started=len(result.started), woken=len(result.woken))
     return {"accepted": result.accepted, "rejected": result.rejected,
-            "evaluated": result.evaluated, "matched": result.matched}
+            "duplicates": result.duplicates, "evaluated": result.evaluated,
+            "matched": result.matched}
 
 
 @app.task(base=Batches, bind=True, name=TaskNames.INGEST, acks_late=True,
@@ -40,14 +39,12 @@ def ingest_one(self: Batches, requests: list[Any]) -> dict[str, int] | None:
     """One event per message; the worker ingests buffered messages in one transaction."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_name=self.name, messages=len(requests))
-    started = time.monotonic()
     result = ingest_durably([message_event(r) for r in requests], self.name,
                             lambda raws: app.send_task(TaskNames.INGEST_BATCH, args=[raws],
                                                        argsrepr=f"[{len(raws)} events]"))
     if result is None:
         return None
     dispatch.send_ingest_followups([result])
-    report_to_monitors(app, self.name, requests, time.monotonic() - started)
     return _logged(result)
 
 

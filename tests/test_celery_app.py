@@ -66,3 +66,12 @@ def test_sqlalchemy_url() -> None:
     assert to_sqlalchemy_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
     assert to_sqlalchemy_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
     assert to_sqlalchemy_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_readme_configuration_table_is_generated_from_the_settings() -> None:
+    from pathlib import Path
+
+    from workers.settings import reference_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert reference_markdown() in readme, "run `python -m workers.settings` into the README"

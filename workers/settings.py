@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = Field(
         default=None, description="user:password[,user2:password2] for Flower, if set."
     )
+    metrics_port: int = Field(default=9808, description="Port `fleet exporter` serves /metrics on.")
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="Where worker processes write Prometheus counters for `fleet exporter` "
+        "(default: PROMETHEUS_MULTIPROC_DIR when set, else FLEET_HOME/metrics).",
+    )
+    heartbeat_file: Path | None = Field(
+        default=None,
+        description="A worker rewrites this file every few seconds from its event loop "
+        "(liveness probe: python -m workers.heartbeat check FILE 60); unset: no file.",
+    )
 
     @field_validator("database_url", "broker_url", mode="before")
     @classmethod
@@ -125,3 +136,20 @@ def to_sqlalchemy_url(url: str) -> str:
 def get_settings() -> Settings:
     """The process-wide settings; call `get_settings.cache_clear()` after changing the env."""
     return Settings()
+
+
+def reference_markdown() -> str:
+    """The configuration table of the README, generated from the fields above.
+
+    `python -m workers.settings` prints it; a test keeps the README in step.
+    """
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        variable = field.validation_alias or f"FLEET_{name.upper()}"
+        default = "unset" if field.default in (None, "") else field.default
+        rows.append(f"| `{variable}` | {default} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -66,20 +66,3 @@ def ingest_durably(raws: Sequence[Any], source: str,
         os._exit(70)
     return None
 
-
-def report_to_monitors(app: Any, task_name: str, requests: Sequence[Any], runtime: float) -> None:
-    """Send each buffered message's task events, so Flower sees every `events.ingest`.
-
-    celery-batches runs a buffer as one call and sends no per-message events; the
-    fields match what a worker sends for an ordinary task (args: the event id only).
-    """
-    if not requests or not app.conf.worker_send_task_events:
-        return
-    with app.events.default_dispatcher(hostname=requests[0].hostname) as dispatcher:
-        for request in requests:
-            event = message_event(request)
-            event_id = event.get("event_id") if isinstance(event, dict) else None
-            dispatcher.send("task-received", uuid=request.id, name=task_name,
-                            args=f"[event {event_id}]", kwargs="{}", retries=0)
-            dispatcher.send("task-succeeded", uuid=request.id, result="ingested",
-                            runtime=runtime)
