@@ -128,3 +128,26 @@ def test_static_segments_status_and_funnel(engine: Engine, tmp_path: Path) -> No
     assert shown.returncode == 0, shown.stderr
     page = chart.read_text()
     assert "<svg" in page and "Acquisition:" in page and "Referral:" in page
+
+
+def test_workflow_and_execution_commands(celery_worker: WorkerProcess) -> None:
+    from tests.workflow_helpers import BPMN, start, wait_waiting
+
+    name = f"cli-wf-{uuid.uuid4().hex[:8]}"
+    bad = fleet("workflow", "deploy", str(BPMN / "hostile_script.bpmn"), "--name", name)
+    assert bad.returncode == 2 and "not deployed" in bad.stdout + bad.stderr
+    deployed = fleet("workflow", "deploy", str(BPMN / "engine_timer.bpmn"), "--name", name,
+                     "--stages", "Activation", "--activate")
+    assert deployed.returncode == 0 and f"created   workflow {name} 1.0.0" in deployed.stdout + deployed.stderr
+    execution_id = start(name, {"due": "2999-01-01T00:00:00+00:00"})
+    wait_waiting(execution_id)
+    shown = fleet("execution", "show", str(execution_id))
+    assert shown.returncode == 0 and "wakes at  2999-01-01" in shown.stdout + shown.stderr
+    assert fleet("execution", "pause", str(execution_id)).returncode == 0
+    paused = fleet("execution", "show", str(execution_id))
+    assert "(paused)" in paused.stdout + paused.stderr
+    assert fleet("execution", "cancel", str(execution_id)).returncode == 0
+    again = fleet("execution", "cancel", str(execution_id))
+    assert again.returncode == 1 and "already cancelled" in again.stdout + again.stderr
+    listed = fleet("workflow", "list")
+    assert name in listed.stdout + listed.stderr and "cancelled 1" in listed.stdout + listed.stderr

@@ -78,6 +78,18 @@ def _step_count(execution_id: uuid.UUID, node_id: str) -> int:
                if node == node_id and outcome == "completed")
 
 
+def _reap(execution_id: uuid.UUID, sent_ago: dt.timedelta | None = None) -> list[tuple[uuid.UUID, int]]:
+    """What the reaper claims of this execution, its last send dated `sent_ago` back first."""
+    if sent_ago is not None:
+        with session_scope() as session:
+            session.execute(text("UPDATE workflow_executions SET step_enqueued_at = now() - "
+                                 "CAST(:ago AS interval) WHERE id = :i"),
+                            {"ago": sent_ago, "i": execution_id})
+    with session_scope() as session:
+        return [s for s in claim_stuck(session, dt.datetime.now(dt.UTC),
+                                       dt.timedelta(minutes=10)) if s[0] == execution_id]
+
+
 def _deploy_xml(name: str, xml: str) -> None:
     with session_scope() as session:
         deploy_workflow(session, name, xml, stages=[], activate=True)
@@ -240,14 +252,8 @@ def test_a_lost_step_is_resent_by_the_reaper_once(celery_worker: WorkerProcess) 
     name = deploy("score_gateway.bpmn")
     with session_scope() as session:  # started, but the first step message is never sent
         execution_id = control.start(session, name, new_user(), {"base": 3})
-    with session_scope() as session:
-        session.execute(text("UPDATE workflow_executions SET step_enqueued_at = now() - "
-                             "interval '1 hour' WHERE id = :i"), {"i": execution_id})
-    with session_scope() as session:
-        stuck = [s for s in claim_stuck(session, dt.datetime.now(dt.UTC),
-                                        dt.timedelta(minutes=10)) if s[0] == execution_id]
-        again = [s for s in claim_stuck(session, dt.datetime.now(dt.UTC),
-                                        dt.timedelta(minutes=10)) if s[0] == execution_id]
+    stuck = _reap(execution_id, sent_ago=dt.timedelta(hours=1))
+    again = _reap(execution_id)
     assert stuck == [(execution_id, 0)] and again == []
     send_steps(stuck)
     assert wait_status(execution_id, "completed").variables["route"] == "low"
@@ -285,13 +291,7 @@ def test_kill_9_mid_action_loses_no_step_and_repeats_no_effect() -> None:
             second = _start_worker(prefix)
             # The broker redelivers the unacked action after the visibility timeout; the
             # reaper would re-send the step too. Either way the effect happens once.
-            with session_scope() as session:
-                session.execute(text("UPDATE workflow_executions SET step_enqueued_at = now() - "
-                                     "interval '1 hour' WHERE id = :i"), {"i": execution_id})
-            with session_scope() as session:
-                stuck = [s for s in claim_stuck(session, dt.datetime.now(dt.UTC),
-                                                dt.timedelta(minutes=10)) if s[0] == execution_id]
-            for execution, version in stuck:
+            for execution, version in _reap(execution_id, sent_ago=dt.timedelta(hours=1)):
                 app.send_task("workflows.step", args=[str(execution), version])
             done = wait_status(execution_id, "completed", "failed", timeout=60)
             assert done.status == "completed", done.error_message

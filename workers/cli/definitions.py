@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -12,6 +13,9 @@ from db.models import Trigger, User, UserSegment, UserSegmentMembership, Workflo
 from db.session import session_scope
 from workers.cli.context import console, ensure_servers
 from workers.rules.segments import set_static_members
+
+if TYPE_CHECKING:
+    from workers.definitions import ApplyReport
 
 trigger_app = typer.Typer(help="Event triggers.", no_args_is_help=True)
 segment_app = typer.Typer(help="User segments.", no_args_is_help=True)
@@ -31,6 +35,11 @@ def apply(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     except DefinitionError as exc:
         console.print(f"[red]nothing applied:[/]\n{exc}")
         raise typer.Exit(2) from None
+    print_report(report)
+
+
+def print_report(report: ApplyReport) -> None:
+    """One line per definition: created, updated or unchanged."""
     for verb, items in (("created", report.created), ("updated", report.updated),
                         ("unchanged", report.unchanged)):
         for item in items:

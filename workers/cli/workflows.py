@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from db.models import WORKFLOW_STATUSES, ExecutionStep, Workflow, WorkflowExecution
 from db.session import session_scope
 from workers.cli.context import console, ensure_servers
+from workers.cli.definitions import print_report
 
 workflow_app = typer.Typer(help="BPMN workflow definitions.", no_args_is_help=True)
 execution_app = typer.Typer(help="Workflow executions.", no_args_is_help=True)
@@ -40,10 +41,7 @@ def deploy(
     except DefinitionError as exc:
         console.print(f"[red]not deployed:[/] {exc}")
         raise typer.Exit(2) from None
-    for verb, items in (("created", report.created), ("updated", report.updated),
-                        ("unchanged", report.unchanged)):
-        for item in items:
-            console.print(f"{verb:9} {item}")
+    print_report(report)
 
 
 @workflow_app.command("status")
