@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from workers.base_task import backoff_delay
 from workers.celery_app import app, celery_config
-from workers.errors import PermanentError, TransientError, is_transient
+from workers.errors import PermanentError, TransientError, is_outage, is_transient
 from workers.queues import QUEUE_NAMES, route_for_task
 from workers.settings import Settings, to_sqlalchemy_url
 
@@ -60,6 +60,23 @@ def test_error_classification() -> None:
     assert is_transient(sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("gone")))
     assert not is_transient(PermanentError("x"))
     assert not is_transient(ValueError("bad input"))
+
+
+def test_outages_are_told_from_other_transient_errors() -> None:
+    """A database or broker outage gets FLEET_OUTAGE_MAX_RETRIES; a deadlock the usual bound."""
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    def wrapped(error: Exception) -> sqlalchemy.exc.OperationalError:
+        return sqlalchemy.exc.OperationalError("SELECT 1", {}, error)
+
+    assert is_outage(wrapped(psycopg.errors.AdminShutdown("terminating connection")))
+    assert is_outage(wrapped(psycopg.errors.CannotConnectNow("starting up")))
+    assert is_outage(wrapped(psycopg.errors.ConnectionFailure("lost")))
+    assert is_outage(ConnectionRefusedError())
+    deadlock = wrapped(psycopg.errors.DeadlockDetected("deadlock"))
+    assert is_transient(deadlock) and not is_outage(deadlock)
+    assert not is_outage(TransientError("x")) and not is_outage(ValueError("x"))
 
 
 def test_sqlalchemy_url() -> None:

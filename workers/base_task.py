@@ -4,8 +4,9 @@ A task body uses `self.session` (opened on first use, committed when the body
 returns, rolled back when it raises) and `self.after_commit(fn)` to send follow-up
 work only once its rows are committed (DESIGN decision 3). Failures are sorted by
 `workers.errors.is_transient`: transient ones are retried with exponential backoff
-and full jitter up to a bound; permanent ones, and transient ones past the bound,
-are written to the dead-letter table with the task's arguments, never dropped.
+and full jitter up to a bound (a larger one while the database or broker is
+unreachable: `is_outage`); permanent ones, and transient ones past the bound, are
+written to the dead-letter table with the task's arguments, never dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from db.session import new_session, session_scope
 from workers.dead_letters import record_dead_letter
-from workers.errors import PoisonMessage, is_transient
+from workers.errors import PoisonMessage, is_outage, is_transient
 from workers.log import get_logger
 from workers.settings import get_settings
 
@@ -132,11 +133,12 @@ class FleetTask(Task):  # type: ignore[misc]
         """Retry a transient error within the bound; otherwise dead-letter. Raises to retry."""
         settings = get_settings()
         retries = self.request.retries or 0
-        if is_transient(exc) and retries < settings.task_max_retries:
+        limit = settings.outage_max_retries if is_outage(exc) else settings.task_max_retries
+        if is_transient(exc) and retries < limit:
             delay = backoff_delay(retries, settings.retry_backoff_base, settings.retry_backoff_max)
             log.warning("task.retry", error=repr(exc), retries=retries + 1, countdown=round(delay, 3))
             try:
-                raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries)
+                raise self.retry(exc=exc, countdown=delay, max_retries=limit)
             except (Retry, Reject):
                 raise
             except Exception as send_error:

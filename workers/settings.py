@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         description="Seconds Redis waits for an ack before redelivering a message.",
     )
     task_max_retries: int = Field(default=5, description="Retries of a transient error.")
+    outage_max_retries: int = Field(
+        default=100,
+        description="Retries while PostgreSQL or the broker is unreachable (with the default "
+        "backoff, hours), so an outage leaves work queued instead of dead-lettered.",
+    )
     max_redeliveries: int = Field(
         default=3,
         description="Times a message may come back after its worker died running it before "
