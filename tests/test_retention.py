@@ -6,10 +6,13 @@ import csv
 import datetime as dt
 import gzip
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from db.migrate import upgrade
 from db.partitions import existing_partitions, range_containing, split_default
@@ -68,6 +71,8 @@ def test_retention_follows_the_seed_policy(fresh_database: str, tmp_path: Path) 
         assert events_partition in existing_partitions(conn, "lifecycle_events")
     assert not list(tmp_path.iterdir())
 
+    with engine.begin() as conn:  # a run that died between DETACH and DROP left a plain table
+        conn.execute(text(f"ALTER TABLE lifecycle_events DETACH PARTITION {events_partition}"))
     report = run_retention(engine, tmp_path)
     assert report.archived == [events_partition]
     assert set(report.dropped) == {events_partition, trigger_partition, metrics_partition}
@@ -99,3 +104,51 @@ def test_retention_follows_the_seed_policy(fresh_database: str, tmp_path: Path) 
     again = run_retention(engine, tmp_path)
     assert again.dropped == [] and again.deleted["workflow_executions"] == 0
     engine.dispose()
+
+
+def test_detach_waits_for_a_writer_instead_of_deadlocking_with_it(fresh_database: str,
+                                                                  tmp_path: Path) -> None:
+    """A writer that holds its user row and then inserts an audit event (set_lifecycle_stage,
+    ingest) must not deadlock with DETACH, which also locks `users` (for the foreign key)."""
+    upgrade(fresh_database)
+    engine = create_engine(fresh_database)
+    today = dt.datetime.now(dt.UTC).date()
+    old = dt.datetime.combine(today - dt.timedelta(days=800), dt.time(12), dt.UTC)
+    with engine.begin() as conn:
+        user = conn.execute(text("INSERT INTO users (email, current_lifecycle_stage) "
+                                 "VALUES ('d@x.io', 'Activation') RETURNING id")).scalar()
+        conn.execute(text("INSERT INTO lifecycle_events (event_type, user_id, created_at) "
+                          "VALUES ('old.event', :u, :c)"), {"u": user, "c": old})
+        split_default(conn, "lifecycle_events")
+    outcome: dict[str, object] = {}
+    with engine.connect() as writer:
+        writer.execute(text("UPDATE users SET updated_at = now() WHERE id = :u"), {"u": user})
+        retention = threading.Thread(
+            target=lambda: outcome.update(report=_capture(run_retention, engine, tmp_path)))
+        retention.start()
+        deadline = time.monotonic() + 10
+        while not _lock_waits(engine):
+            assert time.monotonic() < deadline, "retention never waited for the writer"
+            time.sleep(0.05)
+        writer.execute(text("INSERT INTO lifecycle_events (event_type, user_id) "
+                            "VALUES ('new.event', :u)"), {"u": user})
+        writer.commit()
+        retention.join(timeout=30)
+    report = outcome["report"]
+    assert not isinstance(report, Exception), report
+    assert report.archived == [range_containing("lifecycle_events", old.date()).name]
+    engine.dispose()
+
+
+def _capture(fn: Callable[..., object], *args: object) -> object:
+    try:
+        return fn(*args)
+    except Exception as exc:  # handed to the test thread, which reports it
+        return exc
+
+
+def _lock_waits(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()")).scalar_one())

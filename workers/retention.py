@@ -15,7 +15,9 @@ A partition leaves only when its whole range is past the cutoff. It is detached
 first with a short lock_timeout, so a busy fleet makes the job retry tomorrow
 rather than queue behind it (DETACH … CONCURRENTLY is refused by PostgreSQL when
 the table has a DEFAULT partition, which ours must have). Rows for a detached
-range that still arrive land in the DEFAULT partition: nothing is refused.
+range that still arrive land in the DEFAULT partition: nothing is refused. A run
+that dies between DETACH and DROP leaves a plain table behind; the next run finds
+it by name and finishes the job (`fleet chaos retention` injects that race).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
+from db.models import PARTITIONED_TABLES
 from db.partitions import PartitionRange, default_partition_name, existing_partitions
 from workers.log import get_logger
 
@@ -74,15 +77,39 @@ def _range_of(table: str, name: str) -> PartitionRange | None:
 
 
 def expired_partitions(engine: Engine, table: str, cutoff: dt.date) -> list[PartitionRange]:
+    """Expired partitions of `table`, attached or already detached by an interrupted run."""
     with engine.connect() as conn:
-        names = existing_partitions(conn, table)
+        names = existing_partitions(conn, table) + detached_partitions(conn, table)
     ranges = [_range_of(table, n) for n in names if n != default_partition_name(table)]
     return [r for r in ranges if r is not None and r.end <= cutoff]
 
 
+def detached_partitions(conn: Connection, table: str) -> list[str]:
+    """Plain tables named like `table`'s partitions: detached by a run that died before DROP."""
+    pattern = f"{table}_" + ("[0-9]{4}" if PARTITIONED_TABLES[table][1] == "year"
+                             else "[0-9]{4}_[0-9]{2}")
+    return list(conn.execute(text(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition "
+        "AND c.relname ~ :pattern"), {"pattern": f"^{pattern}$"}).scalars())
+
+
 def _detach(engine: Engine, rng: PartitionRange) -> None:
+    """Detach unless a previous run did; a short lock_timeout, so a busy fleet is not held up.
+
+    DETACH locks the partitioned table and then, for its foreign keys, the referenced
+    tables (`users`). Writers lock in the other order (a user row, then the audit
+    insert), which deadlocked; so the referenced tables are locked first, as writers do.
+    """
     with engine.begin() as conn:
+        if rng.name not in existing_partitions(conn, rng.table):
+            return
         conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        for referenced in conn.execute(text(
+                "SELECT DISTINCT confrelid::regclass::text AS t FROM pg_constraint "
+                "WHERE conrelid = CAST(:t AS regclass) AND contype = 'f' ORDER BY t"),
+                {"t": rng.table}).scalars():
+            conn.execute(text(f"LOCK TABLE {referenced} IN SHARE ROW EXCLUSIVE MODE"))
         conn.execute(text(f"ALTER TABLE {rng.table} DETACH PARTITION {rng.name}"))
 
 
@@ -134,6 +161,7 @@ def run_retention(engine: Engine, archive_dir: Path, today: dt.date | None = Non
                 archive_partition(engine, rng, archive_dir)
                 report.archived.append(rng.name)
             with engine.begin() as conn:
+                conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
                 conn.execute(text(f"DROP TABLE {rng.name}"))
             report.dropped.append(rng.name)
             log.info("retention.partition_dropped", partition=rng.name, archived=archive)
