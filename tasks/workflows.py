@@ -10,8 +10,9 @@ import structlog
 from workers.base_task import FleetTask
 from workers.celery_app import app
 from workers.engine import dispatch, stepper, timers
+from workers.health import queue_depths
 from workers.log import get_logger
-from workers.queues import TaskNames
+from workers.queues import ACTIONS, WORKFLOWS, TaskNames
 from workers.settings import get_settings
 
 log = get_logger(__name__)
@@ -46,9 +47,14 @@ def wake_due_timers(self: FleetTask, limit: int = 1000) -> int:
 @app.task(base=FleetTask, bind=True, name=TaskNames.REAP_STUCK)
 def reap_stuck(self: FleetTask, limit: int = 1000) -> int:
     """Beat: re-send steps that were sent long ago and never ran (lost message, killed worker)."""
-    older_than = dt.timedelta(seconds=get_settings().stuck_step_seconds)
+    settings = get_settings()
+    backlog = sum(queue_depths(settings.broker_url or "", settings.broker_key_prefix,
+                               (WORKFLOWS, ACTIONS)).values())
+    older_than = timers.stuck_cutoff(self.session,
+                                     dt.timedelta(seconds=settings.stuck_step_seconds), backlog)
     stuck = timers.claim_stuck(self.session, dt.datetime.now(dt.UTC), older_than, limit)
     self.after_commit(lambda: dispatch.send_steps(stuck))
     if stuck:
-        log.warning("steps.reaped", count=len(stuck))
+        log.warning("steps.reaped", count=len(stuck), backlog=backlog,
+                    older_than_s=round(older_than.total_seconds(), 1))
     return len(stuck)

@@ -33,6 +33,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
     return {
         "broker_url": settings.broker_url,
+        # Celery prefers the CELERY_BROKER_URL variable over `broker_url`; these two it
+        # does not, so an app made for another broker (chaos runs) really uses that one.
+        "broker_read_url": settings.broker_url,
+        "broker_write_url": settings.broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
@@ -61,7 +65,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_consumer": "workers.rejected:FleetConsumer",
         "timezone": "UTC",
         "enable_utc": True,
-        "beat_schedule": beat_schedule.BEAT_SCHEDULE,
+        "beat_schedule": beat_schedule.beat_schedule(settings),
         "beat_scheduler": "workers.beat:LockedScheduler",  # exactly one beat acts
     }
 

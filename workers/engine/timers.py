@@ -49,6 +49,22 @@ def claim_stuck(session: Session, now: dt.datetime, older_than: dt.timedelta,
     return [(r.id, r.state_version) for r in rows]
 
 
+def stuck_cutoff(session: Session, base: dt.timedelta, backlog: int) -> dt.timedelta:
+    """How old a sent step must be before it counts as lost.
+
+    A step queued behind a backlog is late, not lost: re-sending it would only add
+    to the backlog (and a backlog older than `base` would be re-sent in full, again
+    and again). So the cutoff is `base` plus the time the fleet needs to work through
+    `backlog` queued messages at the pace of its last minute of steps.
+    """
+    if backlog <= 0:
+        return base
+    recent = session.execute(text(
+        "SELECT count(*) FROM execution_steps WHERE started_at > now() - interval '60 seconds'"
+    )).scalar_one()
+    return base + dt.timedelta(seconds=backlog / max(recent / 60, 1.0))
+
+
 def oldest_due_timer(session: Session, now: dt.datetime) -> dt.datetime | None:
     """The oldest `wake_at` that is already due (timer lag = now - this)."""
     return session.execute(text(
