@@ -96,7 +96,7 @@ class EmbeddedServices:
         previous = read_state(self.home)
         state = ServiceState(
             postgres_port=self._start_postgres(previous.postgres_port if previous else None),
-            redis_port=self._start_valkey(previous.redis_port if previous else None),
+            redis_port=self.start_valkey(previous.redis_port if previous else None),
         )
         (self.home / STATE_FILE).write_text(json.dumps(asdict(state)))
         return state
@@ -105,6 +105,10 @@ class EmbeddedServices:
         """Stop both servers; data stays for the next start."""
         if self.postgres_pid() is not None:
             self._pg_ctl(["-w", "-m", "fast", "stop"])
+        self.stop_valkey()
+
+    def stop_valkey(self) -> None:
+        """SIGTERM: Valkey flushes its append-only file, so queued messages survive."""
         pid = self.valkey_pid()
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
@@ -184,7 +188,8 @@ class EmbeddedServices:
 
     # ---------------------------------------------------------------- valkey
 
-    def _start_valkey(self, port: int | None) -> int:
+    def start_valkey(self, port: int | None = None) -> int:
+        """Start Valkey alone (on `port` when free); `fleet chaos redis-restart` restarts it."""
         if self.valkey_pid() is not None and port is not None:
             return port
         self.redis_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kombu.exceptions
+from celery import Celery
 
 from workers.celery_app import app
 from workers.events.envelope import Event, build_event, parse_event
@@ -28,30 +29,33 @@ class PublishError(RuntimeError):
     """The broker could not be reached after every retry; nothing was sent."""
 
 
-def _publish(task: str, payload: Any, argsrepr: str) -> None:
+def _publish(task: str, payload: Any, argsrepr: str, via: Celery | None) -> None:
     # argsrepr is what Flower and the logs show: ids, never the user's data.
     try:
-        app.send_task(task, args=[payload], queue=EVENTS, retry=True, retry_policy=RETRY_POLICY,
-                      argsrepr=argsrepr)
+        (via or app).send_task(task, args=[payload], queue=EVENTS, retry=True,
+                               retry_policy=RETRY_POLICY, argsrepr=argsrepr)
     except (kombu.exceptions.OperationalError, OSError) as exc:
         raise PublishError(f"could not publish {task} to the broker: {exc}") from exc
 
 
 def send_event(event_type: str, *, user: str | uuid.UUID, data: Mapping[str, Any] | None = None,
                event_id: uuid.UUID | str | None = None,
-               occurred_at: dt.datetime | str | None = None) -> uuid.UUID:
+               occurred_at: dt.datetime | str | None = None,
+               via: Celery | None = None) -> uuid.UUID:
     """Validate and publish one event as one message; returns its event_id.
 
     Raises `InvalidEvent` for a bad envelope (nothing is sent) and `PublishError`
-    when the broker cannot be reached.
+    when the broker cannot be reached. `via`: another fleet's Celery app (the
+    benchmarks' and chaos runs' scratch fleets); the configured one by default.
     """
     event = build_event(event_type, user=user, data=data, event_id=event_id,
                         occurred_at=occurred_at)
-    _publish(TaskNames.INGEST, event.to_message(), f"[event {event.event_id}]")
+    _publish(TaskNames.INGEST, event.to_message(), f"[event {event.event_id}]", via)
     return event.event_id
 
 
-def send_events(events: Iterable[Mapping[str, Any] | Event], *, validate: bool = True) -> int:
+def send_events(events: Iterable[Mapping[str, Any] | Event], *, validate: bool = True,
+                via: Celery | None = None) -> int:
     """Publish many events as one message (for high-volume producers); returns the count.
 
     With `validate` (the default) a bad envelope raises `InvalidEvent` before anything
@@ -70,10 +74,10 @@ def send_events(events: Iterable[Mapping[str, Any] | Event], *, validate: bool =
         else:
             batch.append(item)
     if batch:
-        publish_batch(batch)
+        publish_batch(batch, via)
     return len(batch)
 
 
-def publish_batch(batch: list[Any]) -> None:
+def publish_batch(batch: list[Any], via: Celery | None = None) -> None:
     """Publish already-formed envelopes as one ingest message (used by the outbox relay)."""
-    _publish(TaskNames.INGEST_BATCH, batch, f"[{len(batch)} events]")
+    _publish(TaskNames.INGEST_BATCH, batch, f"[{len(batch)} events]", via)

@@ -39,12 +39,31 @@ class Supervisor:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for spec in self.specs:
-            log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - owned by the child
-            self.procs[spec.name] = subprocess.Popen(
-                spec.argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **spec.env},
-                start_new_session=True,
-            )
-            log.close()
+            self._spawn(spec)
+
+    def _spawn(self, spec: ProcessSpec) -> None:
+        log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs[spec.name] = subprocess.Popen(
+            spec.argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **spec.env},
+            start_new_session=True,
+        )
+        log.close()
+
+    def restart(self, name: str) -> None:
+        """Start `name` again (after it died or was killed) with the same command."""
+        spec = next(s for s in self.specs if s.name == name)
+        if self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._spawn(spec)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process and everything in its session, as a lost machine or pod would."""
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]
@@ -100,13 +119,23 @@ def celery_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *args]
 
 
-def worker_spec(queue: str, concurrency: int, ping: Callable[[str], bool]) -> ProcessSpec:
+def worker_spec(queue: str, concurrency: int, ping: Callable[[str], bool],
+                loglevel: str = "INFO") -> ProcessSpec:
     hostname = f"{queue}@{os.uname().nodename}"
     return ProcessSpec(
         name=f"worker-{queue}",
         argv=celery_argv("worker", "-Q", queue, "-n", hostname, "-c", str(concurrency),
-                         *worker_options(queue), "--loglevel", "INFO"),
+                         *worker_options(queue), "--loglevel", loglevel),
         ready=lambda: ping(hostname),
+    )
+
+
+def beat_spec(home: Path, loglevel: str = "INFO") -> ProcessSpec:
+    schedule = home / "celerybeat-schedule"
+    return ProcessSpec(
+        name="beat",
+        argv=celery_argv("beat", "--schedule", str(schedule), "--loglevel", loglevel),
+        ready=lambda: any(home.glob("celerybeat-schedule*")),
     )
 
 
@@ -124,12 +153,7 @@ def fleet_specs(home: Path, concurrency: int, flower_port: int, flower_auth: str
                 ping: Callable[[str], bool]) -> list[ProcessSpec]:
     """A worker per queue, one beat and Flower: the whole fleet on one machine."""
     specs = [worker_spec(queue, concurrency, ping) for queue in QUEUE_NAMES]
-    schedule = home / "celerybeat-schedule"
-    specs.append(ProcessSpec(
-        name="beat",
-        argv=celery_argv("beat", "--schedule", str(schedule), "--loglevel", "INFO"),
-        ready=lambda: any(home.glob("celerybeat-schedule*")),
-    ))
+    specs.append(beat_spec(home))
     flower = celery_argv("flower", f"--port={flower_port}", "--address=127.0.0.1")
     flower_env: dict[str, str] = {}
     if flower_auth:

@@ -30,23 +30,27 @@ from workers.settings import Settings, to_sqlalchemy_url
 
 
 class BenchEnvironment:
-    def __init__(self, queues: str, concurrency: int, log_dir: Path | None = None) -> None:
+    def __init__(self, queues: str, concurrency: int, log_dir: Path | None = None, *,
+                 kind: str = "bench", broker_url: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """`broker_url` overrides the configured broker; `env` adds settings for every process."""
         self.tag = uuid.uuid4().hex[:8]
         self.queues = queues
         self.concurrency = concurrency
         base = Settings()
         if base.database_url is None or base.broker_url is None:
-            raise RuntimeError("no servers: run through `fleet bench`, which starts them")
+            raise RuntimeError(f"no servers: run through `fleet {kind}`, which starts them")
         self.admin_url = base.database_url
-        self.database = f"fleet_bench_{self.tag}"
-        self.log_dir = log_dir or base.home / "bench"
+        self.database = f"fleet_{kind}_{self.tag}"
+        self.log_dir = log_dir or base.home / kind
         self.env = dict(os.environ)
         self.env.update({
             "DATABASE_URL": make_url(self.admin_url).set(database=self.database)
             .render_as_string(hide_password=False),
-            "CELERY_BROKER_URL": base.broker_url,
-            "FLEET_BROKER_KEY_PREFIX": f"fleet-bench-{self.tag}:",
+            "CELERY_BROKER_URL": broker_url or base.broker_url,
+            "FLEET_BROKER_KEY_PREFIX": f"fleet-{kind}-{self.tag}:",
             "FLEET_LOG_LEVEL": "WARNING",
+            **(env or {}),
         })
         self.hostname = f"bench-{self.tag}@localhost"
         self.worker: subprocess.Popen[bytes] | None = None
@@ -57,11 +61,15 @@ class BenchEnvironment:
         create_database(self.admin_url, self.database)
         upgrade(to_sqlalchemy_url(self.env["DATABASE_URL"]))
         self.engine = create_engine(to_sqlalchemy_url(self.env["DATABASE_URL"]))
-        self.app = create_app(Settings(
-            DATABASE_URL=self.env["DATABASE_URL"], CELERY_BROKER_URL=self.env["CELERY_BROKER_URL"],
-            broker_key_prefix=self.env["FLEET_BROKER_KEY_PREFIX"],
-        ))
+        self.app = create_app(self.settings())
         return self
+
+    def settings(self) -> Settings:
+        """The scratch fleet's settings, as its processes read them from the environment."""
+        keys = {k: v for k, v in self.env.items() if k.startswith("FLEET_")}
+        return Settings(DATABASE_URL=self.env["DATABASE_URL"],
+                        CELERY_BROKER_URL=self.env["CELERY_BROKER_URL"],
+                        **{k.removeprefix("FLEET_").lower(): v for k, v in keys.items()})
 
     def start_worker(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

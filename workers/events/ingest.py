@@ -57,8 +57,18 @@ def _raw_bytes(raw: Any) -> bytes:
         return repr(raw).encode("utf-8", "backslashreplace")
 
 
+def _raw_event_id(raw: Any) -> uuid.UUID | None:
+    """The event_id of an envelope that failed validation, when it has a well-formed one."""
+    try:
+        return uuid.UUID(str(raw["event_id"]))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+
+
 def _reject(session: Session, source: str, raw: Any, reason: str, result: IngestResult,
             event_id: uuid.UUID | None = None) -> None:
+    """Dead-letter one envelope, under its event_id when it has one (so a producer can find it)."""
+    event_id = event_id or _raw_event_id(raw)
     record_dead_letter(session, source=source, reason=reason, raw=_raw_bytes(raw),
                        error_type="InvalidEvent", event_id=event_id)
     result.rejected += 1
