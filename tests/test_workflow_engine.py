@@ -17,7 +17,6 @@ from sqlalchemy import text
 from db.models import WorkflowExecution
 from db.session import session_scope
 from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
-from tests.webhook_server import webhook_server
 from tests.workflow_helpers import (
     BPMN,
     deploy,
@@ -31,6 +30,7 @@ from tests.workflow_helpers import (
 )
 from workers.broker import delete_prefixed_keys
 from workers.celery_app import create_app
+from workers.chaos.receiver import webhook_server
 from workers.definitions import apply, deploy_workflow, load
 from workers.engine import control
 from workers.engine.dispatch import send_step, send_steps

@@ -45,6 +45,40 @@ def workflows(
     _report(result, as_json)
 
 
+@app.command()
+def soak(
+    minutes: float = typer.Option(10.0, help="how long to stream"),
+    rate: float | None = typer.Option(None, help="events/s (default: 70% of the measured maximum)"),
+    sample_seconds: float = typer.Option(15.0, help="seconds between samples"),
+    concurrency: int = typer.Option(2, help="pool processes per worker"),
+    as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
+) -> None:
+    """A sustained stream through a whole fleet: throughput, backlog, p99 and worker RSS over
+    time, then the invariants; exit 1 if memory grows, the backlog grows or one is broken."""
+    ensure_servers()
+    from workers.bench.soak import SoakSample, run
+
+    def show(s: SoakSample) -> None:
+        workers = sum(v for k, v in s.rss_mb.items() if k.startswith("worker-"))
+        console.print(f"{s.second:>6.0f}s sent {s.sent:>7} · {s.accepted_per_s:>6.1f}/s · queued "
+                      f"{sum(s.queued.values()):>5} · p99 {s.p99_latency_ms or 0:>6.1f} ms · "
+                      f"RSS {workers:>6.1f} MiB", soft_wrap=True)
+
+    result = run(minutes=minutes, rate=rate, sample_seconds=sample_seconds,
+                 concurrency=concurrency, on_sample=show)
+    summary = result.as_dict()
+    summary.pop("samples")
+    inv = summary.pop("invariants")
+    summary.update({f"events_{k}": inv[k] for k in ("sent", "accepted", "rejected", "lost",
+                                                    "duplicated")})
+    summary["violations"] = "; ".join(inv["violations"]) or "none"
+    _report(summary, False)
+    if as_json:
+        print(json.dumps(result.as_dict(), default=str))
+    if not (result.memory_flat and not result.backlog_growing and result.invariants.ok):
+        raise typer.Exit(1)
+
+
 def _report(result: dict[str, object], as_json: bool) -> None:
     table = Table("figure", "value")
     for key, value in result.items():

@@ -9,6 +9,7 @@ import typer
 
 from db.migrate import upgrade
 from workers.cli import bench, dlq, metrics, monitor, services
+from workers.cli.chaos import chaos
 from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.demo import demo
@@ -36,6 +37,7 @@ app.command()(emit)
 app.command()(apply)
 app.command()(status)
 app.command()(demo)
+app.command()(chaos)
 app.command()(monitor.health)
 app.command()(monitor.flower)
 app.command()(monitor.exporter)

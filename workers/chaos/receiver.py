@@ -1,4 +1,8 @@
-"""A local HTTP endpoint that records webhook deliveries: the receiving end of side effects."""
+"""A local HTTP endpoint that records webhook deliveries: the receiving end of side effects.
+
+The tests and `fleet chaos` count effects here, where a real receiver would: one
+effect per distinct `Idempotency-Key`, and never two deliveries of one key at once.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any
 class Delivery:
     headers: dict[str, str]
     body: Any
+    started: float = 0.0  # monotonic clock of this process
+    ended: float | None = None
 
 
 @dataclass
@@ -36,6 +42,19 @@ class WebhookServer:
         """What an idempotent receiver applies: one effect per distinct key."""
         return len(set(self.keys))
 
+    def overlapping(self) -> list[str]:
+        """Keys delivered twice at the same time (a second copy of a task running in parallel)."""
+        by_key: dict[str, list[Delivery]] = {}
+        for delivery in self.deliveries:
+            by_key.setdefault(delivery.headers.get("Idempotency-Key", ""), []).append(delivery)
+        out = []
+        for key, copies in by_key.items():
+            spans = sorted((d.started, d.ended if d.ended is not None else float("inf"))
+                           for d in copies)
+            if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)):
+                out.append(key)
+        return out
+
 
 @contextmanager
 def webhook_server(**options: Any) -> Iterator[WebhookServer]:
@@ -45,8 +64,9 @@ def webhook_server(**options: Any) -> Iterator[WebhookServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            delivery = Delivery(dict(self.headers), json.loads(body or b"null"), time.monotonic())
             with lock:
-                state.deliveries.append(Delivery(dict(self.headers), json.loads(body or b"null")))
+                state.deliveries.append(delivery)
                 status = state.statuses.pop(0) if state.statuses else 200
             state.received.set()
             time.sleep(state.delay)
@@ -56,6 +76,7 @@ def webhook_server(**options: Any) -> Iterator[WebhookServer]:
                 self.wfile.write(b"{}")
             except OSError:
                 pass  # the client went away (a killed worker)
+            delivery.ended = time.monotonic()
 
         def log_message(self, *args: Any) -> None:
             pass

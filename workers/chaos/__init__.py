@@ -1,0 +1,1 @@
+"""Fault injection and load on scratch fleets: `fleet chaos`, `fleet bench soak` (RELIABILITY.md)."""

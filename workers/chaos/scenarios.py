@@ -1,0 +1,384 @@
+"""`fleet chaos SCENARIO`: a fault injected into a running scratch fleet, then the invariants.
+
+Every scenario starts its own fleet (workers for events, workflows, actions and
+maintenance, and a beat), applies the journey program, streams events at it while
+the fault is injected, waits for the fleet to settle and checks every invariant of
+`workers.chaos.invariants`. The tests run the same functions with smaller numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+
+from db.partitions import range_containing
+from workers.chaos.fleet import ChaosFleet
+from workers.chaos.invariants import InvariantReport, check
+from workers.chaos.program import (
+    ENROLLED,
+    SIGNED_UP,
+    VERSIONED,
+    WAIT_SECONDS,
+    EventStream,
+    SentLog,
+    apply_program,
+    versioned_xml,
+)
+from workers.chaos.receiver import WebhookServer, webhook_server
+from workers.definitions import deploy_workflow
+from workers.producer import PublishError, send_event, send_events
+from workers.queues import ACTIONS, EVENTS, WORKFLOWS
+
+BATCH = 20  # envelopes per batch message; every third message is a batch
+TIMEOUT = 180.0  # seconds a scenario may take to settle after the fault, plus …
+PER_JOURNEY = 0.3  # … this per journey started (≈ 8 steps and 2 operator calls each)
+
+
+@dataclass
+class ChaosResult:
+    scenario: str
+    seconds: float = 0.0
+    injected: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    invariants: InvariantReport = field(default_factory=InvariantReport)
+
+    @property
+    def ok(self) -> bool:
+        return self.invariants.ok
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["invariants"] = self.invariants.as_dict()
+        return out
+
+
+class Publisher:
+    """Sends a stream's envelopes to a fleet at a steady rate, recording what was handed over."""
+
+    def __init__(self, fleet: ChaosFleet, stream: EventStream) -> None:
+        self.fleet = fleet
+        self.stream = iter(stream)
+        self.sent = SentLog()
+        self.failures = 0  # publishes that raised PublishError after every retry
+        self._messages = itertools.count()
+
+    def publish(self, count: int) -> None:
+        """One message: a single event, or (every third) a batch of up to BATCH envelopes."""
+        envelopes = [next(self.stream) for _ in range(count)]
+        try:
+            if count == 1 and envelopes[0][1]:
+                e = envelopes[0][0]
+                if "sent_at" in e["data"]:
+                    e["data"]["sent_at"] = time.time()
+                send_event(e["event_type"], user=e["user"], data=e["data"],
+                           event_id=e["event_id"], via=self.fleet.app)
+            else:
+                now = time.time()
+                for e, _good in envelopes:
+                    if isinstance(e.get("data"), dict) and "sent_at" in e["data"]:
+                        e["data"]["sent_at"] = now
+                send_events([e for e, _ in envelopes], validate=False, via=self.fleet.app)
+        except PublishError:
+            self.failures += 1
+            return
+        for envelope, good in envelopes:
+            (self.sent.good if good else self.sent.bad).append(envelope["event_id"])
+            self.sent.signups += good and envelope["event_type"] == SIGNED_UP
+
+    def run(self, events: int, rate: float, stop: threading.Event | None = None) -> None:
+        """About `events` envelopes at `rate` per second (bad ones only travel in batches)."""
+        started = time.monotonic()
+        handed = 0
+        while handed < events and not (stop and stop.is_set()):
+            size = BATCH if next(self._messages) % 3 == 0 else 1
+            size = min(size, events - handed)
+            self.publish(size)
+            handed += size
+            ahead = handed / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def in_background(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def accounted(fleet: ChaosFleet, sent: SentLog) -> bool:
+    """Every sent event is in the inbox (accepted) or in dead_letters (rejected)."""
+    with fleet.engine.connect() as conn:
+        return bool(conn.execute(text(
+            "SELECT (SELECT count(*) FROM event_inbox WHERE event_id = ANY(CAST(:good AS uuid[]))) "
+            "+ (SELECT count(DISTINCT event_id) FROM dead_letters "
+            "   WHERE event_id = ANY(CAST(:bad AS uuid[]))) >= :n"),
+            {"good": sent.good, "bad": sent.bad, "n": sent.sent}).scalar())
+
+
+def journeys_done(fleet: ChaosFleet) -> bool:
+    return not fleet.scalar(text(
+        "SELECT count(*) FROM workflow_executions WHERE status IN ('pending', 'running')"))
+
+
+def finish(fleet: ChaosFleet, publisher: Publisher, receiver: WebhookServer | None,
+           result: ChaosResult, timeout: float) -> ChaosResult:
+    """Wait until every event is accounted for and every journey has ended; check."""
+    timeout += PER_JOURNEY * publisher.sent.signups
+    fleet.wait_until(lambda: accounted(fleet, publisher.sent), timeout, "every event accounted for")
+    fleet.wait_until(lambda: journeys_done(fleet), timeout, "every execution ended")
+    result.invariants = check(fleet.engine, publisher.sent, receiver)
+    result.figures["publish_failures"] = publisher.failures
+    return result
+
+
+@contextmanager
+def running_fleet(result: ChaosResult, *, broker_url: str | None = None,
+                  webhook_delay: float = 0.0, versioned_wait: int = 60) -> Iterator[tuple[ChaosFleet, WebhookServer]]:
+    started = time.monotonic()
+    with webhook_server(delay=webhook_delay) as receiver, \
+            ChaosFleet(broker_url=broker_url) as fleet:
+        apply_program(fleet.engine, receiver.url, WAIT_SECONDS, versioned_wait)
+        fleet.start()
+        time.sleep(1)  # trigger caches (FLEET_TRIGGER_CACHE_SECONDS=0.5)
+        try:
+            yield fleet, receiver
+        finally:
+            result.seconds = round(time.monotonic() - started, 1)
+            result.figures["worker_rss_mb_end"] = fleet.rss_mb()
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def kill_workers(events: int = 2000, rate: float = 100, users: int = 300,
+                 every: float = 3.0) -> ChaosResult:
+    """kill -9 of workers in a loop under load: main processes and pool children, every queue."""
+    result = ChaosResult("kill-workers")
+    targets = itertools.cycle([(EVENTS, "main"), (WORKFLOWS, "child"), (ACTIONS, "main"),
+                               (EVENTS, "child"), (WORKFLOWS, "main"), (ACTIONS, "child")])
+    with running_fleet(result) as (fleet, receiver):
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+        sender = in_background(lambda: publisher.run(events, rate))
+        while sender.is_alive():
+            time.sleep(every)
+            queue, what = next(targets)
+            if what == "main":
+                fleet.kill_worker(queue)
+            else:
+                fleet.kill_pool_child(queue)
+        sender.join()
+        result.injected = list(fleet.kills)
+        fleet.wait_workers()
+        return finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+
+
+def redis_restart(events: int = 1500, rate: float = 100, users: int = 300,
+                  restarts: int = 2) -> ChaosResult:
+    """The broker restarted (twice) while producers publish and workers consume.
+
+    Runs on a Valkey of its own (the embedded one, append-only file on), so the
+    configured broker is never touched. Webhooks answer after 0.3 s, so operator
+    calls are in flight when the connections drop: none may run twice at once.
+    """
+    from workers.embedded import EmbeddedServices
+
+    result = ChaosResult("redis-restart")
+    with tempfile.TemporaryDirectory(prefix="fleet-chaos-redis-") as home:
+        broker = EmbeddedServices(Path(home))
+        port = broker.start_valkey()
+        try:
+            with running_fleet(result, broker_url=f"redis://127.0.0.1:{port}/0",
+                               webhook_delay=0.3) as (fleet, receiver):
+                publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+                sender = in_background(lambda: publisher.run(events, rate))
+                pause = events / rate / (restarts + 1)
+                for n in range(restarts):
+                    time.sleep(pause)
+                    down = time.monotonic()
+                    broker.stop_valkey()
+                    time.sleep(1.0)
+                    broker.start_valkey(port)
+                    result.injected.append(
+                        f"restart {n + 1}: broker down {time.monotonic() - down:.1f}s")
+                sender.join()
+                fleet.wait_workers()
+                return finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+        finally:
+            broker.stop_valkey()
+
+
+def pg_terminate(events: int = 1500, rate: float = 100, users: int = 300,
+                 every: float = 0.05) -> ChaosResult:
+    """Every fleet connection to PostgreSQL terminated every 50 ms while events flow."""
+    result = ChaosResult("pg-terminate")
+    with running_fleet(result) as (fleet, receiver):
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+        stop = threading.Event()
+        killed: list[int] = []
+        killer = in_background(lambda: killed.append(
+            terminate_connections(fleet.engine, stop, every)))
+        publisher.run(events, rate)
+        stop.set()
+        killer.join()
+        result.injected.append(f"{killed[0]} backends terminated")
+        return finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+
+
+def terminate_connections(engine: Engine, stop: threading.Event, every: float) -> int:
+    """Terminate the fleet's backends of `engine`'s database until `stop`; returns how many."""
+    admin = create_engine(engine.url)
+    killed = 0
+    try:
+        with admin.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            while not stop.is_set():
+                killed += len(conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name = 'lifecycle-fleet' "
+                    "AND pid <> pg_backend_pid()")).all())
+                time.sleep(every)
+    finally:
+        admin.dispose()
+    return killed
+
+
+def retention(events: int = 1500, rate: float = 100, users: int = 300,
+              old_rows: int = 5000) -> ChaosResult:
+    """Retention detaches, archives and drops an expired audit partition while events flow."""
+    result = ChaosResult("retention")
+    today = dt.datetime.now(dt.UTC).date()
+    old = range_containing("lifecycle_events", today - dt.timedelta(days=3 * 365))
+    with running_fleet(result) as (fleet, receiver), \
+            tempfile.TemporaryDirectory(prefix="fleet-chaos-archive-") as archive:
+        _old_audit_rows(fleet.engine, old.start, old_rows)
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+        sender = in_background(lambda: publisher.run(events, rate))
+        time.sleep(events / rate / 3)
+        from workers.retention import run_retention
+
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                report = run_retention(fleet.engine, Path(archive), today)
+                break
+            except Exception as exc:  # a lock timeout under load: the nightly job retries
+                if attempts >= 5:
+                    raise
+                result.injected.append(f"retention attempt {attempts}: {str(exc).splitlines()[0][:200]}")
+        result.injected.append(f"retention dropped {', '.join(report.dropped)} "
+                               f"while events flowed (attempt {attempts})")
+        sender.join()
+        finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+        left = fleet.scalar(text("SELECT count(*) FROM lifecycle_events WHERE created_at < :end"),
+                            {"end": old.end})
+        manifest = Path(archive) / f"{old.name}.manifest.json"
+        archived = manifest.exists() and f'"rows": {old_rows}' in manifest.read_text()
+        result.figures.update(old_rows=old_rows, old_rows_left=left, archived=archived,
+                              dropped=report.dropped)
+        if old.name not in report.dropped:
+            result.invariants.violations.append(f"{old.name} was not dropped")
+        if left:
+            result.invariants.violations.append(f"{left} expired audit rows are still there")
+        if not archived:
+            result.invariants.violations.append(f"the archive of {old.name} lacks its rows")
+        return result
+
+
+def _old_audit_rows(engine: Engine, day: dt.date, rows: int) -> None:
+    """An expired month of audit rows, in a partition of its own."""
+    from db.partitions import ensure_partition
+
+    with engine.begin() as conn:
+        ensure_partition(conn, range_containing("lifecycle_events", day))
+        user = conn.execute(text(
+            "INSERT INTO users (email, current_lifecycle_stage) "
+            "VALUES ('chaos-old@example.com', 'Acquisition') RETURNING id")).scalar_one()
+        conn.execute(text(
+            "INSERT INTO lifecycle_events (event_type, user_id, lifecycle_stage, event_data, "
+            "created_at, event_id) SELECT 'chaos.old', :u, 'Acquisition', '{}'::jsonb, "
+            ":day + (i * interval '1 minute'), gen_random_uuid() FROM generate_series(1, :n) i"),
+            {"u": user, "day": day, "n": rows})
+
+
+def version_deploy(executions: int = 1000, wait_seconds: int = 60,
+                   newer: int = 100) -> ChaosResult:
+    """A new version deployed while `executions` of the old one wait on timers.
+
+    Each execution waits `wait_seconds` on a timer, then records in `ran` which
+    definition ran it; the deploy happens once all of them wait and none has woken.
+    """
+    result = ChaosResult("version-deploy")
+    with running_fleet(result, versioned_wait=wait_seconds) as (fleet, receiver):
+        run = uuid.uuid4().hex[:8]
+        publisher = Publisher(fleet, EventStream(run, users=0))
+        first = _enrol(publisher, run, 0, executions)
+        fleet.wait_until(lambda: _resting(fleet) >= executions, wait_seconds,
+                         f"{executions} executions waiting on their timer")
+        with Session(fleet.engine) as session, session.begin():
+            deploy_workflow(session, VERSIONED, versioned_xml("v2", wait_seconds),
+                            stages=[], activate=True)
+        woken_before = fleet.scalar(text("SELECT count(*) FROM workflow_executions "
+                                         "WHERE status <> 'running'"))
+        time.sleep(1)  # trigger caches
+        second = _enrol(publisher, run, executions, newer)
+        result.injected.append(f"v2 deployed while {executions} executions of v1 waited "
+                               f"({woken_before} had ended)")
+        finish(fleet, publisher, receiver, result, timeout=TIMEOUT + wait_seconds)
+        with fleet.engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT u.email, e.workflow_version, e.variables->>'ran' FROM workflow_executions e "
+                "JOIN users u ON u.id = e.user_id")).all()
+        stored = {email: (version, ran) for email, version, ran in rows}
+        old = {stored.get(email) for email in first}
+        new = {stored.get(email) for email in second}
+        result.figures.update(old_executions=len(first), new_executions=len(second),
+                              old_ran=sorted(map(str, old)), new_ran=sorted(map(str, new)))
+        if woken_before:
+            result.invariants.violations.append(f"{woken_before} executions ended before the "
+                                                "deploy: the scenario proved nothing for them")
+        if not (len(old) == len(new) == 1 and None not in old | new
+                and next(iter(old))[1] == "v1" and next(iter(new))[1] == "v2"
+                and next(iter(old))[0] != next(iter(new))[0]):
+            result.invariants.violations.append(
+                f"(stored version, definition that ran): old executions {old}, new ones {new}")
+        return result
+
+
+def _enrol(publisher: Publisher, run: str, start: int, count: int) -> list[str]:
+    emails = [f"chaos-{run}-{n}@example.com" for n in range(start, start + count)]
+    for i in range(0, count, 100):
+        batch = [{"event_id": str(uuid.uuid4()), "event_type": ENROLLED, "user": email,
+                  "data": {"run": run}} for email in emails[i:i + 100]]
+        send_events(batch, validate=False, via=publisher.fleet.app)
+        publisher.sent.good += [e["event_id"] for e in batch]
+        publisher.sent.signups += len(batch)
+    return emails
+
+
+def _resting(fleet: ChaosFleet) -> int:
+    return int(fleet.scalar(text(
+        "SELECT count(*) FROM workflow_executions e JOIN workflows w ON w.id = e.workflow_id "
+        "WHERE w.name = :w AND e.status = 'running' AND e.step_enqueued_at IS NULL "
+        "AND e.wake_at IS NOT NULL"), {"w": VERSIONED}))
+
+
+SCENARIOS: dict[str, Callable[..., ChaosResult]] = {
+    "kill-workers": kill_workers,
+    "redis-restart": redis_restart,
+    "pg-terminate": pg_terminate,
+    "retention": retention,
+    "version-deploy": version_deploy,
+}
