@@ -601,6 +601,8 @@ class EventOutbox(Base):
         Index("idx_event_outbox_partition", "partition_key"),
         Index("idx_event_outbox_event_id", "event_id"),
         Index("idx_event_outbox_status_created", "status", "created_at"),
+        Index("idx_event_outbox_unconfirmed", "published_at",
+              postgresql_where=text("status = 'PUBLISHED' AND confirmed_at IS NULL")),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -614,6 +616,8 @@ class EventOutbox(Base):
     published_at: Mapped[dt.datetime | None]
     retry_count: Mapped[int | None] = mapped_column(Integer, server_default=text("0"))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # --- not in the seed: when the event was seen in event_inbox or dead_letters ---
+    confirmed_at: Mapped[dt.datetime | None]
 
 
 PARTITIONED_TABLES: dict[str, tuple[str, str]] = {

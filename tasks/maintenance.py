@@ -7,8 +7,10 @@ import datetime as dt
 from db.partitions import ensure_partitions_ahead
 from workers.base_task import FleetTask
 from workers.celery_app import app
+from workers.health import queue_depths
 from workers.log import get_logger
-from workers.queues import TaskNames
+from workers.queues import EVENTS, TaskNames
+from workers.settings import get_settings
 
 log = get_logger(__name__)
 
@@ -24,10 +26,21 @@ def ensure_partitions(self: FleetTask) -> list[str]:
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.RELAY_OUTBOX)
 def relay_outbox(self: FleetTask, limit: int = 500) -> int:
-    """Publish pending outbox rows (beat, every few seconds)."""
+    """Publish pending outbox rows (beat, every few seconds), after confirming older ones.
+
+    Arrival is judged only while the events queue is empty: behind a backlog an
+    event is late, not lost, and publishing it again would only grow the backlog.
+    """
+    from workers.events.outbox import confirm_published
     from workers.events.outbox import relay_outbox as relay
     from workers.producer import publish_batch
 
+    settings = get_settings()
+    if not queue_depths(settings.broker_url or "", settings.broker_key_prefix, (EVENTS,))[EVENTS]:
+        confirmed, again = confirm_published(
+            self.session, dt.timedelta(seconds=settings.outbox_confirm_seconds))
+        if again:
+            log.warning("outbox.republishing", events=again, confirmed=confirmed)
     published = relay(self.session, publish_batch, limit)
     if published:
         log.info("outbox.relayed", published=published)
@@ -61,7 +74,6 @@ def retention(self: FleetTask, dry_run: bool = False) -> dict[str, object]:
 
     from db.session import get_engine
     from workers.retention import run_retention
-    from workers.settings import get_settings
 
     settings = get_settings()
     report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",

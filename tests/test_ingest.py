@@ -295,6 +295,59 @@ def test_outbox_relay_publishes_once_even_if_marking_fails(
     assert _audit(engine, event_id) == 1
 
 
+def test_outbox_rows_whose_event_never_arrived_are_published_again(fresh_database: str) -> None:
+    """The broker accepted the message but lost it (a Redis restart between BRPOP and the
+    unacked record): only the fleet's inbox can tell, so the relay checks it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from db.migrate import upgrade
+    from workers.events.outbox import add_to_outbox, confirm_published
+
+    upgrade(fresh_database)
+    engine = create_engine(fresh_database)
+    with Session(engine) as session, session.begin():
+        ingested, lost, rejected, recent = (
+            add_to_outbox(session, "test.outboxed", user=f"o{i}@example.com") for i in range(4))
+        session.execute(text("UPDATE event_outbox SET status = 'PUBLISHED', published_at = "
+                             "CASE WHEN event_id = :recent THEN now() "
+                             "ELSE now() - interval '1 hour' END"), {"recent": recent})
+        session.execute(text("INSERT INTO event_inbox (event_id, event_type) "
+                             "VALUES (:e, 'test.outboxed')"), {"e": ingested})
+        session.execute(text("INSERT INTO dead_letters (source, reason, raw_payload, event_id) "
+                             "VALUES ('test', 'bad', '\\x00', :e)"), {"e": rejected})
+    with Session(engine) as session, session.begin():
+        assert confirm_published(session, dt.timedelta(minutes=15)) == (2, 1)
+    with engine.connect() as conn:
+        rows = {r.event_id: r for r in conn.execute(text(
+            "SELECT event_id, status, confirmed_at, retry_count, error_message FROM event_outbox"))}
+    assert rows[ingested].confirmed_at and rows[rejected].confirmed_at
+    assert (rows[lost].status, rows[lost].retry_count, rows[lost].confirmed_at) == ("PENDING", 1, None)
+    assert "not received by the fleet 900 s after publishing" in rows[lost].error_message
+    assert (rows[recent].status, rows[recent].confirmed_at) == ("PUBLISHED", None)
+    with Session(engine) as session, session.begin():  # nothing more is due
+        assert confirm_published(session, dt.timedelta(minutes=15)) == (0, 0)
+    engine.dispose()
+
+
+def test_the_relay_publishes_again_an_event_the_broker_lost(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    from db.session import session_scope
+    from workers.celery_app import app
+    from workers.events.outbox import add_to_outbox
+    from workers.queues import TaskNames
+
+    with session_scope() as session:  # published an hour ago, never delivered
+        event_id = add_to_outbox(session, "test.outbox_lost", user=f"{uuid.uuid4().hex[:8]}@x.io")
+        session.execute(text("UPDATE event_outbox SET status = 'PUBLISHED', "
+                             "published_at = now() - interval '1 hour' WHERE event_id = :e"),
+                        {"e": event_id})
+    app.send_task(TaskNames.RELAY_OUTBOX)
+    _wait_ingested(engine, event_id)
+    assert _one(engine, "SELECT retry_count FROM event_outbox WHERE event_id = :e", e=event_id) == 1
+    assert _audit(engine, event_id) == 1
+
+
 def test_poison_broker_messages_are_dead_lettered(engine: Engine,
                                                   celery_worker: WorkerProcess) -> None:
     from kombu import Exchange

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         description="HMAC-SHA256 key signing send_webhook bodies (X-Fleet-Signature); unsigned if unset.",
     )
     webhook_timeout: float = Field(default=10.0, description="send_webhook request timeout, seconds.")
+    outbox_confirm_seconds: int = Field(
+        default=900,
+        description="An outbox row published this long ago whose event has not reached the "
+        "fleet (inbox or dead letters) is published again (judged only when the events "
+        "queue is empty).",
+    )
     stuck_step_seconds: int = Field(
         default=600,
         description="A step or operator call sent longer ago than this is re-sent by the reaper "

@@ -5,6 +5,12 @@ publishes pending rows in one batch message and marks them published in the same
 transaction. If the relay dies between publishing and committing, the rows are
 published again later and ingest's event_id dedupe makes that a no-op downstream:
 an event is never lost between a commit and the broker, and takes effect once.
+
+A message the broker accepted can still be lost on its way to a worker: kombu's
+Redis transport pops a message (BRPOP) before it records it as unacknowledged, so
+a broker restart in between drops it. `confirm_published` closes that gap for
+outbox producers: a published row whose event never reached `event_inbox` (or the
+dead-letter table) goes back to PENDING and is published again.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import EventOutbox
@@ -79,3 +85,37 @@ def relay_outbox(session: Session, publish: Callable[[list[dict[str, Any]]], Non
         )
     )
     return len(rows)
+
+
+def confirm_published(session: Session, older_than: dt.timedelta,
+                      limit: int = 5000) -> tuple[int, int]:
+    """Confirm published rows whose event arrived; put the others back to PENDING.
+
+    Looks only at rows published more than `older_than` ago and not yet confirmed
+    (a partial index keeps that set small). A row is confirmed when its event_id is
+    in the inbox (ingested, or a duplicate of an ingested one) or in dead_letters
+    (rejected); otherwise it is published again, which ingest's dedupe makes safe
+    if the first message was only late. After MAX_PUBLISH_ATTEMPTS it is FAILED.
+    Returns (confirmed, republished).
+    """
+    rows = session.execute(text(
+        "WITH due AS (SELECT id, event_id FROM event_outbox "
+        "  WHERE status = 'PUBLISHED' AND confirmed_at IS NULL "
+        "  AND published_at < now() - make_interval(secs => :age) "
+        "  ORDER BY published_at LIMIT :limit FOR UPDATE SKIP LOCKED), "
+        "seen AS (SELECT due.id, EXISTS (SELECT 1 FROM event_inbox i WHERE i.event_id = due.event_id) "
+        "  OR EXISTS (SELECT 1 FROM dead_letters l WHERE l.event_id = due.event_id) AS arrived "
+        "  FROM due) "
+        "UPDATE event_outbox o SET "
+        "  confirmed_at = CASE WHEN seen.arrived THEN now() END, "
+        "  status = CASE WHEN seen.arrived THEN 'PUBLISHED' "
+        "    WHEN o.retry_count + 1 >= :max THEN 'FAILED' ELSE 'PENDING' END, "
+        "  retry_count = o.retry_count + CASE WHEN seen.arrived THEN 0 ELSE 1 END, "
+        "  error_message = CASE WHEN seen.arrived THEN o.error_message "
+        "    ELSE :why END "
+        "FROM seen WHERE o.id = seen.id RETURNING seen.arrived"),
+        {"age": older_than.total_seconds(), "limit": limit, "max": MAX_PUBLISH_ATTEMPTS,
+         "why": f"not received by the fleet {older_than.total_seconds():.0f} s after publishing"},
+    ).scalars().all()
+    confirmed = sum(1 for arrived in rows if arrived)
+    return confirmed, len(rows) - confirmed
