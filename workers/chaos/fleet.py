@@ -29,6 +29,7 @@ FAST_RECOVERY = {
     "FLEET_RETRY_BACKOFF_BASE": "0.2",
     "FLEET_RETRY_BACKOFF_MAX": "2",
     "FLEET_STUCK_STEP_SECONDS": "8",
+    "FLEET_OUTBOX_CONFIRM_SECONDS": "10",
     "FLEET_TRIGGER_CACHE_SECONDS": "0.5",
     "FLEET_WEBHOOK_TIMEOUT": "5",
 }
@@ -54,8 +55,14 @@ class ChaosFleet(BenchEnvironment):
             argv=celery_argv("worker", "-Q", queue, "-n", hostname, "-c", str(self.concurrency),
                              *worker_options(queue), "--without-mingle", "--without-gossip",
                              "--loglevel", "WARNING"),
-            ready=lambda: bool(self.app.control.ping(destination=[hostname], timeout=0.5)),
+            ready=lambda: self._answers(hostname),
         )
+
+    def _answers(self, hostname: str) -> bool:
+        try:
+            return bool(self.app.control.ping(destination=[hostname], timeout=0.5))
+        except Exception:  # the broker restarting or still loading its data: not yet
+            return False
 
     def start(self, timeout: float = 90) -> None:
         """Start the fleet; a SIGTERM to this process from now on stops it (SystemExit)."""

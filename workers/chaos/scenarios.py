@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import tempfile
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
+from db.models import EventOutbox
 from db.partitions import range_containing
 from workers.chaos.fleet import ChaosFleet
 from workers.chaos.invariants import InvariantReport, check
@@ -38,8 +40,9 @@ from workers.chaos.program import (
 )
 from workers.chaos.receiver import WebhookServer, webhook_server
 from workers.definitions import deploy_workflow
+from workers.events.outbox import add_to_outbox
 from workers.producer import PublishError, send_event, send_events
-from workers.queues import ACTIONS, EVENTS, WORKFLOWS
+from workers.queues import ACTIONS, EVENTS, WORKFLOWS, TaskNames
 
 BATCH = 20  # envelopes per batch message; every third message is a batch
 TIMEOUT = 180.0  # seconds a scenario may take to settle after the fault, plus …
@@ -65,11 +68,16 @@ class ChaosResult:
 
 
 class Publisher:
-    """Sends a stream's envelopes to a fleet at a steady rate, recording what was handed over."""
+    """Sends a stream's envelopes to a fleet at a steady rate, recording what was handed over.
 
-    def __init__(self, fleet: ChaosFleet, stream: EventStream) -> None:
+    With `outbox`, envelopes are written to the fleet's event_outbox instead (as a
+    producer sharing the database does) and the beat's relay publishes them.
+    """
+
+    def __init__(self, fleet: ChaosFleet, stream: EventStream, outbox: bool = False) -> None:
         self.fleet = fleet
         self.stream = iter(stream)
+        self.outbox = outbox
         self.sent = SentLog()
         self.failures = 0  # publishes that raised PublishError after every retry
         self._messages = itertools.count()
@@ -77,6 +85,27 @@ class Publisher:
     def publish(self, count: int) -> None:
         """One message: a single event, or (every third) a batch of up to BATCH envelopes."""
         envelopes = [next(self.stream) for _ in range(count)]
+        if self.outbox:
+            self._write_outbox(envelopes)
+        else:
+            self._send(envelopes)
+        for envelope, good in envelopes:
+            (self.sent.good if good else self.sent.bad).append(envelope["event_id"])
+            self.sent.signups += good and envelope["event_type"] == SIGNED_UP
+
+    def _write_outbox(self, envelopes: list[tuple[dict[str, Any], bool]]) -> None:
+        with Session(self.fleet.engine) as session, session.begin():
+            for e, good in envelopes:
+                if good:
+                    add_to_outbox(session, e["event_type"], user=e["user"], data=e["data"],
+                                  event_id=e["event_id"])
+                else:  # as a producer that skips validation would (jsonb holds no NUL)
+                    payload = json.loads(json.dumps(e).replace("\\u0000", ""))
+                    session.add(EventOutbox(event_id=e["event_id"], topic=TaskNames.INGEST_BATCH,
+                                            headers={}, payload=payload))
+
+    def _send(self, envelopes: list[tuple[dict[str, Any], bool]]) -> None:
+        count = len(envelopes)
         try:
             if count == 1 and envelopes[0][1]:
                 e = envelopes[0][0]
@@ -92,10 +121,7 @@ class Publisher:
                 send_events([e for e, _ in envelopes], validate=False, via=self.fleet.app)
         except PublishError:
             self.failures += 1
-            return
-        for envelope, good in envelopes:
-            (self.sent.good if good else self.sent.bad).append(envelope["event_id"])
-            self.sent.signups += good and envelope["event_type"] == SIGNED_UP
+            envelopes.clear()  # not handed over: not counted as sent
 
     def run(self, events: int, rate: float, stop: threading.Event | None = None) -> None:
         """About `events` envelopes at `rate` per second (bad ones only travel in batches)."""
@@ -136,11 +162,29 @@ def finish(fleet: ChaosFleet, publisher: Publisher, receiver: WebhookServer | No
            result: ChaosResult, timeout: float) -> ChaosResult:
     """Wait until every event is accounted for and every journey has ended; check."""
     timeout += PER_JOURNEY * publisher.sent.signups
-    fleet.wait_until(lambda: accounted(fleet, publisher.sent), timeout, "every event accounted for")
-    fleet.wait_until(lambda: journeys_done(fleet), timeout, "every execution ended")
+    unsettled: list[str] = []
+    for what, settled in (("every event accounted for", lambda: accounted(fleet, publisher.sent)),
+                          ("every execution ended", lambda: journeys_done(fleet))):
+        try:
+            fleet.wait_until(settled, timeout, what)
+        except TimeoutError as exc:  # checked anyway: the report says what is missing
+            unsettled.append(f"{exc}; queue depths {fleet.depths()}")
     result.invariants = check(fleet.engine, publisher.sent, receiver)
+    result.invariants.violations[:0] = unsettled
     result.figures["publish_failures"] = publisher.failures
+    if unsettled:
+        result.figures["log_errors"] = log_errors(fleet.log_dir)
     return result
+
+
+def log_errors(log_dir: Path, limit: int = 40) -> list[str]:
+    """The last error lines of the fleet's processes (their logs go when the run ends)."""
+    lines: list[str] = []
+    for path in sorted(log_dir.glob("*.log")):
+        lines += [f"{path.stem}: {line.strip()[:300]}"
+                  for line in path.read_text(errors="replace").splitlines()
+                  if any(word in line for word in ("ERROR", "CRITICAL", "Error:", "error="))]
+    return lines[-limit:]
 
 
 @contextmanager
@@ -191,6 +235,9 @@ def redis_restart(events: int = 1500, rate: float = 100, users: int = 300,
     Runs on a Valkey of its own (the embedded one, append-only file on), so the
     configured broker is never touched. Webhooks answer after 0.3 s, so operator
     calls are in flight when the connections drop: none may run twice at once.
+    Producers write to the outbox: kombu's Redis transport can drop a message popped
+    at the instant of a restart, which only the relay's confirmation recovers
+    (a direct `send_event` cannot; RELIABILITY.md).
     """
     from workers.embedded import EmbeddedServices
 
@@ -201,7 +248,8 @@ def redis_restart(events: int = 1500, rate: float = 100, users: int = 300,
         try:
             with running_fleet(result, broker_url=f"redis://127.0.0.1:{port}/0",
                                webhook_delay=0.3) as (fleet, receiver):
-                publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+                publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users),
+                                      outbox=True)
                 sender = in_background(lambda: publisher.run(events, rate))
                 pause = events / rate / (restarts + 1)
                 for n in range(restarts):
@@ -214,7 +262,10 @@ def redis_restart(events: int = 1500, rate: float = 100, users: int = 300,
                         f"restart {n + 1}: broker down {time.monotonic() - down:.1f}s")
                 sender.join()
                 fleet.wait_workers()
-                return finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+                finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+                result.figures["outbox_published_again"] = fleet.scalar(text(
+                    "SELECT count(*) FROM event_outbox WHERE retry_count > 0"))
+                return result
         finally:
             broker.stop_valkey()
 
