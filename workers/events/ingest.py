@@ -87,20 +87,21 @@ def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]
     ids = sorted({e.user_id for e in events if e.user_id})
     rows: list[Any] = []
     if emails:
-        # One round trip: the rows this statement inserts are not visible to its own
-        # SELECT of users, so the UNION returns every user exactly once.
+        # Most users exist already: a plain SELECT costs a third of an upsert of all.
         rows += session.execute(text(
-            f"WITH created AS (INSERT INTO users (email, current_lifecycle_stage) "
-            f"SELECT unnest(CAST(:emails AS text[])), 'Acquisition' "
-            f"ON CONFLICT (email) DO NOTHING RETURNING {USER_COLUMNS}) "
-            f"SELECT {USER_COLUMNS} FROM created UNION ALL "
             f"SELECT {USER_COLUMNS} FROM users WHERE email = ANY(CAST(:emails AS text[]))"),
             {"emails": emails}).all()
-        missing = sorted(set(emails) - {r.email for r in rows})
-        if missing:  # created by a concurrent transaction after this statement's snapshot
+        new = sorted(set(emails) - {r.email for r in rows})
+        if new:
             rows += session.execute(text(
-                f"SELECT {USER_COLUMNS} FROM users WHERE email = ANY(CAST(:emails AS text[]))"),
-                {"emails": missing}).all()
+                f"INSERT INTO users (email, current_lifecycle_stage) "
+                f"SELECT unnest(CAST(:emails AS text[])), 'Acquisition' "
+                f"ON CONFLICT (email) DO NOTHING RETURNING {USER_COLUMNS}"), {"emails": new}).all()
+            raced = sorted(set(new) - {r.email for r in rows})
+            if raced:  # created by a concurrent transaction after this statement's snapshot
+                rows += session.execute(text(
+                    f"SELECT {USER_COLUMNS} FROM users WHERE email = ANY(CAST(:emails AS text[]))"),
+                    {"emails": raced}).all()
     if ids:
         rows += session.execute(text(
             f"SELECT {USER_COLUMNS} FROM users WHERE id = ANY(CAST(:ids AS uuid[]))"),
