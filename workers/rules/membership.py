@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import cast, delete, func, literal, or_, select, union_all
+from sqlalchemy import cast, delete, func, literal, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -47,6 +47,19 @@ def segment_info(row: Any) -> SegmentInfo:
                        dt.timedelta(seconds=row.ttl_seconds))
 
 
+# Joined with unnest(:users), not `user_id = ANY(:users)`: once prepared, PostgreSQL's
+# generic plan compares each row with every element of an ANY parameter.
+PREFETCH = text(
+    "SELECT m.user_id, m.segment_id, true AS member FROM user_segment_memberships m "
+    "JOIN unnest(CAST(:users AS uuid[])) AS k(user_id) ON m.user_id = k.user_id "
+    "WHERE m.segment_id = ANY(CAST(:segments AS uuid[])) "
+    "AND (m.valid_until IS NULL OR m.valid_until > :now) "
+    "UNION ALL "
+    "SELECT x.user_id, x.segment_id, false FROM segment_exclusions x "
+    "JOIN unnest(CAST(:users AS uuid[])) AS k(user_id) ON x.user_id = k.user_id "
+    "WHERE x.segment_id = ANY(CAST(:segments AS uuid[])) AND x.valid_until > :now")
+
+
 class MembershipResolver:
     """Answers `is_member(user, segment)` for one message, from a batched prefetch."""
 
@@ -65,16 +78,9 @@ class MembershipResolver:
         pending = [(u, s) for s in segments for u in users if (u, s) not in self.known]
         if not pending:
             return
-        users_param = cast(sorted({u for u, _ in pending}), ARRAY(PG_UUID))
-        segments_param = cast(sorted({s for _, s in pending}), ARRAY(PG_UUID))
-        valid = self.session.execute(union_all(
-            select(M.user_id, M.segment_id, literal(True).label("member")).where(
-                M.user_id == func.any(users_param), M.segment_id == func.any(segments_param),
-                or_(M.valid_until.is_(None), M.valid_until > self.now)),
-            select(X.user_id, X.segment_id, literal(False).label("member")).where(
-                X.user_id == func.any(users_param), X.segment_id == func.any(segments_param),
-                X.valid_until > self.now),
-        )).all()
+        valid = self.session.execute(PREFETCH, {
+            "users": sorted({u for u, _ in pending}), "segments": sorted({s for _, s in pending}),
+            "now": self.now}).all()
         cached = {(r.user_id, r.segment_id) for r in valid}
         self.members.update((r.user_id, r.segment_id) for r in valid if r.member)
         for segment_id, segment in segments.items():
