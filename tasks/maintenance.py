@@ -26,21 +26,18 @@ def ensure_partitions(self: FleetTask) -> list[str]:
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.RELAY_OUTBOX)
 def relay_outbox(self: FleetTask, limit: int = 500) -> int:
-    """Publish pending outbox rows (beat, every few seconds), after confirming older ones.
-
-    Arrival is judged only while the events queue is empty: behind a backlog an
-    event is late, not lost, and publishing it again would only grow the backlog.
-    """
+    """Publish pending outbox rows (beat, every few seconds), after confirming older ones."""
     from workers.events.outbox import confirm_published
     from workers.events.outbox import relay_outbox as relay
     from workers.producer import publish_batch
 
     settings = get_settings()
-    if not queue_depths(settings.broker_url or "", settings.broker_key_prefix, (EVENTS,))[EVENTS]:
-        confirmed, again = confirm_published(
-            self.session, dt.timedelta(seconds=settings.outbox_confirm_seconds))
-        if again:
-            log.warning("outbox.republishing", events=again, confirmed=confirmed)
+    confirmed, again = confirm_published(
+        self.session, dt.timedelta(seconds=settings.outbox_confirm_seconds),
+        lambda: queue_depths(settings.broker_url or "", settings.broker_key_prefix,
+                             (EVENTS,))[EVENTS] > 0)
+    if again:
+        log.warning("outbox.republishing", events=again, confirmed=confirmed)
     published = relay(self.session, publish_batch, limit)
     if published:
         log.info("outbox.relayed", published=published)

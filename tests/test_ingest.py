@@ -317,7 +317,7 @@ def test_outbox_rows_whose_event_never_arrived_are_published_again(fresh_databas
         session.execute(text("INSERT INTO dead_letters (source, reason, raw_payload, event_id) "
                              "VALUES ('test', 'bad', '\\x00', :e)"), {"e": rejected})
     with Session(engine) as session, session.begin():
-        assert confirm_published(session, dt.timedelta(minutes=15)) == (2, 1)
+        assert confirm_published(session, dt.timedelta(minutes=15), lambda: False) == (2, 1)
     with engine.connect() as conn:
         rows = {r.event_id: r for r in conn.execute(text(
             "SELECT event_id, status, confirmed_at, retry_count, error_message FROM event_outbox"))}
@@ -325,8 +325,15 @@ def test_outbox_rows_whose_event_never_arrived_are_published_again(fresh_databas
     assert (rows[lost].status, rows[lost].retry_count, rows[lost].confirmed_at) == ("PENDING", 1, None)
     assert "not received by the fleet 900 s after publishing" in rows[lost].error_message
     assert (rows[recent].status, rows[recent].confirmed_at) == ("PUBLISHED", None)
+    with Session(engine) as session, session.begin():  # behind a backlog nothing is judged
+        session.execute(text("UPDATE event_outbox SET status = 'PUBLISHED', "
+                             "published_at = now() - interval '1 hour' WHERE event_id = :e"),
+                        {"e": lost})
+        assert confirm_published(session, dt.timedelta(minutes=15), lambda: True) == (0, 0)
+        session.execute(text("UPDATE event_outbox SET status = 'PENDING' WHERE event_id = :e"),
+                        {"e": lost})
     with Session(engine) as session, session.begin():  # nothing more is due
-        assert confirm_published(session, dt.timedelta(minutes=15)) == (0, 0)
+        assert confirm_published(session, dt.timedelta(minutes=15), lambda: False) == (0, 0)
     engine.dispose()
 
 

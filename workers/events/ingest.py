@@ -77,9 +77,11 @@ def _reject(session: Session, source: str, raw: Any, reason: str, result: Ingest
 USER_COLUMNS = "id, email, current_lifecycle_stage, attributes, created_at"
 
 
-USERS_BY_EMAIL = text(
-    f"SELECT {', '.join('u.' + c for c in USER_COLUMNS.split(', '))} "
-    "FROM unnest(CAST(:emails AS text[])) AS k(email) JOIN users u ON u.email = k.email")
+_U_COLUMNS = ", ".join(f"u.{c}" for c in USER_COLUMNS.split(", "))
+USERS_BY_EMAIL = text(f"SELECT {_U_COLUMNS} FROM unnest(CAST(:emails AS text[])) AS k(email) "
+                      "JOIN users u ON u.email = k.email")
+USERS_BY_ID = text(f"SELECT {_U_COLUMNS} FROM unnest(CAST(:ids AS uuid[])) AS k(id) "
+                   "JOIN users u ON u.id = k.id")
 
 
 def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]:
@@ -108,10 +110,7 @@ def _resolve_users(session: Session, events: list[Event]) -> dict[str, UserView]
             if raced:  # created by a concurrent transaction after this statement's snapshot
                 rows += session.execute(USERS_BY_EMAIL, {"emails": raced}).all()
     if ids:
-        rows += session.execute(text(
-            f"SELECT {', '.join('u.' + c for c in USER_COLUMNS.split(', '))} "
-            "FROM unnest(CAST(:ids AS uuid[])) AS k(id) JOIN users u ON u.id = k.id"),
-            {"ids": ids}).all()
+        rows += session.execute(USERS_BY_ID, {"ids": ids}).all()
     users: dict[str, UserView] = {}
     for row in rows:
         view = UserView(id=row.id, email=row.email, stage=row.current_lifecycle_stage,

@@ -88,7 +88,7 @@ def relay_outbox(session: Session, publish: Callable[[list[dict[str, Any]]], Non
 
 
 def confirm_published(session: Session, older_than: dt.timedelta,
-                      limit: int = 5000) -> tuple[int, int]:
+                      events_queued: Callable[[], bool], limit: int = 5000) -> tuple[int, int]:
     """Confirm published rows whose event arrived; put the others back to PENDING.
 
     Looks only at rows published more than `older_than` ago and not yet confirmed
@@ -96,8 +96,16 @@ def confirm_published(session: Session, older_than: dt.timedelta,
     in the inbox (ingested, or a duplicate of an ingested one) or in dead_letters
     (rejected); otherwise it is published again, which ingest's dedupe makes safe
     if the first message was only late. After MAX_PUBLISH_ATTEMPTS it is FAILED.
+    Nothing is judged while `events_queued()`: behind a backlog an event is late,
+    not lost (asked only when some row is due, so the relay rarely asks the broker).
     Returns (confirmed, republished).
     """
+    due = session.execute(text(
+        "SELECT EXISTS (SELECT 1 FROM event_outbox WHERE status = 'PUBLISHED' "
+        "AND confirmed_at IS NULL AND published_at < now() - make_interval(secs => :age))"),
+        {"age": older_than.total_seconds()}).scalar_one()
+    if not due or events_queued():
+        return 0, 0
     rows = session.execute(text(
         "WITH due AS (SELECT id, event_id FROM event_outbox "
         "  WHERE status = 'PUBLISHED' AND confirmed_at IS NULL "
