@@ -575,6 +575,9 @@ class DeadLetter(Base):
     event_id: Mapped[uuid.UUID | None]
     # Exactly the bytes received (may be invalid UTF-8 or not JSON at all).
     raw_payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # The size and SHA-256 of the whole body: raw_payload keeps at most its first MiB.
+    raw_size: Mapped[int | None] = mapped_column(BigInteger)
+    raw_sha256: Mapped[str | None] = mapped_column(String(64))
     # The payload parsed, when it was valid JSON: handy for queries and fixing.
     payload: Mapped[dict[str, Any] | None]
     status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from workers.base_task import backoff_delay
+from workers.boundary import Router
 from workers.celery_app import app, celery_config
 from workers.errors import PermanentError, TransientError, is_outage, is_transient
 from workers.queues import QUEUE_NAMES, route_for_task
@@ -30,6 +31,21 @@ def test_every_queue_is_declared_and_routed_by_prefix() -> None:
     for queue in QUEUE_NAMES:
         assert route_for_task(f"{queue}.anything") == {"queue": queue, "routing_key": queue}
     assert route_for_task("bench.noop") is None
+
+
+def test_routes_come_from_the_boundary_router() -> None:
+    """The events queue is published to without declaring (workers/boundary.py)."""
+    [router] = app.conf.task_routes
+    assert isinstance(router, Router)
+    assert app.amqp.router.route({}, "events.ingest")["declare"] == []
+
+
+def test_rabbitmq_publishes_wait_for_the_brokers_confirm() -> None:
+    """Without confirms a publish RabbitMQ refuses (no permission) vanishes after returning."""
+    rabbitmq = celery_config(Settings(CELERY_BROKER_URL="amqp://u:p@h:5672/v"))
+    assert rabbitmq["broker_transport_options"]["confirm_publish"] is True
+    redis = celery_config(Settings(CELERY_BROKER_URL="redis://x"))
+    assert "confirm_publish" not in redis["broker_transport_options"]
 
 
 def test_key_prefix_reaches_the_transport() -> None:

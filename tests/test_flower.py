@@ -5,28 +5,34 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.helpers import ROOT, SERVERS, WorkerProcess, wait_for, worker_env
+from workers.broker import delete_prefixed_keys
 from workers.embedded import free_port
+from workers.queues import MAINTENANCE, TaskNames
 
 pytestmark = pytest.mark.servers
 AUTH = ("ops", f"pw-{uuid.uuid4().hex[:8]}")
 
 
-@pytest.fixture(scope="module")
-def flower() -> Iterator[str]:
-    """`fleet flower` (which execs `celery -A workers.celery_app flower`) with basic auth."""
+@contextmanager
+def running_flower(**env: str) -> Iterator[str]:
+    """`fleet flower` (which execs `celery -A workers.celery_app flower`) with `env`; its URL."""
     port = free_port()
-    env = worker_env(FLEET_FLOWER_PORT=str(port), FLEET_FLOWER_BASIC_AUTH=":".join(AUTH))
+    environment = worker_env(FLEET_FLOWER_PORT=str(port), **env)
+    if "FLEET_FLOWER_BASIC_AUTH" not in env:
+        environment.pop("FLEET_FLOWER_BASIC_AUTH", None)
     log_path = SERVERS.home / f"flower-{port}.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "workers.cli.main", "flower"], env=env,
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "workers.cli.main", "flower"],
+                                env=environment, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
@@ -50,6 +56,29 @@ def flower() -> Iterator[str]:
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def flower() -> Iterator[str]:
+    """Flower with basic auth on the session's broker."""
+    with running_flower(FLEET_FLOWER_BASIC_AUTH=":".join(AUTH)) as base:
+        yield base
+
+
+@contextmanager
+def private_flower(**env: str) -> Iterator[tuple[str, Callable[[], int]]]:
+    """Flower on a key prefix nothing consumes; yields its URL and the maintenance queue's length.
+
+    A task Flower accepted stays in that queue: its length says whether it was sent.
+    """
+    prefix = f"fleet-test-flower-{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(SERVERS.broker_url)
+    try:
+        with running_flower(FLEET_BROKER_KEY_PREFIX=prefix, **env) as base:
+            yield base, lambda: int(client.llen(f"{prefix}{MAINTENANCE}"))
+    finally:
+        client.close()
+        delete_prefixed_keys(SERVERS.broker_url, prefix)
+
+
 def _api(base: str, path: str, **params: Any) -> Any:
     response = httpx.get(f"{base}{path}", params=params, auth=AUTH, timeout=10)
     response.raise_for_status()
@@ -68,9 +97,7 @@ def test_api_needs_the_credentials(flower: str) -> None:
 
 def test_flower_sees_the_worker_and_the_fleets_tasks(flower: str,
                                                      celery_worker: WorkerProcess) -> None:
-    from workers.celery_app import app
     from workers.producer import send_event, send_events
-    from workers.queues import TaskNames
 
     workers = wait_for(lambda: celery_worker.hostname in (w := _api(flower, "/api/workers",
                                                                     refresh=1)) and w,
@@ -80,11 +107,10 @@ def test_flower_sees_the_worker_and_the_fleets_tasks(flower: str,
     # Flower only knows tasks whose events it received: wait until its event
     # consumer is listening (a probe task shows up) before sending the real ones.
     def probe_seen() -> bool:
-        marker = uuid.uuid4().hex
-        app.send_task(TaskNames.BENCH_NOOP, args=[marker])
+        marker = str(send_event("flower.probed", user=f"probe-{uuid.uuid4().hex[:8]}@example.com"))
         try:
             return wait_for(lambda: any(marker in (t.get("args") or "") for t in _tasks(
-                flower, taskname=TaskNames.BENCH_NOOP)), timeout=2, interval=0.2)
+                flower, taskname=TaskNames.INGEST)), timeout=2, interval=0.2)
         except pytest.fail.Exception:
             return False
 
@@ -122,3 +148,38 @@ def test_flower_sees_the_worker_and_the_fleets_tasks(flower: str,
     # Flower shows the arguments the producer describes: ids, never the user's data.
     assert {t["args"] for t in mine if t["name"] == TaskNames.INGEST} == {
         f"[event {event_id}]" for event_id in event_ids}
+
+
+CSRF = {"Content-Type": "text/plain", "Origin": "http://evil.example"}  # a form post from any page
+RETENTION = f"/api/task/async-apply/{TaskNames.RETENTION}"
+
+
+def test_without_credentials_flower_changes_nothing() -> None:
+    """A page open in a browser on this machine used to run maintenance.retention through it."""
+    with private_flower() as (base, queued):
+        for headers in (CSRF, {"Content-Type": "application/json"}):
+            response = httpx.post(f"{base}{RETENTION}", content="{}", headers=headers, timeout=10)
+            assert response.status_code == 403, response.text
+        for path in ("/api/task/revoke/x", "/api/worker/shutdown/x", "/api/worker/pool/grow/x",
+                     "/api/worker/queue/add-consumer/x", f"/api/task/send-task/{TaskNames.RETENTION}"):
+            assert httpx.post(f"{base}{path}", content="{}", headers=CSRF, timeout=10).status_code == 403
+        assert queued() == 0  # never sent, so never run
+        assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 200  # reads stay open
+
+
+def test_with_credentials_cross_site_requests_are_refused() -> None:
+    with private_flower(FLEET_FLOWER_BASIC_AUTH=":".join(AUTH)) as (base, queued):
+        assert httpx.post(f"{base}{RETENTION}", content="{}", headers={"Content-Type": "text/plain"},
+                          timeout=10).status_code == 401
+        for headers in (CSRF, {"Content-Type": "text/plain", "Sec-Fetch-Site": "cross-site"},
+                        {"Content-Type": "text/plain", "Sec-Fetch-Site": "same-site"},
+                        {"Content-Type": "text/plain", "Origin": "null"}):
+            response = httpx.post(f"{base}{RETENTION}", content="{}", headers=headers, auth=AUTH,
+                                  timeout=10)
+            assert response.status_code == 403, (headers, response.text)
+        assert queued() == 0
+        # The operator's own request (same origin, credentials) is what gets through.
+        own = {"Content-Type": "application/json", "Origin": base, "Sec-Fetch-Site": "same-origin"}
+        response = httpx.post(f"{base}{RETENTION}", content="{}", headers=own, auth=AUTH, timeout=10)
+        assert response.status_code == 200, response.text
+        assert queued() == 1

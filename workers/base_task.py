@@ -7,16 +7,22 @@ work only once its rows are committed (DESIGN decision 3). Failures are sorted b
 and full jitter up to a bound (a larger one while the database or broker is
 unreachable: `is_outage`); permanent ones, and transient ones past the bound, are
 written to the dead-letter table with the task's arguments, never dropped.
+
+The ack rule (DESIGN decision 11) holds on every path: a message is acknowledged
+only once its effect or its dead letter is committed. When neither can be stored
+(PostgreSQL stopped, refusing connections) the message is published again with a
+backoff delay for as long as that lasts; with the broker down too it is requeued.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from celery import Task
@@ -25,12 +31,16 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.session import new_session, session_scope
-from workers.dead_letters import record_dead_letter
+from workers.dead_letters import record_dead_letter, storable_key
 from workers.errors import PoisonMessage, is_outage, is_transient
 from workers.log import get_logger
+from workers.rejected import GuardedStrategy
 from workers.settings import get_settings
 
 log = get_logger(__name__)
+
+# Longest pause before a message goes back to the broker when nothing can be stored.
+REQUEUE_PAUSE_MAX = 5.0
 
 
 @dataclass
@@ -47,8 +57,12 @@ def backoff_delay(retries: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * (2**retries)))
 
 
-class FleetTask(Task):  # type: ignore[misc]
-    """Base task: see the module docstring. Subclass through `@app.task(base=FleetTask)`."""
+class FleetTask(GuardedStrategy, Task):  # type: ignore[misc]
+    """Base task: see the module docstring. Subclass through `@app.task(base=FleetTask)`.
+
+    Messages past their `expires`, with an ETA beyond the visibility timeout or on
+    another task's queue are dead-lettered before they run (`workers.rejected`).
+    """
 
     abstract = True
 
@@ -72,11 +86,11 @@ class FleetTask(Task):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=self.request.id, task_name=self.name)
-        if self._is_poison(args, kwargs):
-            return None
         unit = _UnitOfWork()
         token = _current.set(unit)
         try:
+            if self._is_poison(args, kwargs):
+                return None
             result = self._run_in_transaction(unit, args, kwargs)
             for callback in unit.after_commit:
                 callback()
@@ -95,6 +109,8 @@ class FleetTask(Task):  # type: ignore[misc]
 
         With `task_reject_on_worker_lost` such a message is requeued every time its
         process dies; past `FLEET_MAX_REDELIVERIES` it is recorded instead of run.
+        The count's own write fails like any other (database down): the caller's
+        error handling then retries the message, never acks it unrecorded.
         """
         delivery = self.request.delivery_info or {}
         if not delivery.get("redelivered") or not self.request.id:
@@ -104,7 +120,8 @@ class FleetTask(Task):  # type: ignore[misc]
                 "INSERT INTO task_redeliveries (task_id, task_name) VALUES (:i, :n) "
                 "ON CONFLICT (task_id) DO UPDATE SET redeliveries = "
                 "task_redeliveries.redeliveries + 1, last_seen = now() RETURNING redeliveries"),
-                {"i": self.request.id, "n": self.name}).scalar_one()
+                {"i": storable_key(str(self.request.id)), "n": storable_key(self.name)},
+            ).scalar_one()
         limit = get_settings().max_redeliveries
         log.warning("task.redelivered", redeliveries=count, limit=limit)
         if count <= limit:
@@ -130,26 +147,45 @@ class FleetTask(Task):  # type: ignore[misc]
                 unit.session.close()
 
     def _on_error(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Retry a transient error within the bound; otherwise dead-letter. Raises to retry."""
+        """Retry a transient error within its bound, else dead-letter; raises to retry.
+
+        Returns only once the dead letter is committed (the caller re-raises, Celery
+        records the failure and acks). Whatever cannot be stored is retried instead:
+        the message is never acknowledged without its effect or its dead letter.
+        """
         settings = get_settings()
         retries = self.request.retries or 0
         limit = settings.outage_max_retries if is_outage(exc) else settings.task_max_retries
         if is_transient(exc) and retries < limit:
-            delay = backoff_delay(retries, settings.retry_backoff_base, settings.retry_backoff_max)
-            log.warning("task.retry", error=repr(exc), retries=retries + 1, countdown=round(delay, 3))
-            try:
-                raise self.retry(exc=exc, countdown=delay, max_retries=limit)
-            except (Retry, Reject):
-                raise
-            except Exception as send_error:
-                # The retry could not be published (broker down): put the message
-                # back rather than ack it, so the work is not lost.
-                log.error("task.retry_send_failed", error=repr(send_error))
-                raise Reject(reason=repr(send_error), requeue=True) from exc
-        self._dead_letter(exc, args, kwargs, transient=is_transient(exc))
+            log.warning("task.retry", error=repr(exc), retries=retries + 1)
+            self._retry_later(exc, retries)
+        try:
+            self._dead_letter(exc, args, kwargs, transient=is_transient(exc))
+        except Exception as db_error:
+            # Not even the dead letter stores (the database is down): come back later
+            # (counted as a retry, fleet_task_retries_total).
+            log.error("task.dead_letter_failed", error=repr(db_error), reason=repr(exc))
+            self._retry_later(db_error, retries)
+
+    def _retry_later(self, exc: Exception, retries: int) -> NoReturn:
+        """Publish this message again after a backoff delay; if that fails, requeue it."""
+        settings = get_settings()
+        delay = backoff_delay(retries, settings.retry_backoff_base, settings.retry_backoff_max)
+        try:
+            # max_retries=None would mean the task's default (3): the bound is ours.
+            raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1)
+        except (Retry, Reject):
+            raise
+        except Exception as send_error:
+            # The broker is unreachable too: put the message back rather than ack it,
+            # after a pause so that a fast loop of redeliveries cannot start.
+            log.error("task.retry_send_failed", error=repr(send_error))
+            time.sleep(min(delay, REQUEUE_PAUSE_MAX))
+            raise Reject(reason=repr(send_error), requeue=True) from exc
 
     def _dead_letter(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any],
                      transient: bool) -> None:
+        """Commit a dead letter with the task's message; raises if it cannot be stored."""
         reason = f"{type(exc).__name__}: {exc}"
         if transient:
             reason = f"gave up after {self.request.retries or 0} retries: {reason}"
@@ -157,14 +193,9 @@ class FleetTask(Task):  # type: ignore[misc]
             {"task": self.name, "id": self.request.id, "args": list(args), "kwargs": kwargs},
             default=str,
         )
-        try:
-            with session_scope() as session:
-                dead_letter_id = record_dead_letter(
-                    session, source=self.name, reason=reason, raw=raw,
-                    error_type=type(exc).__qualname__,
-                )
-        except Exception as db_error:
-            # Cannot record it: leave the message on the queue instead of dropping it.
-            log.error("task.dead_letter_failed", error=repr(db_error), reason=reason)
-            raise Reject(reason=repr(db_error), requeue=True) from exc
+        with session_scope() as session:
+            dead_letter_id = record_dead_letter(
+                session, source=self.name, reason=reason, raw=raw,
+                error_type=type(exc).__qualname__,
+            )
         log.error("task.dead_lettered", dead_letter_id=dead_letter_id, reason=reason)

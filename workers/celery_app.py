@@ -10,12 +10,16 @@ from __future__ import annotations
 from celery import Celery
 
 import beat_schedule
+from workers.boundary import Router, is_amqp
+from workers.broker import transport_for
 from workers.heartbeat import HeartbeatStep
-from workers.queues import EVENTS, TASK_QUEUES, route_for_task
+from workers.queues import EVENTS, TASK_QUEUES
 from workers.settings import Settings, get_settings
 
+# `tasks.bench` is not here: bench workers load it with `--include tasks.bench`, so a
+# normal worker refuses (dead-letters) a `bench.*` message as an unknown task.
 TASK_MODULES: tuple[str, ...] = ("tasks.events", "tasks.workflows", "tasks.actions",
-                                 "tasks.segments", "tasks.maintenance", "tasks.bench")
+                                 "tasks.segments", "tasks.maintenance")
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -31,12 +35,17 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
+    if is_amqp(settings.broker_url):
+        # Wait for RabbitMQ's confirm: a publish it refuses (no permission, no such
+        # exchange) raises instead of vanishing after the call returned.
+        transport_options["confirm_publish"] = True
     return {
         "broker_url": settings.broker_url,
         # Celery prefers the CELERY_BROKER_URL variable over `broker_url`; these two it
         # does not, so an app made for another broker (chaos runs) really uses that one.
         "broker_read_url": settings.broker_url,
         "broker_write_url": settings.broker_url,
+        "broker_transport": transport_for(settings.broker_url or ""),  # a full Redis: back off
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
@@ -53,7 +62,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_queues": TASK_QUEUES,
         "task_default_queue": EVENTS,
-        "task_routes": (route_for_task,),
+        "task_routes": (Router(settings.broker_url),),  # workers/boundary.py
         "task_create_missing_queues": False,
         "task_soft_time_limit": 300,
         "task_time_limit": 360,

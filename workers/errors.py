@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import kombu.exceptions
+import psycopg
 import redis.exceptions
 import sqlalchemy.exc
 
@@ -30,36 +31,49 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     kombu.exceptions.OperationalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    psycopg.OperationalError,
     httpx.TransportError,  # webhook endpoint unreachable or slow
 )
 
 
 # A dependency is unreachable (not this message's fault): PostgreSQL or the broker down,
-# restarting or dropping connections. SQLSTATE class 08 is "connection exception";
-# 57P01-57P03 are an administrator's or a crash's shutdown and "cannot connect now".
+# restarting, refusing or dropping connections. SQLSTATE class 08 is "connection
+# exception"; 57P01-57P03 an administrator's or a crash's shutdown and "cannot connect
+# now" (starting up, in recovery); 53300 "too many connections"; 25006 a read-only
+# transaction (a failover left us on a standby).
 _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
+    TimeoutError,
     sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
+    sqlalchemy.exc.TimeoutError,  # pool exhausted: every connection busy or failing
     kombu.exceptions.OperationalError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,  # a full broker refuses writes until it drains
 )
-_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "25006")
 
 
 def is_outage(exc: BaseException) -> bool:
-    """True when the database or the broker is unreachable: retried past the usual bound.
+    """True when the database or the broker is unreachable: retried while it lasts.
 
     Dead-lettering work because PostgreSQL restarted would turn an outage into
-    manual replays, so these retries are bounded by FLEET_OUTAGE_MAX_RETRIES instead.
+    manual replays. An error the driver raises without a SQLSTATE never came from
+    the server (connection refused, reset, DNS, a socket timeout), so it is an
+    outage too: psycopg's "connection failed: ... Connection refused" is one.
     """
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         if exc.connection_invalidated:
             return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        orig = exc.orig
+        sqlstate = getattr(orig, "sqlstate", None) or ""
         if sqlstate.startswith(_OUTAGE_SQLSTATES):
             return True
+        if isinstance(orig, psycopg.OperationalError) and not sqlstate:
+            return True
+    if isinstance(exc, psycopg.OperationalError) and not getattr(exc, "sqlstate", None):
+        return True
     return isinstance(exc, _OUTAGE_TYPES)
 
 

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import kombu.exceptions
 from celery import Celery
 
 from workers.celery_app import app
@@ -34,8 +33,12 @@ def _publish(task: str, payload: Any, argsrepr: str, via: Celery | None) -> None
     try:
         (via or app).send_task(task, args=[payload], queue=EVENTS, retry=True,
                                retry_policy=RETRY_POLICY, argsrepr=argsrepr)
-    except (kombu.exceptions.OperationalError, OSError) as exc:
-        raise PublishError(f"could not publish {task} to the broker: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the caller gets one error
+        # Connection errors, a full Redis refusing writes, and kombu's own errors from a
+        # connection left broken by one (an AttributeError on a closed client): the
+        # message was not handed to the broker, so the caller must hear PublishError.
+        raise PublishError(f"could not publish {task} to the broker: "
+                           f"{type(exc).__name__}: {exc}") from exc
 
 
 def send_event(event_type: str, *, user: str | uuid.UUID, data: Mapping[str, Any] | None = None,

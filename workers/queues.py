@@ -43,6 +43,9 @@ class TaskNames:
     BENCH_HOP = "bench.hop"
 
 
+# Beat-driven sweeps of the workflows tables that run on the maintenance queue.
+SWEEPS = frozenset({TaskNames.WAKE_DUE_TIMERS, TaskNames.REAP_STUCK})
+
 # Messages a worker of the queue may hold unacknowledged, per pool process. The
 # events worker buffers single-event messages into micro-batches of up to 100
 # (workers/events/micro_batch.py), so it must be allowed to hold that many.
@@ -57,7 +60,13 @@ def worker_options(queues: str) -> list[str]:
 
 def route_for_task(name: str, args: Any = None, kwargs: Any = None, options: Any = None,
                    task: Any = None, **kw: Any) -> dict[str, str] | None:
-    """Celery router: the queue is the task name's prefix, when it is a known queue."""
+    """Celery router: the queue is the task name's prefix, when it is a known queue.
+
+    The workflow sweeps are the exception: they run on `maintenance`, so that a
+    backlog of steps cannot delay the timers and re-sends that drain it.
+    """
+    if name in SWEEPS:
+        return {"queue": MAINTENANCE, "routing_key": MAINTENANCE}
     prefix = name.split(".", 1)[0]
     if prefix in QUEUE_NAMES:
         return {"queue": prefix, "routing_key": prefix}

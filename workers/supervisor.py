@@ -157,9 +157,13 @@ def fleet_specs(home: Path, concurrency: int, flower_port: int, flower_auth: str
     flower = celery_argv("flower", f"--port={flower_port}", "--address=127.0.0.1")
     flower_env: dict[str, str] = {}
     if flower_auth:
+        # Flower then refuses cross-site requests (another Origin, Sec-Fetch-Site).
         flower.append(f"--basic-auth={flower_auth}")
     else:
-        # Bound to loopback: let local tools read Flower's HTTP API without credentials.
+        # Bound to loopback: local tools may read Flower's HTTP API without credentials,
+        # but nothing may change state (run or revoke a task, stop a worker): any web
+        # page open in a browser on this machine could send such a request.
+        flower.append("--read_only=True")
         flower_env["FLOWER_UNAUTHENTICATED_API"] = "true"
     specs.append(ProcessSpec(name="flower", argv=flower, ready=flower_ready(flower_port),
                              env=flower_env))

@@ -32,22 +32,24 @@ from workers.settings import Settings, to_sqlalchemy_url
 class BenchEnvironment:
     def __init__(self, queues: str, concurrency: int, log_dir: Path | None = None, *,
                  kind: str = "bench", broker_url: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        """`broker_url` overrides the configured broker; `env` adds settings for every process."""
+                 database_url: str | None = None, env: dict[str, str] | None = None) -> None:
+        """`broker_url` / `database_url` override the configured servers (the scratch database
+        is made on that server); `env` adds settings for every process."""
         self.tag = uuid.uuid4().hex[:8]
         self.queues = queues
         self.concurrency = concurrency
         base = Settings()
-        if base.database_url is None or base.broker_url is None:
+        admin_url = database_url or base.database_url
+        if admin_url is None or (broker_url or base.broker_url) is None:
             raise RuntimeError(f"no servers: run through `fleet {kind}`, which starts them")
-        self.admin_url = base.database_url
+        self.admin_url = admin_url
         self.database = f"fleet_{kind}_{self.tag}"
         self.log_dir = log_dir or base.home / kind
         self.env = dict(os.environ)
         self.env.update({
             "DATABASE_URL": make_url(self.admin_url).set(database=self.database)
             .render_as_string(hide_password=False),
-            "CELERY_BROKER_URL": broker_url or base.broker_url,
+            "CELERY_BROKER_URL": broker_url or base.broker_url or "",
             "FLEET_BROKER_KEY_PREFIX": f"fleet-{kind}-{self.tag}:",
             "FLEET_LOG_LEVEL": "WARNING",
             **(env or {}),
@@ -77,7 +79,8 @@ class BenchEnvironment:
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
              self.queues, "-n", self.hostname, "-c", str(self.concurrency),
-             *worker_options(self.queues), "--without-mingle", "--without-gossip", "--loglevel", "WARNING"],
+             *worker_options(self.queues), "--include", "tasks.bench",  # only bench workers
+             "--without-mingle", "--without-gossip", "--loglevel", "WARNING"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

@@ -39,11 +39,13 @@ def flower(
 
     It is `celery -A workers.celery_app flower`, so it uses the app's broker, key
     prefix and transport options; the servers are the configured or embedded ones.
+    Without credentials it is read only: no task can be run or revoked, no worker
+    stopped, through its UI or API.
     """
     settings = ensure_servers()
     port = port or settings.flower_port
     spec = flower_spec(settings, port, address)
-    auth = "basic auth" if settings.flower_basic_auth else "no auth"
+    auth = "basic auth" if settings.flower_basic_auth else "no auth: read only"
     console.print(f"flower    http://{address}:{port}/ ({auth})")
     sys.stdout.flush()
     sys.stderr.flush()

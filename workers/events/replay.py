@@ -26,6 +26,9 @@ def replay(session: Session, dead_letter_id: int, corrected: Any | None = None) 
         raise LookupError(f"no dead letter {dead_letter_id}")
     # Sent before the status commits: if the commit fails the letter stays pending and
     # a second replay is deduped by event_id; the other order could lose the replay.
+    if corrected is None and letter.raw_size is not None and letter.raw_size > len(letter.raw_payload):
+        raise ValueError(f"dead letter {dead_letter_id} kept only {len(letter.raw_payload)} of its "
+                         f"{letter.raw_size} bytes: replay it with a corrected payload")
     body = corrected if corrected is not None else letter.payload
     if isinstance(body, dict) and {"task", "args"} <= body.keys() and corrected is None:
         app.send_task(body["task"], args=body["args"], kwargs=body.get("kwargs") or {})
