@@ -551,6 +551,9 @@ class EventInbox(Base):
     event_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     event_type: Mapped[str] = mapped_column(String(100))
     received_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    # SHA-256 of (event_type, user, data): a later event with this id and other content is
+    # dead-lettered, not silently dropped. NULL for rows from before it was kept.
+    content_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class DeadLetter(Base):

@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from celery_batches import Batches
 
 from workers.base_task import FleetTask
 from workers.celery_app import app
 from workers.engine import dispatch
+from workers.events.envelope import with_message_ids
 from workers.events.ingest import IngestResult, ingest
 from workers.events.micro_batch import (
     FLUSH_EVERY,
     FLUSH_INTERVAL,
+    FleetBatches,
     ingest_durably,
     message_event,
 )
@@ -33,9 +34,9 @@ def _logged(result: IngestResult) -> dict[str, int]:
             "matched": result.matched}
 
 
-@app.task(base=Batches, bind=True, name=TaskNames.INGEST, acks_late=True,
+@app.task(base=FleetBatches, bind=True, name=TaskNames.INGEST, acks_late=True,
           flush_every=FLUSH_EVERY, flush_interval=FLUSH_INTERVAL)
-def ingest_one(self: Batches, requests: list[Any]) -> dict[str, int] | None:
+def ingest_one(self: FleetBatches, requests: list[Any]) -> dict[str, int] | None:
     """One event per message; the worker ingests buffered messages in one transaction."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_name=self.name, messages=len(requests))
@@ -50,8 +51,12 @@ def ingest_one(self: Batches, requests: list[Any]) -> dict[str, int] | None:
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.INGEST_BATCH)
 def ingest_batch(self: FleetTask, events: Any) -> dict[str, int]:
-    """A batch per message; a non-list body is dead-lettered as one bad event."""
-    raws = events if isinstance(events, list) else [events]
+    """A batch per message; a non-list body is dead-lettered as one bad event.
+
+    Envelopes without an event_id get ids derived from the message id and their
+    index, so a redelivered batch is deduplicated.
+    """
+    raws = with_message_ids(events if isinstance(events, list) else [events], self.request.id)
     result = ingest(self.session, raws, source=self.name, triggers=process_triggers())
     self.after_commit(lambda: dispatch.send_ingest_followups([result]))
     return _logged(result)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.helpers import TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
+from tests.helpers import ROOT, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
 from tests.workflow_helpers import BPMN
 from workers.producer import send_event, send_events
 
@@ -404,3 +408,98 @@ def test_identify_reevaluates_memberships_at_once(engine: Engine,
     assert member()
     _wait_ingested(engine, send_event("user.identify", user=email, data={"tier": "silver"}))
     assert not member()
+
+
+def test_an_event_the_database_refuses_takes_no_other_event_down(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    """Both ingest paths: a batch message of 1,000 and single messages micro-batched together."""
+    etype, tag = _etype(), uuid.uuid4().hex[:8]
+    constraint = f"test_refuse_{tag}"  # a rule no envelope knows: the database refuses the event
+    with engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE lifecycle_events ADD CONSTRAINT {constraint} "
+                          f"CHECK (event_data->>'refuse_{tag}' IS NULL)"))
+    try:
+        def event(i: int, refused: bool = False) -> dict[str, Any]:
+            return {"event_id": str(uuid.uuid4()), "event_type": etype,
+                    "user": f"r{i % 50}-{tag}@example.com",
+                    "data": {f"refuse_{tag}": True} if refused else {"i": i}}
+
+        batch = [event(i, refused=i == 500) for i in range(1000)]
+        send_events(batch)
+        singles = [event(i, refused=i == 1020) for i in range(1000, 1040)]
+        for single in singles:
+            send_event(single["event_type"], user=single["user"], data=single["data"],
+                       event_id=single["event_id"])
+        wait_for(lambda: _one(engine, "SELECT count(*) FROM lifecycle_events WHERE event_type = :t",
+                              t=etype) == 999 + 39, timeout=60, message="every good event")
+        refused = [batch[500]["event_id"], singles[20]["event_id"]]
+        letters = "FROM dead_letters WHERE event_id = ANY(CAST(:ids AS uuid[]))"
+        wait_for(lambda: _one(engine, f"SELECT count(*) {letters}", ids=refused) == 2,
+                 message="the two refused events dead-lettered")
+        assert all(constraint in r["reason"]
+                   for r in _rows(engine, f"SELECT reason {letters}", ids=refused))
+        assert _one(engine, "SELECT count(*) FROM dead_letters WHERE reason LIKE :r",
+                    r=f"%{constraint}%") == 2
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE lifecycle_events DROP CONSTRAINT {constraint}"))
+
+
+def test_a_redelivered_message_without_event_ids_is_ingested_once(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    from workers.celery_app import app
+    from workers.queues import TaskNames
+
+    etype, email = _etype(), f"{uuid.uuid4().hex[:8]}@example.com"
+    single, batch = str(uuid.uuid4()), str(uuid.uuid4())
+    for _ in range(2):  # as the broker redelivers: the same message, the same task id
+        app.send_task(TaskNames.INGEST, args=[{"event_type": etype, "user": email}],
+                      task_id=single, queue="events")
+        app.send_task(TaskNames.INGEST_BATCH, args=[[{"event_type": etype, "user": email},
+                                                    {"event_type": etype, "user": email}]],
+                      task_id=batch, queue="events")
+    count = "SELECT count(*) FROM lifecycle_events WHERE event_type = :t"
+    wait_for(lambda: _one(engine, count, t=etype) >= 3, message="3 events")
+    time.sleep(1.5)  # let the redelivered copies be processed too
+    assert _one(engine, count, t=etype) == 3
+    assert _one(engine, "SELECT count(DISTINCT event_id) FROM lifecycle_events WHERE event_type = :t",
+                t=etype) == 3
+
+
+def test_a_reused_event_id_with_other_content_is_dead_lettered(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    etype, tag = _etype(), uuid.uuid4().hex[:8]
+    first, other = f"first-{tag}@example.com", f"other-{tag}@example.com"
+    event_id = send_event(etype, user=first, data={"n": 1})
+    _wait_ingested(engine, event_id)
+    send_event(etype, user=first, data={"n": 1}, event_id=event_id)  # a retry: a plain duplicate
+    send_event(etype, user=other, data={"n": 2}, event_id=event_id)
+    reason = wait_for(lambda: _one(engine, "SELECT reason FROM dead_letters WHERE event_id = :e",
+                                   e=event_id), message="a dead letter for the conflict")
+    assert "duplicate event_id with different content" in reason
+    time.sleep(1)  # let the retry be processed too
+    assert _one(engine, "SELECT count(*) FROM dead_letters WHERE event_id = :e", e=event_id) == 1
+    assert _one(engine, "SELECT count(*) FROM users WHERE email = :m", m=other) == 0
+    assert _audit(engine, event_id) == 1
+
+
+def test_emit_file_keeps_the_good_lines_of_a_batch(
+        engine: Engine, celery_worker: WorkerProcess, tmp_path: Path) -> None:
+    etype, tag = _etype(), uuid.uuid4().hex[:8]
+    lines = [{"event_id": str(uuid.uuid4()), "event_type": etype, "user": f"e{i}-{tag}@example.com"}
+             for i in range(100)]
+    lines[10]["occurred_at"] = "2026-01-02T03:04:05+18:00"
+    lines[50]["occurred_at"] = "2026-01-02T03:04:05-20:00"
+    lines[90]["user"] = "a" * 64 + "@" + "İ" * 90 + "b" * 96 + ".com"  # 255 chars, longer folded
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    emitted = subprocess.run([sys.executable, "-m", "workers.cli.main", "emit", "--file", str(path)],
+                             cwd=ROOT, env=dict(os.environ, COLUMNS="250"), capture_output=True,
+                             text=True, timeout=120)
+    assert "sent 100 events" in emitted.stderr, emitted.stderr
+    wait_for(lambda: _one(engine, "SELECT count(*) FROM lifecycle_events WHERE event_type = :t",
+                          t=etype) == 97, timeout=60, message="97 good lines")
+    bad = [lines[i]["event_id"] for i in (10, 50, 90)]
+    wait_for(lambda: _one(engine, "SELECT count(*) FROM dead_letters WHERE "
+                          "event_id = ANY(CAST(:ids AS uuid[]))", ids=bad) == 3,
+             message="3 dead letters")

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 
 from workers.celery_app import app
-from workers.events.envelope import Event, build_event, parse_event
+from workers.events.envelope import Event, build_event, parse_event, with_event_id
 from workers.queues import EVENTS, TaskNames
 
 RETRY_POLICY = {"max_retries": 6, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3.0}
@@ -71,11 +71,9 @@ def send_events(events: Iterable[Mapping[str, Any] | Event], *, validate: bool =
             batch.append(item.to_message())
         elif validate:
             batch.append(parse_event(dict(item)).to_message())
-        elif isinstance(item, Mapping) and "event_id" not in item:
-            # An id now, so a re-sent batch is recognised as the same events.
-            batch.append({**item, "event_id": str(uuid.uuid4())})
-        else:
-            batch.append(item)
+        else:  # an id now (JSON strings too), so a re-sent batch is recognised as the same events
+            batch.append(with_event_id(dict(item) if isinstance(item, Mapping) else item,
+                                       uuid.uuid4()))
     if batch:
         publish_batch(batch, via)
     return len(batch)

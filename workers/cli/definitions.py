@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from db.models import Trigger, User, UserSegment, UserSegmentMembership, Workflow
 from db.session import session_scope
 from workers.cli.context import console, ensure_servers
+from workers.events.envelope import normalise_email
 from workers.rules.segments import set_static_members
 
 if TYPE_CHECKING:
@@ -132,7 +133,8 @@ def _static_members(name: str, emails: list[str], add: bool) -> None:
         if seg is None or seg.kind != "static":
             console.print(f"[red]no static segment named {name!r}[/]")
             raise typer.Exit(1)
-        ids = session.execute(select(User.id).where(User.email.in_(emails))).scalars().all()
+        normalised = [normalise_email(e) for e in emails]  # as ingest stores them
+        ids = session.execute(select(User.id).where(User.email.in_(normalised))).scalars().all()
         set_static_members(session, seg.id, list(ids), add=add)
     console.print(f"{'added' if add else 'removed'} {len(ids)} of {len(emails)} users "
                   f"({len(emails) - len(ids)} unknown)")

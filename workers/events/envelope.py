@@ -1,10 +1,17 @@
 """The event envelope: what a producer sends and what ingest accepts.
 
-    {"event_id": UUID (optional; the idempotency key, generated when absent),
+    {"event_id": UUID (optional; the idempotency key, derived from the message when absent),
      "event_type": "user.signed_up"     (1-100 chars, lowercase dotted words),
      "user": UUID or email              (an unknown email creates the user),
      "occurred_at": ISO 8601            (optional; default now; naive = UTC),
      "data": {...}                      (a JSON object, at most 32 KiB, depth 16)}
+
+Every value accepted here is one PostgreSQL stores and gives back unchanged, so one
+event cannot make the database refuse its batch (tests/test_envelope_db.py checks
+that against a real server): UTC offsets below 16 h (timestamptz's limit), instants
+from 1970 to 9998 (a year of margin below Python's year 9999, so every client reads
+them back in any time zone), emails of at most 255 characters once normalised, no NUL
+or lone surrogate anywhere, and no number jsonb would give back as a different one.
 
 Special event types:
 - `user.identify`: `data` is merged into `users.attributes` (top-level keys; a key
@@ -14,32 +21,92 @@ Special event types:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
+import unicodedata
 import uuid
+from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-EVENT_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
-EMAIL_PATTERN = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]{1,190}\.[^@\s\x00-\x1f]{1,63}$")
+EVENT_TYPE_PATTERN = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+EMAIL_PATTERN = re.compile(r"[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]{1,190}\.[^@\s\x00-\x1f]{1,63}")
+MAX_EMAIL_LENGTH = 255  # users.email is varchar(255)
 MAX_DATA_BYTES = 32 * 1024
 MAX_DATA_DEPTH = 16
+# jsonb keeps a number as the decimal JSON wrote; Python writes floats from 1e16 up in
+# exponent form (1e+23), which jsonb gives back as an integer (10**23 != 1e23).
+MAX_FLOAT = 1e16
+MAX_UTC_OFFSET = dt.timedelta(hours=16)  # exclusive: timestamptz refuses +16:00
+OCCURRED_FROM = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+OCCURRED_UNTIL = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)  # exclusive
 IDENTIFY = "user.identify"
+HASH_BYTES = 32  # Event.content_hash: SHA-256
+# Encoders built once: json.dumps with any non-default option builds one per call (5x slower).
+_TO_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+_CANONICAL_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode
+# NUL as the encoder writes it: \u0000 after an even number of backslashes (a backslash
+# of the text is written doubled, so the text backslash-u0000 is not a NUL).
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# Ids of envelopes that carry none: uuid5(this, "<broker message id>:<index in the message>").
+MESSAGE_NAMESPACE = uuid.UUID("6f1d3b0e-2c4a-4e8b-9d71-5a0c8e3f2b94")
 
 
 class InvalidEvent(ValueError):
     """The envelope is not acceptable; the message says which field and why."""
 
 
-def _depth(value: Any, limit: int, level: int = 0) -> int:
+def normalise_email(value: str) -> str:
+    """The one form of an email address that users are created and looked up by.
+
+    NFKC, not NFC, so compatibility variants (fullwidth 'ａ', ligatures) are one user
+    with the plain letters; then case folding, not lower(), because it is Unicode's
+    caseless match ('ß' = 'ss', final 'ς' = 'σ'); then NFKC again, because folding can
+    leave a string unnormalised ('İ' folds to 'i' + U+0307). The result is a fixed
+    point: normalising it again changes nothing.
+    """
+    if value.isascii():  # the usual case, and the same answer: NFKC leaves ASCII alone
+        return value.lower().strip()
+    folded = unicodedata.normalize("NFKC", value).casefold()
+    return unicodedata.normalize("NFKC", folded).strip()
+
+
+def _storable_text(value: str) -> None:
+    """PostgreSQL text cannot hold NUL, and UTF-8 cannot encode a lone surrogate."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains invalid Unicode (lone surrogates)") from None
+
+
+def _check_values(container: dict[Any, Any] | list[Any] | tuple[Any, ...], limit: int,
+                  level: int = 1) -> None:
+    """Depth, keys and numbers of `data`: what jsonb would refuse or give back changed.
+
+    `level` is the depth of the container's items; only containers recurse, so a flat
+    object costs one call.
+    """
     if level > limit:
-        return level
-    if isinstance(value, dict):
-        return max([_depth(v, limit, level + 1) for v in value.values()] or [level + 1])
-    if isinstance(value, list):
-        return max([_depth(v, limit, level + 1) for v in value] or [level + 1])
-    return level
+        raise ValueError(f"nested deeper than {limit} levels")
+    if isinstance(container, dict):
+        for key in container:
+            if not isinstance(key, str):
+                raise ValueError(f"key {key!r} is not a string")
+        items: Any = container.values()
+    else:
+        items = container
+    for item in items:
+        if isinstance(item, (dict, list, tuple)):
+            _check_values(item, limit, level + 1)
+        elif isinstance(item, float) and abs(item) >= MAX_FLOAT:
+            raise ValueError(f"the float {item!r} would be stored as a different number "
+                             f"(floats must be below {MAX_FLOAT:g} in magnitude; send an "
+                             "integer or a string)")
 
 
 class Event(BaseModel):
@@ -56,56 +123,72 @@ class Event(BaseModel):
     @field_validator("event_type")
     @classmethod
     def _event_type(cls, value: str) -> str:
-        if not 1 <= len(value) <= 100 or not EVENT_TYPE_PATTERN.match(value):
+        if not 1 <= len(value) <= 100 or not EVENT_TYPE_PATTERN.fullmatch(value):
             raise ValueError("must be 1-100 chars of lowercase dotted words, e.g. 'user.signed_up'")
         return value
 
     @field_validator("user")
     @classmethod
     def _user(cls, value: str) -> str:
-        value = value.strip()
+        _storable_text(value)
         try:
-            return str(uuid.UUID(value))
+            return str(uuid.UUID(value.strip()))
         except ValueError:
             pass
-        if len(value) > 255 or not EMAIL_PATTERN.match(value):
+        email = normalise_email(value)
+        if len(email) > MAX_EMAIL_LENGTH:
+            raise ValueError(f"the email is longer than {MAX_EMAIL_LENGTH} characters once "
+                             "normalised (NFKC, case-folded)")
+        if not EMAIL_PATTERN.fullmatch(email):
             raise ValueError("must be a user UUID or an email address")
-        return value.lower()
+        return email
 
     @field_validator("occurred_at")
     @classmethod
-    def _aware(cls, value: dt.datetime) -> dt.datetime:
-        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    def _in_range(cls, value: dt.datetime) -> dt.datetime:
+        value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        offset = value.utcoffset() or dt.timedelta(0)
+        if abs(offset) >= MAX_UTC_OFFSET:
+            raise ValueError("the UTC offset must be within ±15:59 (PostgreSQL's limit)")
+        if not OCCURRED_FROM <= value < OCCURRED_UNTIL:
+            raise ValueError("must be from 1970-01-01 to 9998-12-31 (UTC)")
+        return value
 
     @field_validator("data")
     @classmethod
     def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if _depth(value, MAX_DATA_DEPTH) > MAX_DATA_DEPTH:
-            raise ValueError(f"nested deeper than {MAX_DATA_DEPTH} levels")
-        try:
-            encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
-        except ValueError as exc:
+        try:  # first: the C encoder bounds the cost of a huge or deeply nested value
+            encoded = _TO_JSON(value)
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"not JSON: {exc}") from None
-        if len(encoded.encode("utf-8", "surrogatepass")) > MAX_DATA_BYTES:
-            raise ValueError(f"larger than {MAX_DATA_BYTES} bytes")
-        if "\\u0000" in encoded or "\x00" in encoded:
-            raise ValueError("contains a NUL character")
-        try:
-            encoded.encode("utf-8")
+        try:  # a lone surrogate in any key or string stays one in `encoded`
+            size = len(encoded.encode("utf-8"))
         except UnicodeEncodeError:
             raise ValueError("contains invalid Unicode (lone surrogates)") from None
+        if size > MAX_DATA_BYTES:
+            raise ValueError(f"larger than {MAX_DATA_BYTES} bytes")
+        if "\\u0000" in encoded and _ESCAPED_NUL.search(encoded):
+            raise ValueError("contains a NUL character")
+        _check_values(value, MAX_DATA_DEPTH)
         return value
 
     @property
     def user_id(self) -> uuid.UUID | None:
-        try:
-            return uuid.UUID(self.user)
-        except ValueError:
-            return None
+        return None if "@" in self.user else uuid.UUID(self.user)  # validated: one or the other
 
     @property
     def email(self) -> str | None:
-        return None if self.user_id else self.user
+        return self.user if "@" in self.user else None
+
+    @cached_property
+    def content_hash(self) -> bytes:
+        """What a duplicate event_id must repeat: type, user and data (SHA-256).
+
+        Not occurred_at: a producer retrying with the same event_id but a fresh
+        default timestamp is sending the same event again.
+        """
+        content = _CANONICAL_JSON([self.event_type, self.user, self.data])
+        return hashlib.sha256(content.encode("utf-8")).digest()
 
     def to_message(self) -> dict[str, Any]:
         """The JSON-ready form that travels in a task message."""
@@ -116,6 +199,36 @@ class Event(BaseModel):
             "occurred_at": self.occurred_at.isoformat(),
             "data": self.data,
         }
+
+
+def with_event_id(raw: Any, event_id: uuid.UUID) -> Any:
+    """`raw` with `event_id` set if it is a JSON object without one; anything else unchanged.
+
+    A JSON string is decoded for that (and stays a string if it is not an object),
+    so a malformed envelope keeps its exact bytes for the dead letter.
+    """
+    envelope = raw
+    if isinstance(raw, (str, bytes)):
+        try:
+            envelope = json.loads(raw)
+        except (ValueError, RecursionError):
+            return raw
+    if isinstance(envelope, dict) and "event_id" not in envelope:
+        return {**envelope, "event_id": str(event_id)}
+    return raw
+
+
+def with_message_ids(raws: Sequence[Any], message_id: str | None) -> list[Any]:
+    """The envelopes of one broker message, those without an event_id given a derived one.
+
+    The id is uuid5 of the message id and the envelope's index in the message: a
+    redelivered message has the same id, so its events are deduplicated instead of
+    ingested twice.
+    """
+    if not message_id:
+        return list(raws)
+    return [with_event_id(raw, uuid.uuid5(MESSAGE_NAMESPACE, f"{message_id}:{index}"))
+            for index, raw in enumerate(raws)]
 
 
 def build_event(event_type: str, *, user: str | uuid.UUID, data: Any = None,
@@ -150,4 +263,3 @@ def parse_event(raw: Any) -> Event:
         raise InvalidEvent(problems) from None
     except RecursionError:
         raise InvalidEvent("nested too deeply") from None
-
