@@ -56,6 +56,34 @@ def test_connections_terminated_every_50ms_lose_and_double_nothing() -> None:
     assert int(result.injected[0].split()[0]) > 0
 
 
+def test_postgres_stopped_for_60s_loses_nothing() -> None:
+    """The server itself stopped (connections refused), single and batch producers."""
+    result = scenarios.pg_stop(events=900, rate=10.0, users=100, down=60.0)
+    _assert_clean(result)
+    assert "PostgreSQL stopped" in result.injected[0]
+    published_meanwhile = int(result.injected[0].split("; ")[1].split()[0])
+    assert published_meanwhile > 300  # the outage really met traffic
+
+
+def test_postgres_out_of_connection_slots_loses_nothing() -> None:
+    result = scenarios.pg_slots(**SMALL, hold=20.0)
+    _assert_clean(result)
+    assert "connections held" in result.injected[0]
+
+
+def test_a_full_redis_keeps_workers_up_and_loses_nothing() -> None:
+    result = scenarios.redis_full(**SMALL, hold=10.0)
+    _assert_clean(result)
+    assert result.figures["direct_publishes_refused"] > 0  # PublishError, not another error
+
+
+def test_poison_messages_of_every_kind_end_in_one_dead_letter_each() -> None:
+    result = scenarios.poison(**SMALL)
+    _assert_clean(result)
+    assert len([line for line in result.injected if line.endswith("1 dead letter(s)")]) == \
+        len(scenarios.POISON)
+
+
 def test_retention_drops_a_partition_while_events_flow() -> None:
     result = scenarios.retention(**SMALL, old_rows=2000)
     _assert_clean(result)

@@ -103,9 +103,18 @@ class EmbeddedServices:
 
     def stop(self) -> None:
         """Stop both servers; data stays for the next start."""
-        if self.postgres_pid() is not None:
-            self._pg_ctl(["-w", "-m", "fast", "stop"])
+        self.stop_postgres()
         self.stop_valkey()
+
+    def start_postgres(self, port: int | None = None) -> int:
+        """Start PostgreSQL alone (on `port` when free); `fleet chaos pg-stop` stops and starts it."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self._start_postgres(port)
+
+    def stop_postgres(self, mode: str = "fast") -> None:
+        """Stop PostgreSQL alone (`pg_ctl stop -m MODE`); its clients then see connections refused."""
+        if self.postgres_pid() is not None:
+            self._pg_ctl(["-w", "-m", mode, "stop"])
 
     def stop_valkey(self) -> None:
         """SIGTERM: Valkey flushes its append-only file, so queued messages survive."""

@@ -39,10 +39,11 @@ class ChaosFleet(BenchEnvironment):
     """`with ChaosFleet() as fleet: fleet.start(); fleet.kill_worker(EVENTS); ...`"""
 
     def __init__(self, *, concurrency: int = 2, broker_url: str | None = None,
-                 log_dir: Path | None = None, kind: str = "chaos",
-                 env: dict[str, str] | None = None) -> None:
+                 database_url: str | None = None, log_dir: Path | None = None,
+                 kind: str = "chaos", env: dict[str, str] | None = None) -> None:
         super().__init__(",".join(QUEUES), concurrency, log_dir, kind=kind,
-                         broker_url=broker_url, env={**FAST_RECOVERY, **(env or {})})
+                         broker_url=broker_url, database_url=database_url,
+                         env={**FAST_RECOVERY, **(env or {})})
         self.log_dir = self.log_dir / self.tag
         self.supervisor: Supervisor | None = None
         self.kills: list[str] = []

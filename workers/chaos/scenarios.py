@@ -189,10 +189,11 @@ def log_errors(log_dir: Path, limit: int = 40) -> list[str]:
 
 @contextmanager
 def running_fleet(result: ChaosResult, *, broker_url: str | None = None,
-                  webhook_delay: float = 0.0, versioned_wait: int = 60) -> Iterator[tuple[ChaosFleet, WebhookServer]]:
+                  database_url: str | None = None, webhook_delay: float = 0.0,
+                  versioned_wait: int = 60) -> Iterator[tuple[ChaosFleet, WebhookServer]]:
     started = time.monotonic()
     with webhook_server(delay=webhook_delay) as receiver, \
-            ChaosFleet(broker_url=broker_url) as fleet:
+            ChaosFleet(broker_url=broker_url, database_url=database_url) as fleet:
         apply_program(fleet.engine, receiver.url, WAIT_SECONDS, versioned_wait)
         fleet.start()
         time.sleep(1)  # trigger caches (FLEET_TRIGGER_CACHE_SECONDS=0.5)
@@ -303,6 +304,207 @@ def terminate_connections(engine: Engine, stop: threading.Event, every: float) -
     finally:
         admin.dispose()
     return killed
+
+
+@contextmanager
+def own_postgres() -> Iterator[tuple[Any, int, str]]:
+    """A PostgreSQL server of the run's own (embedded), so it can be stopped and choked."""
+    from workers.embedded import EmbeddedServices
+
+    with tempfile.TemporaryDirectory(prefix="fleet-chaos-pg-") as home:
+        server = EmbeddedServices(Path(home))
+        port = server.start_postgres()
+        try:
+            yield server, port, f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            server.stop_postgres("immediate")
+
+
+def pg_stop(events: int = 1500, rate: float = 25, users: int = 300,
+            down: float = 60.0) -> ChaosResult:
+    """The PostgreSQL server stopped for `down` seconds while events flow, then started again.
+
+    Unlike terminated backends, a stopped server refuses every new connection
+    (psycopg raises without a SQLSTATE): ingest, steps, operator calls, the poison
+    guard and dead letters all fail for the whole time, and every message must
+    wait it out. Producers publish single events and batches straight to the broker.
+    """
+    result = ChaosResult("pg-stop")
+    with own_postgres() as (server, port, url), \
+            running_fleet(result, database_url=url) as (fleet, receiver):
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+        sender = in_background(lambda: publisher.run(events, rate))
+        time.sleep(min(10.0, events / rate / 4))
+        fleet.engine.dispose()
+        stopped = time.monotonic()
+        server.stop_postgres("fast")
+        sent_before = publisher.sent.sent
+        time.sleep(down)
+        server.start_postgres(port)
+        result.injected.append(
+            f"PostgreSQL stopped {time.monotonic() - stopped:.1f}s (pg_ctl stop -m fast); "
+            f"{publisher.sent.sent - sent_before} events published meanwhile")
+        sender.join()
+        return finish(fleet, publisher, receiver, result, timeout=TIMEOUT + down)
+
+
+def pg_slots(events: int = 1500, rate: float = 50, users: int = 300,
+             hold: float = 30.0) -> ChaosResult:
+    """Every PostgreSQL connection slot taken by another client for `hold` seconds.
+
+    New connections fail with "too many clients" (SQLSTATE 53300) until the slots
+    are given back; the fleet's pools lose connections to the backend terminations
+    that make room for the hog.
+    """
+    import psycopg
+
+    result = ChaosResult("pg-slots")
+    with own_postgres() as (_server, port, url), \
+            running_fleet(result, database_url=url) as (fleet, receiver):
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+        sender = in_background(lambda: publisher.run(events, rate))
+        time.sleep(min(5.0, events / rate / 4))
+        hog: list[psycopg.Connection[Any]] = []
+        admin = psycopg.connect(url, autocommit=True)
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name = 'lifecycle-fleet'")
+        try:
+            while True:
+                hog.append(psycopg.connect(url, connect_timeout=3))
+        except psycopg.OperationalError as exc:
+            result.injected.append(f"{len(hog) + 1} connections held for {hold:.0f}s: "
+                                   f"{str(exc).strip().splitlines()[-1][:120]}")
+        time.sleep(hold)
+        for conn in [*hog, admin]:
+            conn.close()
+        sender.join()
+        return finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+
+
+def redis_full(events: int = 1500, rate: float = 100, users: int = 300,
+               hold: float = 15.0) -> ChaosResult:
+    """The broker at `maxmemory` (noeviction) for `hold` seconds while events flow.
+
+    Redis refuses every write with an OOM error: producers get `PublishError`
+    (their events are not counted as sent), workers must stay up and back off.
+    Producers write to the outbox, which covers the one event a worker may pop
+    just before Redis refuses to record it as unacknowledged (RELIABILITY.md).
+    """
+    import redis as redis_client
+
+    from workers.embedded import EmbeddedServices
+
+    result = ChaosResult("redis-full")
+    with tempfile.TemporaryDirectory(prefix="fleet-chaos-redis-") as home:
+        broker = EmbeddedServices(Path(home))
+        port = broker.start_valkey()
+        client = redis_client.Redis(port=port)
+        try:
+            with running_fleet(result, broker_url=f"redis://127.0.0.1:{port}/0") as (fleet, receiver):
+                publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users), outbox=True)
+                sender = in_background(lambda: publisher.run(events, rate))
+                time.sleep(events / rate / 3)
+                used = int(client.info("memory")["used_memory"])
+                client.config_set("maxmemory-policy", "noeviction")
+                client.config_set("maxmemory", str(used + 2 * 2**20))
+                junk = 0
+                for size in (65536, 4096, 256):  # a refused large write frees its buffer
+                    try:
+                        while True:
+                            client.set(f"chaos-junk:{junk}", b"x" * size)
+                            junk += 1
+                    except redis_client.exceptions.OutOfMemoryError:
+                        pass
+                refused = 0  # direct producers meanwhile: PublishError, nothing else
+                for _ in range(10):
+                    try:
+                        send_event("chaos.direct", user="chaos-direct@example.com", via=fleet.app)
+                    except PublishError:
+                        refused += 1
+                result.figures["direct_publishes_refused"] = refused
+                time.sleep(hold)
+                client.delete(*[f"chaos-junk:{n}" for n in range(junk)])
+                client.config_set("maxmemory", "0")
+                result.injected.append(f"Redis full (maxmemory, noeviction) for {hold:.0f}s")
+                sender.join()
+                fleet.wait_workers()
+                finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+                result.figures["outbox_published_again"] = fleet.scalar(text(
+                    "SELECT count(*) FROM event_outbox WHERE retry_count > 0"))
+                return result
+        finally:
+            client.close()
+            broker.stop_valkey()
+
+
+def _publish_raw(fleet: ChaosFleet, body: Any, queue: str, **headers: Any) -> None:
+    from kombu import Exchange
+
+    # Bytes go as they are, declared as JSON; anything else is serialized as JSON.
+    encoding: dict[str, Any] = ({"content_type": "application/json", "content_encoding": "utf-8"}
+                                if isinstance(body, bytes) else {"serializer": "json"})
+    with fleet.app.producer_or_acquire() as producer:
+        producer.publish(body, exchange=Exchange(queue, type="direct"), routing_key=queue,
+                         headers=headers or None, **encoding)
+
+
+def _junk(fleet: ChaosFleet, marker: str) -> None:
+    send_events([{"event_type": "chaos.junk", "user": f"{marker}@example.com",
+                  "data": {"blob": marker + "x" * 3_000_000}}], validate=False, via=fleet.app)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# One publisher per kind of hostile message; each carries its marker in its body.
+POISON: dict[str, Callable[[ChaosFleet, str], None]] = {
+    "undecodable body": lambda f, m: _publish_raw(f, b"\xff\xfe{" + m.encode(), EVENTS,
+                                                  task=TaskNames.INGEST, id=str(uuid.uuid4())),
+    "not a task message": lambda f, m: _publish_raw(f, {"marker": m}, EVENTS),
+    "unknown task": lambda f, m: f.app.send_task("events.no_such_task", args=[m], queue=EVENTS),
+    "step id jsonb refuses": lambda f, m: f.app.send_task(TaskNames.STEP, args=["\ud800" + m, 0],
+                                                         queue=WORKFLOWS),
+    "internal task sent to the events queue": lambda f, m: f.app.send_task(
+        TaskNames.RETENTION, args=[m], queue=EVENTS),
+    "past its expiry": lambda f, m: f.app.send_task(
+        TaskNames.STEP, args=[m, 0], expires=_now() - dt.timedelta(minutes=5)),
+    "ETA a year ahead": lambda f, m: f.app.send_task(
+        TaskNames.STEP, args=[m, 0], eta=_now() + dt.timedelta(days=365)),
+    "3 MB junk event": _junk,
+}
+
+
+def poison(events: int = 1500, rate: float = 100, users: int = 300) -> ChaosResult:
+    """Hostile messages of every kind mixed into the stream: one dead letter each, workers up."""
+    result = ChaosResult("poison")
+    with running_fleet(result) as (fleet, receiver):
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users))
+        sender = in_background(lambda: publisher.run(events, rate))
+        markers = {kind: uuid.uuid4().hex for kind in POISON}
+        for kind, send in POISON.items():
+            send(fleet, markers[kind])
+            time.sleep(0.2)
+        sender.join()
+        finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+
+        def letters(marker: str) -> int:
+            return int(fleet.scalar(text(
+                "SELECT count(*) FROM dead_letters WHERE position(CAST(:b AS bytea) IN "
+                "raw_payload) > 0 OR strpos(reason, :t) > 0"), {"b": marker.encode(), "t": marker}))
+
+        try:
+            fleet.wait_until(lambda: all(letters(m) for m in markers.values()), 60,
+                             "a dead letter for every poison message")
+        except TimeoutError as exc:
+            result.invariants.violations.append(str(exc))
+        counts = {kind: letters(marker) for kind, marker in markers.items()}
+        result.injected += [f"{kind}: {n} dead letter(s)" for kind, n in counts.items()]
+        result.invariants.violations += [f"{kind}: {n} dead letters, expected 1"
+                                         for kind, n in counts.items() if n != 1]
+        if dead := fleet.sup.dead():
+            result.invariants.violations.append(f"{', '.join(dead)} died")
+        return result
 
 
 def retention(events: int = 1500, rate: float = 100, users: int = 300,
@@ -430,6 +632,10 @@ SCENARIOS: dict[str, Callable[..., ChaosResult]] = {
     "kill-workers": kill_workers,
     "redis-restart": redis_restart,
     "pg-terminate": pg_terminate,
+    "pg-stop": pg_stop,
+    "pg-slots": pg_slots,
+    "redis-full": redis_full,
+    "poison": poison,
     "retention": retention,
     "version-deploy": version_deploy,
 }

@@ -15,6 +15,10 @@ class Scenario(StrEnum):
     kill_workers = "kill-workers"
     redis_restart = "redis-restart"
     pg_terminate = "pg-terminate"
+    pg_stop = "pg-stop"
+    pg_slots = "pg-slots"
+    redis_full = "redis-full"
+    poison = "poison"
     retention = "retention"
     version_deploy = "version-deploy"
 
