@@ -69,6 +69,8 @@ def test_apply_creates_updates_and_versions(engine: Engine, tmp_path: Path) -> N
 @pytest.mark.parametrize(("bpmn", "condition", "message"), [
     (MINIMAL, {"field": "event.data.x", "op": "nope", "value": 1}, "/op: unknown operator"),
     (MINIMAL, {"in_segment": "no-such-segment"}, "in_segment names no segment"),
+    (MINIMAL, {"any": [{"field": "event.data.x", "op": "in", "value": list(range(1000))}] * 10},
+     "invalid condition at /any/9/value: the condition costs more than 10,000"),
     ("<not bpmn", None, "not well-formed XML"),
     ((Path(__file__).parent / "bpmn" / "hostile_script.bpmn").read_text(), None,
      "element compute: script refused: unknown function '__import__'"),

@@ -40,7 +40,13 @@ from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, Workflow
 from workers.engine.bpmn import BpmnError
 from workers.engine.operators import operator_names
 from workers.engine.validate import validate_bpmn
-from workers.rules.conditions import ConditionError, parse, parse_duration, segment_refs
+from workers.rules.conditions import (
+    MAX_COST,
+    ConditionError,
+    parse,
+    parse_duration,
+    segment_refs,
+)
 
 # Service-task operators the engine can run; a BPMN naming another is refused at deploy.
 OPERATORS: frozenset[str] = operator_names()
@@ -146,13 +152,13 @@ def load(path: Path) -> tuple[Definitions, dict[str, str]]:
             problems.append(f"workflow {wf.name} ({source}): {exc}")
     for seg in doc.segments:
         try:
-            parse(seg.conditions, allow_event=False)
+            parse(seg.conditions, allow_event=False, max_cost=MAX_COST)
             _ = seg.ttl_seconds
         except (ConditionError, ValueError) as exc:
             problems.append(f"segment {seg.name}: {exc}")
     for trig in doc.triggers:
         try:
-            parse(trig.conditions)
+            parse(trig.conditions, max_cost=MAX_COST)
             _ = trig.cooldown_seconds
         except (ConditionError, ValueError) as exc:
             problems.append(f"trigger {trig.name}: {exc}")

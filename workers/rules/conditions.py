@@ -10,6 +10,7 @@ property test checks that they do.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,12 @@ MAX_NODES = 500
 MAX_STRING = 1000
 MAX_LIST = 1000
 MAX_DURATION = dt.timedelta(days=3660)
+# What `fleet apply` accepts (docs/conditions.md): conditions plus list values. Stored
+# conditions are parsed without it, so a definition applied earlier keeps working.
+MAX_COST = 10_000
+# Numbers compare as IEEE-754 doubles; from this magnitude on a number rounds to infinity
+# (Python's float() and PostgreSQL's float8 alike) and is not a comparable number.
+DOUBLE_LIMIT = 2**1024 - 2**970
 
 COLUMN_FIELDS = {"event.type", "user.email", "user.stage", "user.id", "user.created_at"}
 JSON_ROOTS = ("event.data", "user.attributes")
@@ -28,19 +35,27 @@ COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains",
 ORDERING = {"gt", "gte", "lt", "lte"}
 TIME_OPS = {"within_last", "older_than"}
 
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_DURATION_RE = re.compile(r"^(\d{1,6})([smhdw])$")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DURATION_RE = re.compile(r"([0-9]{1,6})([smhdw])")
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-# The ISO-8601 forms both back ends read as timestamps (a date, or date and time,
-# optionally with seconds, fractions and a Z / ±HH:MM offset; no offset means UTC).
-TIMESTAMP_RE = re.compile(
-    r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?$"
-)
-TIMESTAMP_RE_SQL = (
-    r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?$"
-)
+# The ISO-8601 forms both back ends read as timestamps, written in the regex syntax both
+# engines read alike (Python: fullmatch; PostgreSQL: `~`), so that a matching string is
+# always a real instant for both parsers and neither has to catch an error: a date of
+# the proleptic Gregorian calendar (years 0001-9999, 29 February in leap years only),
+# optionally a time (hours to 23, seconds to 59: PostgreSQL alone would take 24:00 and
+# :60) with up to six fraction digits, optionally Z or an offset up to ±15:59 (Python
+# alone would take more). No offset means UTC.
+_YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE = (f"({_YEAR}-((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)"
+         f"|(0[13578]|1[02])-31)|{_LEAP_YEAR}-02-29)")
+_TIME = r"[T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
+_OFFSET = "(Z|[+-](0[0-9]|1[0-5]):[0-5][0-9])"
+TIMESTAMP_PATTERN = f"^{_DATE}({_TIME}{_OFFSET}?)?$"
+OFFSET_PATTERN = f"{_OFFSET}$"
+_TIMESTAMP_RE = re.compile(TIMESTAMP_PATTERN)
 
-Scalar = str | int | float | bool
+Scalar = str | float | bool
 
 
 class ConditionError(ValueError):
@@ -116,7 +131,7 @@ TRUE = All(())
 
 def parse_duration(text: Any, path: str = "") -> dt.timedelta:
     """'30m', '12h', '7d', '2w' → timedelta (also used by trigger cooldowns and TTLs)."""
-    if not isinstance(text, str) or not (m := _DURATION_RE.match(text)):
+    if not isinstance(text, str) or not (m := _DURATION_RE.fullmatch(text)):
         raise ConditionError(path, f"expected a duration like '30m', '12h', '7d', got {text!r}")
     delta = dt.timedelta(**{_DURATION_UNITS[m.group(2)]: int(m.group(1))})
     if delta > MAX_DURATION:
@@ -126,30 +141,41 @@ def parse_duration(text: Any, path: str = "") -> dt.timedelta:
 
 def parse_timestamp(value: Any) -> dt.datetime | None:
     """An ISO-8601 string in the accepted forms → aware datetime (naive = UTC), else None."""
-    if not isinstance(value, str) or not TIMESTAMP_RE.match(value):
+    if not isinstance(value, str) or not _TIMESTAMP_RE.fullmatch(value):
         return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:  # e.g. 2026-02-31
-        return None
+    parsed = dt.datetime.fromisoformat(value)  # cannot fail on what the pattern matched
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def as_double(value: Any) -> float | None:
+    """A JSON number as the double both back ends compare; None for anything else.
+
+    Per event, so exact types: a bool is not a number, and neither is inf, NaN or an
+    integer too large for a double (what `1e400` becomes after a jsonb round trip).
+    """
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int:
+        return float(value) if -DOUBLE_LIMIT < value < DOUBLE_LIMIT else None
+    return None
 
 
 def _scalar(value: Any, path: str) -> Scalar:
+    """A condition's value; numbers become the doubles they are compared as."""
     if isinstance(value, str):
         if len(value) > MAX_STRING:
             raise ConditionError(path, f"string longer than {MAX_STRING} characters")
         if "\x00" in value:
             raise ConditionError(path, "string contains a NUL character")
         return value
-    if isinstance(value, bool) or is_number(value):
-        if isinstance(value, float) and (value != value or abs(value) == float("inf")):
-            raise ConditionError(path, "numbers must be finite")
+    if isinstance(value, bool):
         return value
+    if isinstance(value, (int, float)):
+        number = as_double(value)
+        if number is None:
+            raise ConditionError(path, "numbers must be finite doubles (magnitude below 1.8e308)")
+        return number
     raise ConditionError(path, f"expected a string, number or boolean, got {type(value).__name__}")
 
 
@@ -161,7 +187,7 @@ def _field(name: Any, path: str) -> Field:
     for root in JSON_ROOTS:
         if name.startswith(root + "."):
             keys = tuple(name[len(root) + 1:].split("."))
-            if len(keys) > 8 or not all(_SEGMENT_RE.match(k) for k in keys):
+            if len(keys) > 8 or not all(_SEGMENT_RE.fullmatch(k) for k in keys):
                 raise ConditionError(path, f"bad key path in {name!r} (keys: letters, digits, _ -)")
             return Field(root, keys)
     raise ConditionError(
@@ -173,14 +199,24 @@ def _field(name: Any, path: str) -> Field:
 
 
 class _Parser:
-    def __init__(self, allow_event: bool) -> None:
+    def __init__(self, allow_event: bool, max_cost: int | None) -> None:
         self.allow_event = allow_event
+        self.max_cost = max_cost
         self.nodes = 0
+        self.cost = 0
+
+    def charge(self, amount: int, path: str) -> None:
+        """Count conditions and list values; refuse at the part that exceeds `max_cost`."""
+        self.cost += amount
+        if self.max_cost is not None and self.cost > self.max_cost:
+            raise ConditionError(path, f"the condition costs more than {self.max_cost:,} "
+                                       "(conditions + list values, see docs/conditions.md)")
 
     def node(self, obj: Any, path: str, depth: int) -> Node:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise ConditionError(path, f"more than {MAX_NODES} conditions")
+        self.charge(1, path)
         if depth > MAX_DEPTH:
             raise ConditionError(path, f"nested deeper than {MAX_DEPTH} levels")
         if not isinstance(obj, dict):
@@ -265,6 +301,7 @@ class _Parser:
         if op in ("in", "not_in"):
             if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_LIST:
                 raise ConditionError(vpath, f"{op} needs a list of 1 to {MAX_LIST} values")
+            self.charge(len(raw), vpath)
             return Compare(field, op, tuple(_scalar(v, f"{vpath}/{i}") for i, v in enumerate(raw)))
         value = _scalar(raw, vpath)
         if op in ORDERING and isinstance(value, bool):
@@ -276,9 +313,12 @@ class _Parser:
         return Compare(field, op, value)
 
 
-def parse(obj: Any, *, allow_event: bool = True) -> Node:
-    """Parse a JSON condition; `allow_event=False` for segments (no event in scope)."""
-    return _Parser(allow_event).node(obj, "", 0)
+def parse(obj: Any, *, allow_event: bool = True, max_cost: int | None = None) -> Node:
+    """Parse a JSON condition; `allow_event=False` for segments (no event in scope).
+
+    `max_cost` (MAX_COST when a definition is applied) bounds conditions + list values.
+    """
+    return _Parser(allow_event, max_cost).node(obj, "", 0)
 
 
 def segment_refs(node: Node) -> frozenset[str]:

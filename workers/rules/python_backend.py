@@ -1,9 +1,10 @@
 """Python back end of the condition language: compile once, evaluate per event.
 
 `compile_python(node)` returns a closure tree; evaluating it does no parsing and
-no allocation beyond the field lookups. Semantics (docs/conditions.md) are the
-SQL back end's: a comparison on a missing field or a value of another JSON type
-is false, and `not` of it is true.
+no allocation beyond the field lookups, and an `in` list is a frozenset per JSON
+type, so its cost does not grow with the list. Semantics (docs/conditions.md) are
+the SQL back end's: a comparison on a missing field or a value of another JSON
+type is false, and `not` of it is true; numbers compare as doubles.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from workers.rules.conditions import (
     Node,
     Not,
     Performed,
-    is_number,
+    Scalar,
+    as_double,
     parse_timestamp,
 )
 
@@ -74,17 +76,22 @@ def _getter(field: Field) -> Callable[[EvalContext], Any]:
     return column[field.root]
 
 
-def same_type(a: Any, b: Any) -> bool:
-    """JSON type equality: numbers with numbers, strings with strings, booleans alone."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool)
-    if is_number(a):
-        return is_number(b)
-    return isinstance(a, str) and isinstance(b, str)
+def _equals(want: Scalar) -> Callable[[Any], bool]:
+    """Equality with one condition value: JSON types kept apart, numbers as doubles."""
+    if isinstance(want, bool):
+        return lambda v: v is want
+    if isinstance(want, str):
+        return lambda v: isinstance(v, str) and v == want
+    return lambda v: as_double(v) == want
 
 
-def _typed_eq(a: Any, b: Any) -> bool:
-    return same_type(a, b) and a == b
+def _differs(want: Scalar) -> Callable[[Any], bool]:
+    """`ne`: a value of the same JSON type that is not equal (missing is not "different")."""
+    if isinstance(want, bool):
+        return lambda v: isinstance(v, bool) and v is not want
+    if isinstance(want, str):
+        return lambda v: isinstance(v, str) and v != want
+    return lambda v: (n := as_double(v)) is not None and n != want
 
 
 _ORDER: dict[str, Callable[[Any, Any], bool]] = {
@@ -95,63 +102,98 @@ _ORDER: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def _compare(node: Compare) -> Predicate:  # noqa: C901 - one branch per operator
-    get, op, want = _getter(node.field), node.op, node.value
+def _member(options: tuple[Scalar, ...], wanted: bool) -> Callable[[Any], bool]:
+    """`in` (wanted=True) / `not_in`: one set lookup per JSON type, whatever the list size."""
+    strings = frozenset(o for o in options if isinstance(o, str))
+    numbers = frozenset(o for o in options if type(o) is float)
+    booleans = frozenset(o for o in options if isinstance(o, bool))
+
+    def member(v: Any) -> bool:
+        if isinstance(v, str):
+            return (v in strings) is wanted
+        if isinstance(v, bool):
+            return (v in booleans) is wanted
+        n = as_double(v)
+        return n is not None and (n in numbers) is wanted
+
+    return member
+
+
+def _timed(node: Compare, get: Callable[[EvalContext], Any]) -> Predicate:
+    window: dt.timedelta = node.value
+    since_now = node.op == "within_last"
+    column = node.field.is_timestamp
+
+    def timed(ctx: EvalContext) -> bool:
+        value = get(ctx)
+        when = (None if value is MISSING else value) if column else parse_timestamp(value)
+        if when is None:
+            return False
+        return when >= ctx.now - window if since_now else when < ctx.now - window
+
+    return timed
+
+
+def _at(node: Compare, get: Callable[[EvalContext], Any]) -> Predicate:
+    """A comparison with the timestamp column (the parser made the value a datetime)."""
+    order, want, equal = _ORDER.get(node.op), node.value, node.op == "eq"
+
+    def at(ctx: EvalContext) -> bool:
+        value = get(ctx)
+        if value is MISSING:
+            return False
+        if order is not None:
+            return order(value, want)
+        return (value == want) is equal
+
+    return at
+
+
+def _contains(want: Scalar) -> Callable[[Any], bool]:
+    """A string in a string, or an element equal to `want` in an array."""
+    element = _equals(want)
+
+    def contains(v: Any) -> bool:
+        if isinstance(v, str):
+            return isinstance(want, str) and want in v
+        if isinstance(v, list):
+            return any(element(item) for item in v)
+        return False
+
+    return contains
+
+
+def _test(node: Compare) -> Callable[[Any], bool]:
+    """The comparison as a test of the field's value."""
+    op, want = node.op, node.value
     if op == "exists":
-        return lambda ctx: get(ctx) is not MISSING
-    if op in ("within_last", "older_than"):
-        window: dt.timedelta = want
-
-        def timed(ctx: EvalContext) -> bool:
-            value = get(ctx)
-            when = value if isinstance(value, dt.datetime) else parse_timestamp(value)
-            if when is None:
-                return False
-            return when >= ctx.now - window if op == "within_last" else when < ctx.now - window
-
-        return timed
-    if node.field.is_timestamp:
-        order = _ORDER.get(op)
-
-        def at(ctx: EvalContext) -> bool:
-            value = get(ctx)
-            if value is MISSING:
-                return False
-            if order is not None:
-                return order(value, want)
-            return (value == want) == (op == "eq")
-
-        return at
-    if op in ("eq", "ne"):
-        return lambda ctx: (v := get(ctx)) is not MISSING and same_type(v, want) and (
-            (v == want) == (op == "eq"))
+        return lambda v: v is not MISSING
+    if op == "eq":
+        return _equals(want)
+    if op == "ne":
+        return _differs(want)
     if op in _ORDER:
         order = _ORDER[op]
-        return lambda ctx: (v := get(ctx)) is not MISSING and same_type(v, want) and order(v, want)
+        if isinstance(want, str):
+            return lambda v: isinstance(v, str) and order(v, want)
+        return lambda v: (n := as_double(v)) is not None and order(n, want)
     if op in ("in", "not_in"):
-        options = want
-
-        def member(ctx: EvalContext) -> bool:
-            v = get(ctx)
-            if v is MISSING or isinstance(v, (dict, list)):
-                return False
-            found = any(_typed_eq(v, o) for o in options)
-            return found if op == "in" else not found
-
-        return member
+        return _member(want, op == "in")
     if op == "contains":
-        def contains(ctx: EvalContext) -> bool:
-            v = get(ctx)
-            if isinstance(v, str):
-                return isinstance(want, str) and want in v
-            if isinstance(v, list):
-                return any(_typed_eq(item, want) for item in v)
-            return False
-
-        return contains
+        return _contains(want)
     if op == "starts_with":
-        return lambda ctx: isinstance(v := get(ctx), str) and v.startswith(want)
+        return lambda v: isinstance(v, str) and v.startswith(want)
     raise AssertionError(f"unhandled operator {op}")
+
+
+def _compare(node: Compare) -> Predicate:
+    get = _getter(node.field)
+    if node.op in ("within_last", "older_than"):
+        return _timed(node, get)
+    if node.field.is_timestamp and node.op != "exists":
+        return _at(node, get)
+    test = _test(node)
+    return lambda ctx: test(get(ctx))
 
 
 def compile_python(node: Node) -> Predicate:
