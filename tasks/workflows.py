@@ -52,7 +52,10 @@ def reap_stuck(self: FleetTask, limit: int = 1000) -> int:
                                (WORKFLOWS, ACTIONS)).values())
     older_than = timers.stuck_cutoff(self.session,
                                      dt.timedelta(seconds=settings.stuck_step_seconds), backlog)
-    stuck = timers.claim_stuck(self.session, dt.datetime.now(dt.UTC), older_than, limit)
+    stuck = timers.claim_stuck(
+        self.session, dt.datetime.now(dt.UTC), older_than, limit,
+        max_resends=settings.stuck_step_max_resends,
+        retry_chain=dt.timedelta(seconds=settings.operator_retry_chain_seconds))
     self.after_commit(lambda: dispatch.send_steps(stuck))
     if stuck:
         log.warning("steps.reaped", count=len(stuck), backlog=backlog,

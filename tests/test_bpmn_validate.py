@@ -67,3 +67,27 @@ def test_message_waits_and_timers_are_accepted() -> None:
     ).replace("</bpmn:process>", '</bpmn:process><bpmn:message id="order_done" '
               'name="order.completed"/>')
     assert validate_bpmn(waiting).awaited_events == {"order.completed"}
+
+
+def _script(script: str) -> str:
+    return SCORE.replace("score = base * 2", script + "\nscore = base * 2")
+
+
+@pytest.mark.parametrize(("xml", "message"), [
+    (_script("r = range(3)"), "element compute: script refused: variable 'r' is left holding a range"),
+    (_script("x = list[int]"), r"element compute: script refused: list\[\.\.\.\] is a type"),
+    (_script("s = {1, 2}"), "element compute: script refused: variable 's' .*a set"),
+    (_script("d = {}\nk = d.keys()"), "element compute: .*dict_keys view"),
+    (_with_task(f'<bpmn:serviceTask id="x">{IO}<bpmn:extensionElements>'
+                '<spiffworkflow:serviceTaskOperator id="send_message"><spiffworkflow:parameters>'
+                '<spiffworkflow:parameter id="to" type="any" value="set([1])"/>'
+                "</spiffworkflow:parameters></spiffworkflow:serviceTaskOperator>"
+                "</bpmn:extensionElements></bpmn:serviceTask>").replace(
+        'id="minimal-definitions"', 'xmlns:spiffworkflow="http://spiffworkflow.org/bpmn/'
+        'schema/1.0/core" id="minimal-definitions"'),
+     "element x: operator parameter 'to' refused: it is a set"),
+])
+def test_values_that_can_never_be_stored_are_refused_at_deploy(xml: str, message: str) -> None:
+    """Each deployed, then made every execution reaching it a zombie (issue 12, defect 4)."""
+    with pytest.raises(BpmnError, match=message):
+        validate_bpmn(xml, operators=frozenset({"send_message"}))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from SpiffWorkflow.bpmn import BpmnWorkflow
 from SpiffWorkflow.bpmn.exceptions import WorkflowTaskException
 from SpiffWorkflow.util.task import TaskState
 
+from workers.engine import sandbox, values
 from workers.engine.bpmn import parse_bpmn
 from workers.engine.sandbox import SandboxError, check, evaluate, execute
 from workers.engine.script_engine import SandboxScriptEngine
@@ -177,3 +181,145 @@ def test_a_hostile_script_fails_safely_inside_spiffworkflow() -> None:
 
 def test_now_is_timezone_aware() -> None:
     assert evaluate("now()", {}).tzinfo == dt.UTC
+
+
+# --------------------------------------------------------------------------- limits inside builtins
+
+BIG = "big = 'x' * 100000\nrefs = [big] * 10000\n"  # 1 GB as text, 80 kB in memory
+DOUBLING = "a = [1]\nfor i in range(40):\n    a = [a, a]\n"  # 2**40 items written out
+TUPLES = "t = (1,)\nfor i in range(40):\n    t = (t, t)\n"
+
+
+@pytest.mark.parametrize("script", [
+    BIG + "s = str(refs)",
+    BIG + "s = f'{refs}'",
+    BIG + "s = f'{refs!r}'",
+    BIG + "s = '%s' % (refs,)",
+    BIG + "s = ''.join([refs] * 10)",
+    BIG + "s = big.replace(refs, 'y')",
+    BIG + "s = sorted([refs, refs], key=str)",
+    "row = [0] * 1000\nrows = [row] * 20000\nflat = sum(rows, [])",
+    DOUBLING + "s = str(a)",
+    DOUBLING + "b = [1]\nfor i in range(40):\n    b = [b, b]\nsame = a == b",
+    DOUBLING + "b = [1]\nfor i in range(40):\n    b = [b, b]\ns = sorted([a, b, a])",
+    TUPLES + "s = {t}",
+    TUPLES + "d = {t: 1}",
+    TUPLES + "found = t in {(1,): 0}",
+    "s = '%*d' % (100000000, 1)",
+    "s = '%.100000000f' % 1.0",
+    "rows = []\nfor i in range(1000):\n    rows.append([0] * 100000)",
+    "x = round(5, -1000000)",
+])
+def test_builtins_are_sized_before_they_build_a_result(script: str) -> None:
+    """Each was refused only after the builtin had run (966 MiB, 26.9 s, ...), or never."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(SandboxError):
+            execute(script, {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated before the refusal"
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    ("a = []\na.append(a)", "contain itself"),
+    ("a = []\nb = [a]\na.extend([b])", "contain itself"),
+    ("d = {}\nd['me'] = d", "contain itself"),
+    ("a = [1]\nb = {'k': [a]}\na[0] = b", "contain itself"),
+])
+def test_self_referential_values_are_refused(script: str, message: str) -> None:
+    with pytest.raises(SandboxError, match=message):
+        execute(script, {})
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    ("r = [range(3)]", r"variable 'r'\[0\] holds a range"),
+    ("x = []\nfor i in range(30000):\n    x = [x]", "nested deeper than 100"),
+    ("f = float('nan')", "the number nan"),
+    ("z = 'a\\x00b'", "NUL"),
+    ("u = '\\ud800'", "surrogate"),
+    ("k = {(1, 2): 3}", "a key"),
+    ("d = {'a': 1}\nk = [d.keys()]", "dict_keys"),
+    ("s = [set([1])]", "a set"),
+    ("b = [b'x']", "a bytes"),
+    ("x = [1]\nfor i in range(10):\n    x = [x] * 10", "larger than"),
+])
+def test_a_script_may_leave_only_storable_variables(script: str, message: str) -> None:
+    with pytest.raises(SandboxError, match=message):
+        execute(script, {})
+
+
+def test_storable_values_are_kept() -> None:
+    result = execute("when = now()\nlater = when + days(1)\nd = later.date()\n"
+                     "pairs = [(1, 'a')]\ncounts = {1: 2}\nemoji = '\U0001f600'\n", {})
+    assert result["later"] - result["when"] == dt.timedelta(days=1)
+    assert result["pairs"] == [(1, "a")] and result["emoji"] == "\U0001f600"
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    ("r = range(3)\nfor i in r:\n    pass", "variable 'r' is left holding a range"),
+    ("x = list[int]", r"list\[\.\.\.\] is a type"),
+    ("s = {1, 2}", "a set"),
+    ("d = {}\nk = d.keys()", "dict_keys view"),
+    ("f = len", "the function len"),
+    ("n = 1e999", "inf"),
+])
+def test_unstorable_variables_are_refused_at_check_time(script: str, message: str) -> None:
+    with pytest.raises(SandboxError, match=message):
+        check(script, "exec")
+
+
+@pytest.mark.parametrize("script", [
+    "r = range(3)\nr = list(r)",
+    "r = range(3)\nif True:\n    r = 1",
+    "list = [1]\nx = list[0]",
+    "k = 1\nfor k in {'a': 1}.keys():\n    pass",
+])
+def test_check_time_refusal_leaves_storable_scripts_alone(script: str) -> None:
+    execute(script, {})
+
+
+def test_only_cheap_functions_can_be_passed_as_values() -> None:
+    assert evaluate("sorted(xs, key=len)", {"xs": ["ccc", "a", "bb"]}) == ["a", "bb", "ccc"]
+    with pytest.raises(SandboxError, match="can only be called"):
+        evaluate("sorted(xs, key=str)", {"xs": [1]})
+
+
+def test_the_wall_clock_interrupts_a_run_between_its_clock_checks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer steps than one clock check, each slow: only the SIGALRM deadline stops it."""
+    variables = execute("items = []\nfor i in range(1000):\n"
+                        "    items.extend(['%05d' % i] * 100)\n", {})
+    monkeypatch.setattr(sandbox, "MAX_SECONDS", 0.05)
+    slow = "found = 0\nfor i in range(150):\n    if 'zzzzz' in items:\n        found += 1"
+    previous, outer = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
+    with pytest.raises(SandboxError, match="ran longer than 0.05 s"):
+        execute(slow, variables)
+    assert signal.getsignal(signal.SIGALRM) is previous
+    # pytest-timeout's own timer (if any) is running again, a little later than before
+    assert (signal.getitimer(signal.ITIMER_REAL)[0] > 0) == (outer[0] > 0)
+
+
+def test_outside_the_main_thread_the_clock_check_is_the_limit() -> None:
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(execute("x = 1 + 1", {})))
+    thread.start()
+    thread.join()
+    assert results == [{"x": 2}]
+
+
+def test_the_documented_limits_are_the_enforced_ones() -> None:
+    """README's Expressions paragraph lists the limits the sandbox enforces."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    paragraph = readme[readme.index("**Expressions**"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    text = " ".join(paragraph.split())
+    for figure in (f"{sandbox.MAX_SOURCE:,} characters", f"{sandbox.MAX_NODES:,} syntax nodes",
+                   f"nesting {sandbox.MAX_DEPTH}", f"{sandbox.MAX_STEPS:,} steps",
+                   f"{sandbox.MAX_SECONDS:g} s of wall clock", f"{sandbox.MAX_INT_BITS} bits",
+                   f"{sandbox.MAX_LEN:,} items", f"{sandbox.MAX_BUILT:,} items and characters",
+                   f"{sandbox.MAX_INSPECTED:,} items", f"nested {values.MAX_NESTING} deep",
+                   f"{values.MAX_STORED:,} items and characters"):
+        assert figure in text, f"README's Expressions paragraph does not say {figure!r}"
+        assert figure in " ".join((sandbox.__doc__ or "").split()), figure

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     outage_max_retries: int = Field(
         default=100,
         description="Retries while PostgreSQL or the broker is unreachable (with the default "
-        "backoff, hours), so an outage leaves work queued instead of dead-lettered.",
+        "backoff, hours) before a dead letter is tried; while even that cannot be stored the "
+        "message keeps coming back, so an outage of any length leaves work queued.",
     )
     max_redeliveries: int = Field(
         default=3,
@@ -84,6 +85,11 @@ class Settings(BaseSettings):
         default=600,
         description="A step or operator call sent longer ago than this is re-sent by the reaper "
         "(keep it above the longest retry delay).",
+    )
+    stuck_step_max_resends: int = Field(
+        default=10,
+        description="Times the reaper re-sends one execution's step without progress before "
+        "it fails the execution (\"step re-sent N times without progress\").",
     )
     log_level: str = Field(default="INFO", description="Root log level.")
     log_json: bool = Field(default=True, description="JSON logs (False: human-readable console).")
@@ -126,6 +132,14 @@ class Settings(BaseSettings):
         if self.retry_backoff_max >= self.visibility_timeout:
             raise ValueError("FLEET_RETRY_BACKOFF_MAX must be below FLEET_VISIBILITY_TIMEOUT")
         return self
+
+    @property
+    def operator_retry_chain_seconds(self) -> float:
+        """The longest an operator call takes with all its retries (each attempt up to the
+        webhook timeout, then its backoff): the reaper does not count it lost before then."""
+        delays = sum(min(self.retry_backoff_max, self.retry_backoff_base * 2**retry)
+                     for retry in range(self.task_max_retries))
+        return delays + (self.task_max_retries + 1) * self.webhook_timeout
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -12,15 +12,25 @@ quadratic (spiff-arena #2960). Two things keep our state O(live nodes):
 
 A finished instance of a join is kept while another instance of that join is
 live, because a parallel/inclusive join merges its branches' data from them.
+
+Task data goes through the serializer's registry (SpiffWorkflow converts it only
+when it writes JSON itself), so dates and durations a script leaves are stored and
+come back as such. A state PostgreSQL would refuse (a value JSON has no form for,
+NaN, NUL, a lone surrogate, a cycle) raises Unstorable naming the variable, before
+anything is written.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import re
 from typing import Any
 from uuid import UUID
 
 from SpiffWorkflow.bpmn.serializer.default.workflow import (
     BpmnWorkflowConverter,
+    TaskConverter,
     WorkflowConverter,
 )
 from SpiffWorkflow.bpmn.serializer.workflow import BpmnWorkflowSerializer
@@ -32,9 +42,39 @@ from SpiffWorkflow.util.task import TaskState
 
 from workers.engine.script_engine import SandboxScriptEngine
 from workers.engine.specs import LoadedSpec
+from workers.engine.values import Refused, check_storable
 
 FORMAT = 1  # bump when the stored layout changes; loaders refuse what they don't know
 _SCRIPT_ENGINE = SandboxScriptEngine()
+# In JSON written with ensure_ascii=False: a lone surrogate, or an escaped NUL (\u0000
+# after an even run of backslashes), both of which jsonb refuses.
+_REFUSED_IN_JSON = re.compile(r"[\ud800-\udfff]|(?<!\\)(?:\\\\)*\\u0000")
+
+
+class Unstorable(ValueError):
+    """An execution's state or variables that PostgreSQL would refuse; the message says why."""
+
+
+def check_json(value: Any, what: str) -> None:
+    """Refuse what json.dumps or jsonb would refuse, so a step never fails at commit."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise Unstorable(f"{what} cannot be stored: {exc}") from None
+    if _REFUSED_IN_JSON.search(text):
+        raise Unstorable(f"{what} cannot be stored: text with a NUL character or a lone "
+                         "surrogate")
+
+
+class _TaskConverter(TaskConverter):  # type: ignore[misc]
+    """SpiffWorkflow's task converter, with task data converted by the registry too."""
+
+    def to_dict(self, task: Task) -> dict[str, Any]:
+        dct: dict[str, Any] = super().to_dict(task)
+        dct["data"] = self.registry.convert(self.registry.clean(dct["data"]))
+        if dct["delta"]:
+            dct["delta"]["updates"] = self.registry.convert(dct["delta"]["updates"])
+        return dct
 
 
 class _StateConverter(BpmnWorkflowConverter):  # type: ignore[misc]
@@ -79,7 +119,10 @@ def _parents_first(dct: dict[str, Any]) -> dict[str, Any]:
     return ordered
 
 
-_REGISTRY = BpmnWorkflowSerializer.configure({**SPIFF_CONFIG, BpmnWorkflow: _StateConverter})
+_REGISTRY = BpmnWorkflowSerializer.configure({**SPIFF_CONFIG, BpmnWorkflow: _StateConverter,
+                                              Task: _TaskConverter})
+_REGISTRY.register(dt.date, lambda v: {"value": v.isoformat()},
+                   lambda v: dt.date.fromisoformat(v["value"]))
 
 
 def new_workflow(loaded: LoadedSpec, variables: dict[str, Any]) -> BpmnWorkflow:
@@ -142,10 +185,28 @@ def prune(workflow: BpmnWorkflow) -> None:
         del workflow.subprocesses[task_id]
 
 
+def _unstorable_variable(workflow: BpmnWorkflow) -> str | None:
+    """Which variable makes the state unstorable (for the error message), if one does."""
+    holders = [workflow, *workflow.subprocesses.values()]
+    datas = [workflow.data] + [t.data for w in holders for t in w.tasks.values()]
+    for data in datas:
+        for name, value in data.items():
+            try:
+                check_storable(f"variable {name!r}", value)
+            except Refused as exc:
+                return str(exc)
+    return None
+
+
 def dump(workflow: BpmnWorkflow) -> dict[str, Any]:
-    """The JSON-ready state to store: pruned, without the spec."""
+    """The JSON-ready state to store: pruned, without the spec. Raises Unstorable."""
     prune(workflow)
-    return _REGISTRY.convert(workflow)  # type: ignore[no-any-return]
+    try:
+        dumped: dict[str, Any] = _REGISTRY.convert(workflow)
+        check_json(dumped, "the engine state")
+    except (Unstorable, TypeError, ValueError, RecursionError) as exc:
+        raise Unstorable(_unstorable_variable(workflow) or str(exc)) from None
+    return dumped
 
 
 def load(state: dict[str, Any], loaded: LoadedSpec) -> BpmnWorkflow:

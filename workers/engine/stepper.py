@@ -11,6 +11,12 @@ Service tasks run in two steps around the actions queue: the first step records
 an `action_deliveries` row (the idempotency key and the evaluated parameters) and
 asks for the operator to run; once it has, the next step completes the node with
 the operator's result.
+
+A step whose writes cannot be saved (a value PostgreSQL refuses in the state, the
+variables or an operator's parameters) fails the execution at that node instead:
+the step's writes run in a savepoint, so whatever refused them is rolled back and
+the failure is written on its own. Otherwise the step would fail at commit on every
+delivery, and the execution would stay `running` with no error, for ever.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from db.models import (
 )
 from workers.engine import runner, state
 from workers.engine.specs import SPECS, LoadedSpec
+from workers.engine.values import Refused, check_storable
 from workers.log import get_logger
 
 log = get_logger(__name__)
@@ -87,6 +94,15 @@ def _fail(execution: WorkflowExecution, node_id: str, error: str, now: dt.dateti
     execution.step_enqueued_at = None
 
 
+@dataclass
+class _Attempt:
+    """The node a step is running, for the failure record if its writes cannot be saved."""
+
+    started: dt.datetime
+    node_id: str | None
+    node_type: str = "Save"
+
+
 def step(session: Session, execution_id: uuid.UUID, expected_version: int,
          now: dt.datetime | None = None) -> StepResult:
     """Run the execution's next node, if this step message is the current one."""
@@ -103,7 +119,41 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
     if execution.state_version != expected_version:
         return StepResult("noop", reason=f"stale step {expected_version}, "
                                          f"execution is at {execution.state_version}")
+    attempt = _Attempt(now, execution.current_node_id)
+    try:
+        with session.begin_nested():  # the row lock taken above outlives a rollback
+            result = _advance(session, execution, attempt, now)
+            session.flush()
+        return result
+    except Exception as exc:
+        if _is_infrastructure(exc) or (exc.__context__ is not None
+                                       and _is_infrastructure(exc.__context__)):
+            raise
+        return _fail_unsaved(session, execution, attempt, exc, now)
 
+
+def _fail_unsaved(session: Session, execution: WorkflowExecution, attempt: _Attempt,
+                  exc: Exception, now: dt.datetime) -> StepResult:
+    """The step's writes were refused and rolled back: fail the execution at its node."""
+    node_id = attempt.node_id or "-"
+    cause = getattr(exc, "orig", None) or exc  # the driver's error, not the statement text
+    reason = str(exc) if isinstance(exc, state.Unstorable) else f"{type(cause).__name__}: {cause}"
+    error = f"node {node_id}: the execution's state cannot be saved: {reason}"
+    log.warning("execution.failed", execution_id=str(execution.id), node_id=node_id, error=error)
+    session.refresh(execution)  # as it was before the step
+    _fail(execution, node_id, error, now)
+    execution.state_version += 1
+    execution.updated_at = now
+    session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
+                              node_id=node_id, node_type=attempt.node_type, outcome="failed",
+                              started_at=attempt.started, finished_at=dt.datetime.now(dt.UTC),
+                              error_message=error[:MAX_ERROR]))
+    return StepResult("failed", node_id=node_id)
+
+
+def _advance(session: Session, execution: WorkflowExecution, attempt: _Attempt,
+             now: dt.datetime) -> StepResult:
+    """Load, run one node and write the result (inside the step's savepoint)."""
     try:  # a definition or state that cannot be loaded fails the execution, not the worker
         workflow = _load(session, execution)
         if execution.awaiting_events:
@@ -126,9 +176,9 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
     result: StepResult
     if task is None:
         result = StepResult("waiting")
-        node_id = None
     else:
         node_id = task.task_spec.bpmn_id
+        attempt.node_id, attempt.node_type = node_id, type(task.task_spec).__name__
         structured = _run(session, execution, workflow, task, node_id, now)
         if structured is not None:  # the node did not run to completion this step
             return structured
@@ -157,6 +207,7 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
             delivery = session.get(ActionDelivery, key)
             if delivery is None:
                 operator, params = runner.service_call(task)
+                _check_params(params)
                 session.add(ActionDelivery(key=key, execution_id=execution.id, node_id=node_id,
                                            operator=operator, params=params))
                 return _record(session, execution, workflow, task, node_id, "waiting", now,
@@ -171,8 +222,8 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
         else:
             runner.run_node(workflow, task)
     except Exception as exc:  # a node's failure fails the execution, not the worker
-        if _is_infrastructure(exc):
-            raise
+        if _is_infrastructure(exc) or isinstance(exc, state.Unstorable):
+            raise  # retried by the task, or failed by `step` with the savepoint rolled back
         error = f"node {node_id}: {exc}"
         log.warning("execution.failed", execution_id=str(execution.id), node_id=node_id,
                     error=error)
@@ -183,6 +234,26 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
 
 class _OperatorFailed(Exception):
     pass
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    """Operator parameters are stored as evaluated (jsonb): refuse what cannot be."""
+    for name, value in params.items():
+        try:
+            check_storable(f"parameter {name!r}", value, extra=())
+        except Refused as exc:
+            raise state.Unstorable(str(exc)) from None
+
+
+def _save(execution: WorkflowExecution, workflow: Any, task: Any) -> None:
+    """Engine state and variables, refused (state.Unstorable) if PostgreSQL would refuse them."""
+    engine_state = state.dump(workflow)
+    try:
+        variables = runner.variables(workflow, task)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise state.Unstorable(f"the variables cannot be stored: {exc}") from None
+    state.check_json(variables, "the variables")
+    execution.engine_state, execution.variables = engine_state, variables
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
@@ -197,8 +268,7 @@ def _record(session: Session, execution: WorkflowExecution, workflow: Any, task:
             error: str | None = None) -> StepResult:
     """Write the step-history row and bump the version (engine state only if `workflow`)."""
     if workflow is not None:
-        execution.engine_state = state.dump(workflow)
-        execution.variables = runner.variables(workflow, task)
+        _save(execution, workflow, task)
         execution.current_node_id = node_id
         execution.status = "running"
         execution.step_enqueued_at = now
@@ -229,8 +299,7 @@ def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task
         execution.updated_at = now
         return StepResult("waiting", next_version=execution.state_version if has_next else None)
 
-    execution.engine_state = state.dump(workflow)
-    execution.variables = runner.variables(workflow, task)
+    _save(execution, workflow, task)
     execution.current_node_id = result.node_id
     execution.status = "completed" if completed else "running"
     execution.completed_at = now if completed else None

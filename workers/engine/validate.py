@@ -6,13 +6,16 @@ tasks, signals, escalations, conditional events, transactions, event and ad-hoc
 subprocesses, catch events with several definitions, event-based gateways with
 more than one timer), unknown service-task operators, and any expression the
 sandbox would not run (gateway conditions, scripts, pre/post scripts, timer
-expressions, operator parameters). The error names the element and the reason.
+expressions, operator parameters), and values that could never be saved with the
+execution (a script leaving `range(3)` or `list[int]` in a variable, an operator
+parameter that is a set). The error names the element and the reason.
 Receive tasks (a message wait drawn as a task) are supported, so that a boundary
 timer can time the wait out.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,7 +60,7 @@ from SpiffWorkflow.bpmn.specs.mixins.subworkflow_task import (
 )
 
 from workers.engine.bpmn import BpmnError, ParsedBpmn, parse_bpmn
-from workers.engine.sandbox import SandboxError, check
+from workers.engine.sandbox import SandboxError, check, never_storable
 
 # Internal specs SpiffWorkflow adds around the drawn elements.
 _CONTROL = (BpmnStartTask, _EndJoin, BoundaryEventSplit, BoundaryEventJoin, StartEventSplit,
@@ -150,7 +153,12 @@ def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None) -> 
                                 f"(known: {', '.join(sorted(operators))})")
         for what, mode, source in _expressions(spec):
             try:
-                check(source, mode)
+                tree = check(source, mode)
             except SandboxError as exc:
                 raise BpmnError(f"element {element}: {what} refused: {exc}") from None
+            stored = never_storable(tree.body) if isinstance(tree, ast.Expression) \
+                and what.startswith("operator") else None
+            if stored is not None:
+                raise BpmnError(f"element {element}: {what} refused: it is {stored}, which "
+                                "cannot be stored with the operator call")
     return ValidatedWorkflow(parsed, frozenset(awaited))
