@@ -90,6 +90,20 @@ def test_dates_and_durations_left_by_a_script_are_stored_and_come_back(
     assert dt.datetime.fromisoformat(done.variables["due"]) > dt.datetime.now(dt.UTC)
 
 
+def test_data_that_looks_like_a_serialized_object_stays_data(
+        celery_worker: WorkerProcess) -> None:
+    """A producer's dict with a `typename` key was restored as SpiffWorkflow's object."""
+    payload = {"typename": "BpmnWorkflow", "tasks": [1]}
+    when = {"typename": "datetime", "value": "2020-01-01T00:00:00"}
+    nested = {"typename": "FleetLiteral", "value": {"typename": "UUID", "value": "x"}}
+    execution_id = start(deploy_xml(SCORE), {"base": 1, "payload": payload, "when": when,
+                                             "nested": [nested]})
+    done = wait_status(execution_id, "completed", "failed")
+    assert done.status == "completed", done.error_message
+    assert (done.variables["payload"], done.variables["when"], done.variables["nested"]) == \
+        (payload, when, [nested])
+
+
 def test_an_operator_parameter_that_cannot_be_saved_fails_the_node(
         celery_worker: WorkerProcess) -> None:
     xml = (BPMN / "engine_webhook.bpmn").read_text().replace(

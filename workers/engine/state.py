@@ -71,10 +71,36 @@ class _TaskConverter(TaskConverter):  # type: ignore[misc]
 
     def to_dict(self, task: Task) -> dict[str, Any]:
         dct: dict[str, Any] = super().to_dict(task)
-        dct["data"] = self.registry.convert(self.registry.clean(dct["data"]))
+        dct["data"] = self.registry.convert(_escaped(self.registry.clean(dct["data"])))
         if dct["delta"]:
-            dct["delta"]["updates"] = self.registry.convert(dct["delta"]["updates"])
+            dct["delta"]["updates"] = self.registry.convert(_escaped(dct["delta"]["updates"]))
         return dct
+
+
+class _Literal:
+    """A dict of the execution's data with a `typename` key, kept as data.
+
+    The registry restores any stored dict whose `typename` names a registered class
+    (`datetime`, `UUID`, SpiffWorkflow's own) as that object, so a producer's
+    `{"typename": "BpmnWorkflow"}` in event data broke loading the execution. Such
+    dicts are stored wrapped and come back as they were. (Not a dict subclass: the
+    registry's `clean` copies dicts into plain ones.)
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        self.value = value
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every dict that has a `typename` key wrapped as a `_Literal`."""
+    if isinstance(value, dict):
+        inner = {k: _escaped(v) for k, v in value.items()}
+        return _Literal(inner) if "typename" in value else inner
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
 
 
 class _StateConverter(BpmnWorkflowConverter):  # type: ignore[misc]
@@ -123,6 +149,9 @@ _REGISTRY = BpmnWorkflowSerializer.configure({**SPIFF_CONFIG, BpmnWorkflow: _Sta
                                               Task: _TaskConverter})
 _REGISTRY.register(dt.date, lambda v: {"value": v.isoformat()},
                    lambda v: dt.date.fromisoformat(v["value"]))
+_REGISTRY.register(_Literal, lambda v: {"value": {k: _REGISTRY.convert(x) for k, x in v.value.items()}},
+                   lambda v: {k: _REGISTRY.restore(x) for k, x in v["value"].items()},
+                   typename="FleetLiteral")
 
 
 def new_workflow(loaded: LoadedSpec, variables: dict[str, Any]) -> BpmnWorkflow:
