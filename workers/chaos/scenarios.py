@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,35 +240,22 @@ def redis_restart(events: int = 1500, rate: float = 100, users: int = 300,
     at the instant of a restart, which only the relay's confirmation recovers
     (a direct `send_event` cannot; RELIABILITY.md).
     """
-    from workers.embedded import EmbeddedServices
-
     result = ChaosResult("redis-restart")
-    with tempfile.TemporaryDirectory(prefix="fleet-chaos-redis-") as home:
-        broker = EmbeddedServices(Path(home))
-        port = broker.start_valkey()
-        try:
-            with running_fleet(result, broker_url=f"redis://127.0.0.1:{port}/0",
-                               webhook_delay=0.3) as (fleet, receiver):
-                publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users),
-                                      outbox=True)
-                sender = in_background(lambda: publisher.run(events, rate))
-                pause = events / rate / (restarts + 1)
-                for n in range(restarts):
-                    time.sleep(pause)
-                    down = time.monotonic()
-                    broker.stop_valkey()
-                    time.sleep(1.0)
-                    broker.start_valkey(port)
-                    result.injected.append(
-                        f"restart {n + 1}: broker down {time.monotonic() - down:.1f}s")
-                sender.join()
-                fleet.wait_workers()
-                finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
-                result.figures["outbox_published_again"] = fleet.scalar(text(
-                    "SELECT count(*) FROM event_outbox WHERE retry_count > 0"))
-                return result
-        finally:
+    with own_valkey() as (broker, port), \
+            running_fleet(result, broker_url=f"redis://127.0.0.1:{port}/0",
+                          webhook_delay=0.3) as (fleet, receiver):
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users), outbox=True)
+        sender = in_background(lambda: publisher.run(events, rate))
+        pause = events / rate / (restarts + 1)
+        for n in range(restarts):
+            time.sleep(pause)
+            down = time.monotonic()
             broker.stop_valkey()
+            time.sleep(1.0)
+            broker.start_valkey(port)
+            result.injected.append(f"restart {n + 1}: broker down {time.monotonic() - down:.1f}s")
+        sender.join()
+        return finish_through_outbox(fleet, publisher, receiver, result)
 
 
 def pg_terminate(events: int = 1500, rate: float = 100, users: int = 300,
@@ -304,6 +291,30 @@ def terminate_connections(engine: Engine, stop: threading.Event, every: float) -
     finally:
         admin.dispose()
     return killed
+
+
+@contextmanager
+def own_valkey() -> Iterator[tuple[Any, int]]:
+    """A Valkey of the run's own (embedded, append-only file on): the broker to hurt."""
+    from workers.embedded import EmbeddedServices
+
+    with tempfile.TemporaryDirectory(prefix="fleet-chaos-redis-") as home:
+        broker = EmbeddedServices(Path(home))
+        port = broker.start_valkey()
+        try:
+            yield broker, port
+        finally:
+            broker.stop_valkey()
+
+
+def finish_through_outbox(fleet: ChaosFleet, publisher: Publisher, receiver: WebhookServer,
+                          result: ChaosResult) -> ChaosResult:
+    """`finish` once the workers answer again, with how many outbox rows were re-published."""
+    fleet.wait_workers()
+    finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
+    result.figures["outbox_published_again"] = fleet.scalar(text(
+        "SELECT count(*) FROM event_outbox WHERE retry_count > 0"))
+    return result
 
 
 @contextmanager
@@ -392,49 +403,37 @@ def redis_full(events: int = 1500, rate: float = 100, users: int = 300,
     """
     import redis as redis_client
 
-    from workers.embedded import EmbeddedServices
-
     result = ChaosResult("redis-full")
-    with tempfile.TemporaryDirectory(prefix="fleet-chaos-redis-") as home:
-        broker = EmbeddedServices(Path(home))
-        port = broker.start_valkey()
-        client = redis_client.Redis(port=port)
-        try:
-            with running_fleet(result, broker_url=f"redis://127.0.0.1:{port}/0") as (fleet, receiver):
-                publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users), outbox=True)
-                sender = in_background(lambda: publisher.run(events, rate))
-                time.sleep(events / rate / 3)
-                used = int(client.info("memory")["used_memory"])
-                client.config_set("maxmemory-policy", "noeviction")
-                client.config_set("maxmemory", str(used + 2 * 2**20))
-                junk = 0
-                for size in (65536, 4096, 256):  # a refused large write frees its buffer
-                    try:
-                        while True:
-                            client.set(f"chaos-junk:{junk}", b"x" * size)
-                            junk += 1
-                    except redis_client.exceptions.OutOfMemoryError:
-                        pass
-                refused = 0  # direct producers meanwhile: PublishError, nothing else
-                for _ in range(10):
-                    try:
-                        send_event("chaos.direct", user="chaos-direct@example.com", via=fleet.app)
-                    except PublishError:
-                        refused += 1
-                result.figures["direct_publishes_refused"] = refused
-                time.sleep(hold)
-                client.delete(*[f"chaos-junk:{n}" for n in range(junk)])
-                client.config_set("maxmemory", "0")
-                result.injected.append(f"Redis full (maxmemory, noeviction) for {hold:.0f}s")
-                sender.join()
-                fleet.wait_workers()
-                finish(fleet, publisher, receiver, result, timeout=TIMEOUT)
-                result.figures["outbox_published_again"] = fleet.scalar(text(
-                    "SELECT count(*) FROM event_outbox WHERE retry_count > 0"))
-                return result
-        finally:
-            client.close()
-            broker.stop_valkey()
+    with own_valkey() as (_broker, port), \
+            running_fleet(result, broker_url=f"redis://127.0.0.1:{port}/0") as (fleet, receiver), \
+            closing(redis_client.Redis(port=port)) as client:
+        publisher = Publisher(fleet, EventStream(uuid.uuid4().hex[:8], users), outbox=True)
+        sender = in_background(lambda: publisher.run(events, rate))
+        time.sleep(events / rate / 3)
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(used + 2 * 2**20))
+        junk = 0
+        for size in (65536, 4096, 256):  # a refused large write frees its buffer
+            try:
+                while True:
+                    client.set(f"chaos-junk:{junk}", b"x" * size)
+                    junk += 1
+            except redis_client.exceptions.OutOfMemoryError:
+                pass
+        refused = 0  # direct producers meanwhile: PublishError, nothing else
+        for _ in range(10):
+            try:
+                send_event("chaos.direct", user="chaos-direct@example.com", via=fleet.app)
+            except PublishError:
+                refused += 1
+        result.figures["direct_publishes_refused"] = refused
+        time.sleep(hold)
+        client.delete(*[f"chaos-junk:{n}" for n in range(junk)])
+        client.config_set("maxmemory", "0")
+        result.injected.append(f"Redis full (maxmemory, noeviction) for {hold:.0f}s")
+        sender.join()
+        return finish_through_outbox(fleet, publisher, receiver, result)
 
 
 def _publish_raw(fleet: ChaosFleet, body: Any, queue: str, **headers: Any) -> None:
