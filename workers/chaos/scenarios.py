@@ -414,15 +414,20 @@ def redis_full(events: int = 1500, rate: float = 100, users: int = 300,
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", str(used + 2 * 2**20))
         junk = 0
-        for size in (65536, 4096, 256):  # a refused large write frees its buffer
-            try:
-                while True:
-                    client.set(f"chaos-junk:{junk}", b"x" * size)
-                    junk += 1
-            except redis_client.exceptions.OutOfMemoryError:
-                pass
+
+        def top_up() -> None:  # until not even a small write fits (consumers free memory)
+            nonlocal junk
+            for size in (65536, 4096, 256):  # a refused large write frees its buffer
+                try:
+                    while True:
+                        client.set(f"chaos-junk:{junk}", b"x" * size)
+                        junk += 1
+                except redis_client.exceptions.OutOfMemoryError:
+                    pass
+
         refused = 0  # direct producers meanwhile: PublishError, nothing else
         for _ in range(10):
+            top_up()
             try:
                 send_event("chaos.direct", user="chaos-direct@example.com", via=fleet.app)
             except PublishError:
