@@ -47,11 +47,11 @@ def capture(source: str, reason: str, message: Any) -> bool:
         log.critical("message.dead_letter_failed", source=source, reason=reason,
                      error=repr(exc), body=_body(message)[:4096].decode("utf-8", "replace"))
         return False
-    _unstored.clear()
+    _unstored[0] = 0
     return True
 
 
-_unstored: list[float] = []  # consecutive messages that could not be dead-lettered
+_unstored = [0]  # consecutive messages that could not be dead-lettered (a counter, not a log)
 
 
 def give_back(message: Any) -> None:
@@ -61,8 +61,8 @@ def give_back(message: Any) -> None:
     this consumer: nothing could be stored meanwhile anyway, and without it a
     requeued message would come back hundreds of times a second.
     """
-    _unstored.append(time.monotonic())
-    time.sleep(min(0.1 * 2 ** (len(_unstored) - 1), 5.0))
+    _unstored[0] += 1
+    time.sleep(min(0.1 * 2 ** min(_unstored[0] - 1, 6), 5.0))
     message.reject(requeue=True)
 
 
