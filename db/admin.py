@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from workers.settings import to_sqlalchemy_url
+from db.config import to_sqlalchemy_url
 
 
 def _run(admin_url: str, sql: str) -> None:

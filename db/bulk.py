@@ -6,15 +6,25 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
+
+
+def driver_connection(bind: Session | Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a session's (or connection's) current transaction."""
+    connection = bind.connection() if isinstance(bind, Session) else bind
+    raw = connection.connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise TypeError(f"expected a psycopg connection, got {type(raw).__name__}")
+    return raw
 
 
 def copy_rows(session: Session, table: str, columns: Sequence[str],
               rows: Iterable[Sequence[Any]]) -> None:
     """COPY rows into `table` inside the session's transaction (dicts become jsonb)."""
-    raw = session.connection().connection.driver_connection
-    with raw.cursor() as cursor, cursor.copy(
+    with driver_connection(session).cursor() as cursor, cursor.copy(
             f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row([Jsonb(v) if isinstance(v, (dict, list)) else v for v in row])
@@ -30,7 +40,7 @@ def savepoint(session: Session, name: str = "bulk") -> Iterator[None]:
     write through Core statements or COPY only.
     """
     session.flush()
-    raw = session.connection().connection.driver_connection
+    raw = driver_connection(session)
     raw.execute(f"SAVEPOINT {name}")
     try:
         yield

@@ -1,8 +1,9 @@
 """SQLAlchemy 2.0 models of the fleet's schema.
 
-The seed schema (shared/seeds/001) is the contract: its tables, columns, types,
-NOT NULL, CHECK constraints and index names appear here exactly as written. The
-engine's own tables and columns are added beside them, never in their place.
+The seed schema (the section marked "seed schema" below) is the contract: its
+tables, columns, types, NOT NULL, CHECK constraints and index names appear here
+exactly as written. The engine's own tables and columns are added beside them,
+never in their place.
 Alembic migrations (db/migrations) make the schema; these models describe it, and
 a test checks the two agree.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -34,11 +37,47 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 LIFECYCLE_STAGES: tuple[str, ...] = ("Acquisition", "Activation", "Retention", "Revenue", "Referral")
-EXECUTION_STATUSES: tuple[str, ...] = ("pending", "running", "completed", "failed", "cancelled")
-TERMINAL_EXECUTION_STATUSES: tuple[str, ...] = ("completed", "failed", "cancelled")
 WORKFLOW_STATUSES: tuple[str, ...] = ("draft", "active", "inactive", "archived")
 
+
+class ExecutionStatus(StrEnum):
+    """`workflow_executions.status`; a paused execution keeps its status (see `paused_at`)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_EXECUTION_STATUSES = frozenset({ExecutionStatus.PENDING, ExecutionStatus.RUNNING})
+TERMINAL_EXECUTION_STATUSES = frozenset(ExecutionStatus) - ACTIVE_EXECUTION_STATUSES
+
+
+class StepOutcome(StrEnum):
+    """`execution_steps.outcome`: what one history row says a node (or the reaper) did."""
+
+    COMPLETED = "completed"
+    WAITING = "waiting"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    CANCELLED = "cancelled"
+
+
+def sql_list(values: Iterable[StrEnum]) -> str:
+    """`'a', 'b'` for an SQL `IN (...)`, in the enum's order.
+
+    Literals, not a bound array: PostgreSQL uses a partial index (`WHERE status IN
+    (...)`) only for a query whose predicate it can match with the index's at plan time,
+    and the generated DDL text stays the text of the migrations.
+    """
+    members = list(values)
+    order = list(type(members[0])) if members else []
+    return ", ".join(f"'{m}'" for m in sorted(members, key=order.index))
+
+
 _STAGES_SQL = ", ".join(f"'{s}'" for s in LIFECYCLE_STAGES)
+_ACTIVE_SQL = sql_list(ACTIVE_EXECUTION_STATUSES)
 
 TZ = TIMESTAMP(timezone=True)
 NOW = text("now()")
@@ -57,7 +96,7 @@ def uuid_pk() -> Mapped[uuid.UUID]:
     return mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
 
 
-# --------------------------------------------------------------------------- seed 001
+# --------------------------------------------------------------------------- seed schema
 
 
 class User(Base):
@@ -131,7 +170,7 @@ class WorkflowExecution(Base):
     __tablename__ = "workflow_executions"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('pending', 'running', 'completed', 'failed', 'cancelled')",
+            f"status IN ({sql_list(ExecutionStatus)})",
             name="valid_execution_status",
         ),
         CheckConstraint("state_version >= 0", name="chk_execution_state_version"),
@@ -163,13 +202,13 @@ class WorkflowExecution(Base):
             "trigger_id",
             "user_id",
             unique=True,
-            postgresql_where=text("single_active AND status IN ('pending', 'running')"),
+            postgresql_where=text(f"single_active AND status IN ({_ACTIVE_SQL})"),
         ),
         # The stuck-execution reaper looks at running rows whose step is overdue.
         Index(
             "idx_executions_step_enqueued",
             "step_enqueued_at",
-            postgresql_where=text("status IN ('pending', 'running')"),
+            postgresql_where=text(f"status IN ({_ACTIVE_SQL})"),
         ),
     )
 
@@ -194,7 +233,7 @@ class WorkflowExecution(Base):
     wake_at: Mapped[dt.datetime | None]
     # Event types this execution waits for from its user (message catch events).
     awaiting_events: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
-    # Set while paused (seed 003's paused state); status is left as it was.
+    # Set while paused (the paused state); status is left as it was.
     paused_at: Mapped[dt.datetime | None]
     # When the last step message was sent; the reaper re-sends overdue ones.
     step_enqueued_at: Mapped[dt.datetime | None]
@@ -416,13 +455,13 @@ class WorkflowVersion(Base):
 
 
 class ExecutionStep(Base):
-    """One row per BPMN node run by a step task (seed 003's execution history)."""
+    """One row per BPMN node run by a step task (the execution history)."""
 
     __tablename__ = "execution_steps"
     __table_args__ = (
         UniqueConstraint("execution_id", "seq", name="uq_execution_steps_seq"),
         CheckConstraint(
-            "outcome IN ('completed', 'waiting', 'failed', 'retrying', 'cancelled')",
+            f"outcome IN ({sql_list(StepOutcome)})",
             name="chk_execution_step_outcome",
         ),
         Index("idx_execution_steps_started", "started_at"),

@@ -1,4 +1,4 @@
-"""Least-privilege database roles (seed 004): an application role and a migration role.
+"""Least-privilege database roles: an application role and a migration role.
 
 - The **migrator** owns the schema and every object in it. Alembic migrations
   (`fleet migrate`) run as it, and so does partition maintenance (the `maintenance`
@@ -29,7 +29,10 @@ import os
 import re
 import sys
 
-from sqlalchemy import Connection, text
+from psycopg import sql
+from sqlalchemy import Connection, create_engine, text
+
+from db.config import to_sqlalchemy_url
 
 DEFAULT_APP_ROLE = "fleet_app"
 DEFAULT_MIGRATOR_ROLE = "fleet_migrator"
@@ -167,8 +170,6 @@ def ensure_roles(conn: Connection, app_role: str = DEFAULT_APP_ROLE,
     `conn` is a SQLAlchemy connection (psycopg 3) of a superuser on the fleet's database.
     Passwords, when given, are set with ALTER ROLE (quoted by the driver).
     """
-    from psycopg import sql
-
     for statement in roles_sql(app_role, migrator_role, schema):
         conn.execute(text(statement))
     raw = conn.connection.driver_connection
@@ -211,10 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "sql":
         sys.stdout.write(render_sql(args.app_role, args.migrator_role, args.schema))
         return 0
-    from sqlalchemy import create_engine
-
-    from workers.settings import to_sqlalchemy_url
-
     url = os.environ.get("DATABASE_URL")
     if not url:
         print("DATABASE_URL (an admin URL of the fleet's database) is not set", file=sys.stderr)

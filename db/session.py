@@ -8,22 +8,22 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers.settings import get_settings
+from db.config import database_config
 
 _engine: Engine | None = None
 _factory: sessionmaker[Session] | None = None
 
 
 def get_engine() -> Engine:
-    """The process's engine, built on first use from the settings."""
+    """The process's engine, built on first use from the configuration (db/config.py)."""
     global _engine, _factory
     if _engine is None:
-        settings = get_settings()
-        options = f"-c statement_timeout={settings.db_statement_timeout_ms} -c timezone=UTC"
+        config = database_config()
+        options = f"-c statement_timeout={config.statement_timeout_ms} -c timezone=UTC"
         _engine = create_engine(
-            settings.sqlalchemy_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
+            config.sqlalchemy_url,
+            pool_size=config.pool_size,
+            max_overflow=config.max_overflow,
             pool_pre_ping=True,
             pool_recycle=1800,
             connect_args={"options": options, "application_name": "lifecycle-fleet"},
@@ -47,7 +47,7 @@ def dispose_engine() -> None:
 
 
 def reset_engine() -> None:
-    """Close the engine's connections (settings changed, or the process is ending)."""
+    """Close the engine's connections (configuration changed, or the process is ending)."""
     global _engine, _factory
     if _engine is not None:
         _engine.dispose()

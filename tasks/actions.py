@@ -10,9 +10,10 @@ from db.session import session_scope
 from workers.base_task import FleetTask
 from workers.celery_app import app
 from workers.engine import dispatch
-from workers.engine.actions import ActionResult, fail_action, run_action
 from workers.log import get_logger
+from workers.operators.deliveries import ActionResult, fail_action, run_action
 from workers.queues import TaskNames
+from workers.retry_policy import GiveUp
 
 log = get_logger(__name__)
 
@@ -30,13 +31,13 @@ class ActionTask(FleetTask):
     abstract = True
 
     def _dead_letter(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     transient: bool) -> None:
+                     decision: GiveUp) -> None:
         key = args[0] if args else kwargs.get("key")
         if not isinstance(key, str):
-            super()._dead_letter(exc, args, kwargs, transient)
+            super()._dead_letter(exc, args, kwargs, decision)
             return
         reason = f"{type(exc).__name__}: {exc}"
-        if transient:
+        if decision.transient:
             reason = f"gave up after {self.request.retries or 0} retries: {reason}"
         with session_scope() as session:
             result = fail_action(session, key, reason, (self.request.retries or 0) + 1)

@@ -1,7 +1,7 @@
 """Benchmark tasks: the raw Celery baselines that the benchmarks divide by.
 
-Only bench workers load them (`--include tasks.bench`, workers/bench/harness.py): a
-fleet worker refuses a `bench.*` message as an unknown task, so nobody can make
+Only bench workers load them (`--include tasks.bench`, workers/tools/bench/harness.py):
+a fleet worker refuses a `bench.*` message as an unknown task, so nobody can make
 the fleet run chains of no-ops.
 """
 

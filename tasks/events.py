@@ -19,6 +19,7 @@ from workers.events.micro_batch import (
     message_event,
 )
 from workers.log import get_logger
+from workers.producer import publish_batch
 from workers.queues import TaskNames
 from workers.rules.triggers import process_triggers
 
@@ -40,9 +41,7 @@ def ingest_one(self: FleetBatches, requests: list[Any]) -> dict[str, int] | None
     """One event per message; the worker ingests buffered messages in one transaction."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_name=self.name, messages=len(requests))
-    result = ingest_durably([message_event(r) for r in requests], self.name,
-                            lambda raws: app.send_task(TaskNames.INGEST_BATCH, args=[raws],
-                                                       argsrepr=f"[{len(raws)} events]"))
+    result = ingest_durably([message_event(r) for r in requests], self.name, publish_batch)
     if result is None:
         return None
     dispatch.send_ingest_followups([result])

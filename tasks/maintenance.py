@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import asdict
 
 from db.partitions import ensure_partitions_ahead
+from db.session import get_engine
 from workers.base_task import FleetTask
+from workers.broker import queue_depths
 from workers.celery_app import app
-from workers.health import queue_depths
+from workers.events import outbox
 from workers.log import get_logger
+from workers.producer import publish_batch
 from workers.queues import EVENTS, TaskNames
+from workers.reports.metrics import aggregate_day, days_to_aggregate, record_day
+from workers.retention import run_retention
 from workers.settings import get_settings
 
 log = get_logger(__name__)
@@ -27,18 +33,14 @@ def ensure_partitions(self: FleetTask) -> list[str]:
 @app.task(base=FleetTask, bind=True, name=TaskNames.RELAY_OUTBOX)
 def relay_outbox(self: FleetTask, limit: int = 500) -> int:
     """Publish pending outbox rows (beat, every few seconds), after confirming older ones."""
-    from workers.events.outbox import confirm_published
-    from workers.events.outbox import relay_outbox as relay
-    from workers.producer import publish_batch
-
     settings = get_settings()
-    confirmed, again = confirm_published(
+    confirmed, again = outbox.confirm_published(
         self.session, dt.timedelta(seconds=settings.outbox_confirm_seconds),
         lambda: queue_depths(settings.broker_url or "", settings.broker_key_prefix,
                              (EVENTS,))[EVENTS] > 0)
     if again:
         log.warning("outbox.republishing", events=again, confirmed=confirmed)
-    published = relay(self.session, publish_batch, limit)
+    published = outbox.relay_outbox(self.session, publish_batch, limit)
     if published:
         log.info("outbox.relayed", published=published)
     return published
@@ -51,8 +53,6 @@ def metrics_daily(self: FleetTask, day: str | None = None) -> list[str]:
     A beat that was down overnight (or for a week) catches up each missed day
     once; a rerun of a day is an idempotent upsert.
     """
-    from workers.reports.metrics import aggregate_day, days_to_aggregate, record_day
-
     yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(1)
     days = [dt.date.fromisoformat(day)] if day else days_to_aggregate(self.session, yesterday)
     for target in days:
@@ -67,11 +67,6 @@ def metrics_daily(self: FleetTask, day: str | None = None) -> list[str]:
           time_limit=3300)
 def retention(self: FleetTask, dry_run: bool = False) -> dict[str, object]:
     """Nightly: archive and drop expired partitions, delete expired rows in batches."""
-    from dataclasses import asdict
-
-    from db.session import get_engine
-    from workers.retention import run_retention
-
     settings = get_settings()
     report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",
                            dry_run=dry_run)

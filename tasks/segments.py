@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from functools import partial
 
 from workers.base_task import FleetTask
 from workers.celery_app import app
@@ -30,5 +31,5 @@ def refresh_expired(self: FleetTask) -> int:
     """Beat: send a refresh for every dynamic segment that is due (after this commit)."""
     due = segments_due(self.session, dt.datetime.now(dt.UTC), HORIZON)
     for segment_id in due:
-        self.after_commit(lambda s=str(segment_id): refresh.delay(s))
+        self.after_commit(partial(refresh.delay, str(segment_id)))
     return len(due)

@@ -8,9 +8,9 @@ import uuid
 import structlog
 
 from workers.base_task import FleetTask
+from workers.broker import queue_depths
 from workers.celery_app import app
 from workers.engine import dispatch, stepper, timers
-from workers.health import queue_depths
 from workers.log import get_logger
 from workers.queues import ACTIONS, WORKFLOWS, TaskNames
 from workers.settings import get_settings

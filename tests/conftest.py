@@ -22,13 +22,12 @@ import pytest
 from sqlalchemy import Engine, create_engine
 
 from db.admin import create_database, drop_database
+from db.config import to_sqlalchemy_url
 from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, Servers, WorkerProcess
 from workers.broker import delete_prefixed_keys
 
 
 def _sqlalchemy(url: str) -> str:
-    from workers.settings import to_sqlalchemy_url
-
     return to_sqlalchemy_url(url)
 
 
@@ -39,7 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
     database_url = os.environ.get("DATABASE_URL")
     broker_url = os.environ.get("CELERY_BROKER_URL")
     if not (database_url and broker_url):
-        from workers.embedded import EmbeddedServices
+        from workers.dev.embedded import EmbeddedServices
 
         embedded = EmbeddedServices(SERVERS.home / "servers")
         state = embedded.start()

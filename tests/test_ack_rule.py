@@ -1,7 +1,7 @@
 """The ack rule on hostile messages: each ends as one dead letter, none loops or is dropped.
 
 A message is acknowledged only once its effect or its dead letter is committed
-(DESIGN decision 11). These messages used to break that: one whose dead letter
+(docs/architecture.md, decision 11). These messages used to break that: one whose dead letter
 PostgreSQL refused (a lone surrogate) came back ~130 times a second forever; one
 past its `expires` or with an ETA years ahead vanished or sat in worker memory;
 a 50 MB body was stored whole. Each is sent to the session's real worker here.
@@ -174,7 +174,7 @@ def test_a_full_redis_always_gives_producers_a_publish_error(tmp_path: Any) -> N
     import redis
 
     from workers.celery_app import create_app
-    from workers.embedded import EmbeddedServices
+    from workers.dev.embedded import EmbeddedServices
     from workers.producer import PublishError, send_event, send_events
     from workers.settings import Settings
 

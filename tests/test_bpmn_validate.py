@@ -88,6 +88,6 @@ def _script(script: str) -> str:
      "element x: operator parameter 'to' refused: it is a set"),
 ])
 def test_values_that_can_never_be_stored_are_refused_at_deploy(xml: str, message: str) -> None:
-    """Each deployed, then made every execution reaching it a zombie (issue 12, defect 4)."""
+    """Each deployed, then made every execution reaching it a zombie."""
     with pytest.raises(BpmnError, match=message):
         validate_bpmn(xml, operators=frozenset({"send_message"}))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from workers.base_task import backoff_delay
+from db.config import to_sqlalchemy_url
 from workers.boundary import Router
 from workers.celery_app import app, celery_config
 from workers.errors import PermanentError, TransientError, is_outage, is_transient
 from workers.queues import QUEUE_NAMES, route_for_task
-from workers.settings import Settings, to_sqlalchemy_url
+from workers.retry_policy import backoff_delay
+from workers.settings import Settings
 
 
 def test_delivery_is_at_least_once_with_small_prefetch() -> None:

@@ -3,7 +3,7 @@
 Each scenario starts its own fleet (a worker per busy queue, maintenance, a beat) on
 a database and broker prefix of its own, streams events while the fault is
 injected, waits for the fleet to settle and checks every invariant of
-`workers.chaos.invariants`. The last test proves the checker can fail.
+`workers.tools.chaos.invariants`. The last test proves the checker can fail.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from db.migrate import upgrade
-from workers.chaos import scenarios
-from workers.chaos.invariants import check
-from workers.chaos.program import SentLog
-from workers.chaos.receiver import webhook_server
+from workers.tools.chaos import scenarios
+from workers.tools.chaos.invariants import check
+from workers.tools.chaos.program import SentLog
+from workers.tools.chaos.receiver import webhook_server
 
 pytestmark = [pytest.mark.servers, pytest.mark.chaos]
 
@@ -99,7 +99,7 @@ def test_a_new_version_leaves_1000_waiting_executions_on_the_old_one() -> None:
 
 
 def test_a_short_soak_reports_its_figures_and_keeps_the_invariants() -> None:
-    from workers.bench.soak import run
+    from workers.tools.bench.soak import run
 
     result = run(minutes=0.5, rate=40, sample_seconds=5, calibration_events=400)
     assert result.invariants.ok, result.invariants.violations

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.helpers import ROOT, wait_for
-from workers.embedded import free_port
+from workers.dev.ports import free_port
 from workers.queues import QUEUE_NAMES
 
 FLEET = [sys.executable, "-m", "workers.cli.main"]

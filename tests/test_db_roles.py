@@ -1,4 +1,4 @@
-"""Least-privilege roles (seed 004): the app role writes rows, only the migrator changes the schema.
+"""Least-privilege roles: the app role writes rows, only the migrator changes the schema.
 
 Every check logs in as the role itself (a real connection), on a scratch database of
 its own. Roles are cluster-wide, so each test names its roles uniquely and drops
@@ -19,11 +19,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from db.admin import create_database, drop_database
+from db.config import to_sqlalchemy_url
 from db.migrate import upgrade
 from db.partitions import ensure_partitions_ahead
 from db.roles import drop_roles, ensure_roles, roles_sql
 from tests.helpers import SERVERS
-from workers.settings import to_sqlalchemy_url
 
 pytestmark = pytest.mark.servers
 

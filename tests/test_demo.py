@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import re
 import threading
+import tomllib
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,13 +18,13 @@ from typer.testing import CliRunner
 
 from db.models import LIFECYCLE_STAGES
 from db.session import session_scope
-from tests.helpers import WorkerProcess
+from tests.helpers import ROOT, WorkerProcess
 from workers.definitions import load
-from workers.demo import run
-from workers.demo.generator import DemoStream, generate
-from workers.demo.report import write_report
-from workers.demo.summary import summarize
 from workers.events.envelope import InvalidEvent, parse_event
+from workers.tools.demo import run
+from workers.tools.demo.generator import DemoStream, generate
+from workers.tools.demo.report import write_report
+from workers.tools.demo.summary import summarize
 
 END = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
 # Event types only the producer sends (workflows also record identify and stage events).
@@ -116,6 +118,18 @@ def test_the_sample_program_validates_and_moves_users_through_every_stage() -> N
         durations = re.findall(r'<bpmn:timeDuration>"(\w+)"</bpmn:timeDuration>', source)
         assert all(re.fullmatch(r"PT\d+S", d) for d in durations), name
         assert source.count("production:") >= len(durations), name
+
+
+def test_the_sample_program_is_package_data() -> None:
+    """An installed `fleet demo` finds it: every file of program/ goes into the wheel."""
+    folder = run.PROGRAM.parent
+    assert folder == ROOT / "workers" / "tools" / "demo" / "program"
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["workers.tools.demo"]
+    files = [p.relative_to(folder.parent).as_posix() for p in folder.rglob("*") if p.is_file()]
+    assert len(files) >= 10
+    for path in files:
+        assert any(fnmatch.fnmatch(path, pattern) for pattern in patterns), f"{path} not packaged"
 
 
 def test_demo_is_a_fleet_command() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from workers.embedded import EmbeddedServices
+from workers.dev.embedded import EmbeddedServices
 
 
 def test_start_reuse_stop_restart(tmp_path: Path) -> None:

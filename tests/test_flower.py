@@ -15,7 +15,7 @@ import redis
 
 from tests.helpers import ROOT, SERVERS, WorkerProcess, wait_for, worker_env
 from workers.broker import delete_prefixed_keys
-from workers.embedded import free_port
+from workers.dev.ports import free_port
 from workers.queues import MAINTENANCE, TaskNames
 
 pytestmark = pytest.mark.servers

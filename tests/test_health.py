@@ -20,11 +20,12 @@ from sqlalchemy import Engine, create_engine, text
 from typer.testing import CliRunner
 
 from db.admin import create_database, drop_database
+from db.config import to_sqlalchemy_url
 from db.migrate import upgrade
 from db.partitions import MONTHS_AHEAD, ranges_ahead
 from tests.helpers import ROOT, SERVERS, WorkerProcess
-from workers.embedded import free_port
-from workers.settings import get_settings, to_sqlalchemy_url
+from workers.dev.ports import free_port
+from workers.settings import get_settings
 
 pytestmark = pytest.mark.servers
 

@@ -20,14 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine, text
 
 from db.admin import create_database, drop_database
+from db.config import to_sqlalchemy_url
 from db.migrate import upgrade
 from db.partitions import MONTHS_AHEAD, ranges_ahead
 from db.session import session_scope
 from tests.helpers import ROOT, SERVERS, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for, worker_env
 from workers.broker import delete_prefixed_keys
-from workers.embedded import free_port
+from workers.dev.ports import free_port
 from workers.reports.metrics import aggregate_day
-from workers.settings import to_sqlalchemy_url
 
 pytestmark = pytest.mark.servers
 DAY = dt.date(2020, 3, 10)

@@ -64,7 +64,7 @@ def test_retention_follows_the_seed_policy(fresh_database: str, tmp_path: Path) 
     metrics_partition = range_containing("metrics_daily", old_metric).name
 
     dry = run_retention(engine, tmp_path, dry_run=True)
-    assert dry.archived == [events_partition]
+    assert dry.archived == (events_partition,)
     assert set(dry.dropped) == {trigger_partition, metrics_partition}
     assert dry.deleted["workflow_executions"] == 1
     with engine.connect() as conn:
@@ -74,7 +74,7 @@ def test_retention_follows_the_seed_policy(fresh_database: str, tmp_path: Path) 
     with engine.begin() as conn:  # a run that died between DETACH and DROP left a plain table
         conn.execute(text(f"ALTER TABLE lifecycle_events DETACH PARTITION {events_partition}"))
     report = run_retention(engine, tmp_path)
-    assert report.archived == [events_partition]
+    assert report.archived == (events_partition,)
     assert set(report.dropped) == {events_partition, trigger_partition, metrics_partition}
     assert report.deleted["workflow_executions"] == 1
     manifest = json.loads((tmp_path / f"{events_partition}.manifest.json").read_text())
@@ -102,7 +102,7 @@ def test_retention_follows_the_seed_policy(fresh_database: str, tmp_path: Path) 
         conn.execute(text("INSERT INTO lifecycle_events (event_type, created_at) "
                           "VALUES ('late.event', :c)"), {"c": old_event})
     again = run_retention(engine, tmp_path)
-    assert again.dropped == [] and again.deleted["workflow_executions"] == 0
+    assert again.dropped == () and again.deleted["workflow_executions"] == 0
     engine.dispose()
 
 
@@ -136,7 +136,7 @@ def test_detach_waits_for_a_writer_instead_of_deadlocking_with_it(fresh_database
         retention.join(timeout=30)
     report = outcome["report"]
     assert not isinstance(report, Exception), report
-    assert report.archived == [range_containing("lifecycle_events", old.date()).name]
+    assert report.archived == (range_containing("lifecycle_events", old.date()).name,)
     engine.dispose()
 
 

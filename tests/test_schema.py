@@ -43,7 +43,7 @@ def _pg_type(seed_type: str) -> str:
 
 
 def parse_seed() -> dict[str, SeedTable]:
-    """Tables, columns (type, NOT NULL), CHECK names and index names from seed 001."""
+    """Tables, columns (type, NOT NULL), CHECK names and index names of the seed schema (the contract)."""
     text_ = SEED.read_text()
     tables: dict[str, SeedTable] = {}
     for m in re.finditer(r"CREATE TABLE (\w+) \((.*?)\n\);", text_, re.S):

@@ -30,13 +30,13 @@ from tests.workflow_helpers import (
 )
 from workers.broker import delete_prefixed_keys
 from workers.celery_app import create_app
-from workers.chaos.receiver import webhook_server
 from workers.definitions import apply, deploy_workflow, load
 from workers.engine import control
 from workers.engine.dispatch import send_step, send_steps
 from workers.engine.timers import claim_due_timers, claim_stuck
 from workers.producer import send_event
 from workers.settings import Settings
+from workers.tools.chaos.receiver import webhook_server
 
 pytestmark = pytest.mark.servers
 

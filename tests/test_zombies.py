@@ -2,9 +2,8 @@
 
 A step whose state PostgreSQL refused failed at commit on every delivery: the step
 was dead-lettered, the execution stayed `running` with no error, the reaper re-sent
-it for ever, and a `no_concurrent` trigger never let its user in again (issue 12,
-defect 4). The reaper also re-sent steps of operator calls still inside their retry
-chain, doubling the chain (defect 10).
+it for ever, and a `no_concurrent` trigger never let its user in again. The reaper also re-sent steps of operator calls still
+inside their retry chain, doubling the chain.
 """
 
 from __future__ import annotations
@@ -36,12 +35,12 @@ from tests.workflow_helpers import (
     start,
     wait_status,
 )
-from workers.base_task import backoff_delay
 from workers.definitions import apply, load
 from workers.engine import control, sandbox, state, stepper
 from workers.engine.timers import claim_stuck
 from workers.engine.values import Refused, check_storable
 from workers.producer import send_event
+from workers.retry_policy import backoff_delay
 from workers.settings import Settings
 
 pytestmark = pytest.mark.servers

@@ -2,14 +2,12 @@
 
 A task body uses `self.session` (opened on first use, committed when the body
 returns, rolled back when it raises) and `self.after_commit(fn)` to send follow-up
-work only once its rows are committed (DESIGN decision 3). Failures are sorted by
-`workers.errors.is_transient`: transient ones are retried with exponential backoff
-and full jitter up to a bound (a larger one while the database or broker is
-unreachable: `is_outage`); permanent ones, and transient ones past the bound, are
+work only once its rows are committed (docs/architecture.md, decision 3). A failure
+is retried or given up on as `workers.retry_policy` decides; given up on, it is
 written to the dead-letter table with the task's arguments, never dropped.
 
-The ack rule (DESIGN decision 11) holds on every path: a message is acknowledged
-only once its effect or its dead letter is committed. When neither can be stored
+The ack rule (docs/architecture.md, decision 11) holds on every path: a message is
+acknowledged only once its effect or its dead letter is committed. When neither can be stored
 (PostgreSQL stopped, refusing connections) the message is published again with a
 backoff delay for as long as that lasts; with the broker down too it is requeued.
 """
@@ -17,7 +15,6 @@ backoff delay for as long as that lasts; with the broker down too it is requeued
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -32,9 +29,10 @@ from sqlalchemy.orm import Session
 
 from db.session import new_session, session_scope
 from workers.dead_letters import record_dead_letter, storable_key
-from workers.errors import PoisonMessage, is_outage, is_transient
+from workers.errors import PoisonMessage
 from workers.log import get_logger
 from workers.rejected import GuardedStrategy
+from workers.retry_policy import GiveUp, RetryLater, RetryPolicy
 from workers.settings import get_settings
 
 log = get_logger(__name__)
@@ -52,12 +50,7 @@ class _UnitOfWork:
 _current: ContextVar[_UnitOfWork | None] = ContextVar("fleet_task_unit", default=None)
 
 
-def backoff_delay(retries: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**retries)]."""
-    return random.uniform(0, min(cap, base * (2**retries)))
-
-
-class FleetTask(GuardedStrategy, Task):  # type: ignore[misc]
+class FleetTask(GuardedStrategy, Task):
     """Base task: see the module docstring. Subclass through `@app.task(base=FleetTask)`.
 
     Messages past their `expires`, with an ETA beyond the visibility timeout or on
@@ -128,7 +121,7 @@ class FleetTask(GuardedStrategy, Task):  # type: ignore[misc]
             return False
         self._dead_letter(PoisonMessage(f"redelivered {count} times: its worker died running it "
                                         f"each time (out of memory? killed?)"),
-                          args, kwargs, transient=False)
+                          args, kwargs, GiveUp(transient=False))
         return True
 
     def _run_in_transaction(self, unit: _UnitOfWork, args: tuple[Any, ...],
@@ -153,24 +146,22 @@ class FleetTask(GuardedStrategy, Task):  # type: ignore[misc]
         records the failure and acks). Whatever cannot be stored is retried instead:
         the message is never acknowledged without its effect or its dead letter.
         """
-        settings = get_settings()
+        policy = RetryPolicy.from_settings()
         retries = self.request.retries or 0
-        limit = settings.outage_max_retries if is_outage(exc) else settings.task_max_retries
-        if is_transient(exc) and retries < limit:
+        decision = policy.decide(exc, retries)
+        if isinstance(decision, RetryLater):
             log.warning("task.retry", error=repr(exc), retries=retries + 1)
-            self._retry_later(exc, retries)
+            self._retry_later(exc, retries, decision.delay)
         try:
-            self._dead_letter(exc, args, kwargs, transient=is_transient(exc))
+            self._dead_letter(exc, args, kwargs, decision)
         except Exception as db_error:
             # Not even the dead letter stores (the database is down): come back later
             # (counted as a retry, fleet_task_retries_total).
             log.error("task.dead_letter_failed", error=repr(db_error), reason=repr(exc))
-            self._retry_later(db_error, retries)
+            self._retry_later(db_error, retries, policy.backoff(retries))
 
-    def _retry_later(self, exc: Exception, retries: int) -> NoReturn:
-        """Publish this message again after a backoff delay; if that fails, requeue it."""
-        settings = get_settings()
-        delay = backoff_delay(retries, settings.retry_backoff_base, settings.retry_backoff_max)
+    def _retry_later(self, exc: Exception, retries: int, delay: float) -> NoReturn:
+        """Publish this message again after `delay` seconds; if that fails, requeue it."""
         try:
             # max_retries=None would mean the task's default (3): the bound is ours.
             raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1)
@@ -184,10 +175,10 @@ class FleetTask(GuardedStrategy, Task):  # type: ignore[misc]
             raise Reject(reason=repr(send_error), requeue=True) from exc
 
     def _dead_letter(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     transient: bool) -> None:
+                     decision: GiveUp) -> None:
         """Commit a dead letter with the task's message; raises if it cannot be stored."""
         reason = f"{type(exc).__name__}: {exc}"
-        if transient:
+        if decision.transient:
             reason = f"gave up after {self.request.retries or 0} retries: {reason}"
         raw = json.dumps(
             {"task": self.name, "id": self.request.id, "args": list(args), "kwargs": kwargs},

@@ -1,6 +1,6 @@
 """A beat scheduler that acts only while it holds a PostgreSQL advisory lock.
 
-Exactly one beat may send periodic tasks (DESIGN decision 10). Each beat process
+Exactly one beat may send periodic tasks (docs/architecture.md, decision 10). Each beat process
 tries `pg_try_advisory_lock` on a connection of its own and keeps that connection
 open while it leads; the others stand by and retry every few seconds. If the
 leader dies, its connection closes, PostgreSQL releases the lock and a standby
@@ -22,7 +22,7 @@ LOCK_KEY = 0x6C69666563796365  # "lifecyce": one lock per fleet database
 STANDBY_SECONDS = 5.0
 
 
-class LockedScheduler(PersistentScheduler):  # type: ignore[misc]
+class LockedScheduler(PersistentScheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lock_conn: psycopg.Connection[Any] | None = None
         self._standing_by = False

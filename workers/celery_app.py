@@ -2,7 +2,12 @@
 
 Delivery is at-least-once (acks_late, reject on worker loss, prefetch 1): every
 task must be safe to run twice, and PostgreSQL, not the broker, is the record of
-what is due (DESIGN decisions 1-3).
+what is due (docs/architecture.md, decisions 1-3).
+
+Importing the app is all a producer needs to publish. The worker, beat and Flower
+load the rest when they start, through Celery's loader: the signal handlers
+(WORKER_MODULES, `imports`) and the tasks (TASK_MODULES, `include`). So publishing
+loads neither the database layer nor the metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from workers.heartbeat import HeartbeatStep
 from workers.queues import EVENTS, TASK_QUEUES
 from workers.settings import Settings, get_settings
 
+# Signal handlers (logging, fork safety of the pool, metrics): before any task module.
+WORKER_MODULES: tuple[str, ...] = ("workers.signals",)
 # `tasks.bench` is not here: bench workers load it with `--include tasks.bench`, so a
 # normal worker refuses (dead-letters) a `bench.*` message as an unknown task.
 TASK_MODULES: tuple[str, ...] = ("tasks.events", "tasks.workflows", "tasks.actions",
@@ -72,6 +79,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_hijack_root_logger": False,
         # Dead-letters undecodable messages instead of only logging them.
         "worker_consumer": "workers.rejected:FleetConsumer",
+        "imports": WORKER_MODULES,
         "timezone": "UTC",
         "enable_utc": True,
         "beat_schedule": beat_schedule.beat_schedule(settings),
@@ -87,8 +95,3 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
-
-# Signal handlers (logging, fork safety) must be connected in every process that
-# imports the app: worker, beat and Flower.
-import workers.rejected  # noqa: E402,F401
-import workers.signals  # noqa: E402,F401

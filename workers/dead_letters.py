@@ -1,6 +1,6 @@
 """The dead-letter table: what the fleet could not process, kept for replay.
 
-A dead letter must store whatever the wire carried (DESIGN decision 11): the raw
+A dead letter must store whatever the wire carried (docs/architecture.md, decision 11): the raw
 bytes always go to a bytea column; the parsed JSON only when PostgreSQL's jsonb can
 hold it (strict UTF-8, no NUL, finite numbers); every text column is made storable
 first. A body larger than `MAX_RAW_BYTES` keeps its first bytes, its size and its

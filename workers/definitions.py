@@ -27,9 +27,11 @@ workflow whose BPMN changed gets a new version; running executions keep theirs.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -38,8 +40,8 @@ from sqlalchemy.orm import Session
 
 from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, WorkflowVersion
 from workers.engine.bpmn import BpmnError
-from workers.engine.operators import operator_names
 from workers.engine.validate import validate_bpmn
+from workers.operators.registry import operator_names
 from workers.rules.conditions import (
     MAX_COST,
     ConditionError,
@@ -128,11 +130,23 @@ class Definitions(_Strict):
     triggers: list[TriggerDef] = []
 
 
-@dataclass
+Verb = Literal["created", "updated", "unchanged"]
+Change = tuple[Verb, str]  # what happened to one definition, e.g. ("created", "segment vip")
+
+
+@dataclass(frozen=True)
 class ApplyReport:
-    created: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
+    created: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, changes: Iterable[Change]) -> ApplyReport:
+        """The report of these changes, each list in the order they were made."""
+        done = list(changes)
+        return cls(created=tuple(item for verb, item in done if verb == "created"),
+                   updated=tuple(item for verb, item in done if verb == "updated"),
+                   unchanged=tuple(item for verb, item in done if verb == "unchanged"))
 
 
 def load(path: Path) -> tuple[Definitions, dict[str, str]]:
@@ -179,16 +193,18 @@ def _next_version(current: str) -> str:
 
 def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyReport:
     """Create or update every definition by name, in the caller's transaction."""
-    report = ApplyReport()
+    changes: list[Change] = []
     now = dt.datetime.now(dt.UTC)
     workflow_ids: dict[str, Any] = {}
     for wf in doc.workflows:
-        workflow_ids[wf.name] = _apply_workflow(session, wf.name, xml[wf.name], wf.description,
-                                                wf.stages, wf.status, now, report)
+        workflow_ids[wf.name], change = _apply_workflow(session, wf.name, xml[wf.name],
+                                                        wf.description, wf.stages, wf.status, now)
+        changes.append(change)
     for seg in doc.segments:
-        values = {"description": seg.description, "conditions": seg.conditions, "kind": seg.kind,
-                  "ttl_seconds": seg.ttl_seconds, "lifecycle_stages": seg.stages}
-        _upsert(session, UserSegment, seg.name, values, now, report, "segment")
+        values: dict[str, Any] = {
+            "description": seg.description, "conditions": seg.conditions, "kind": seg.kind,
+            "ttl_seconds": seg.ttl_seconds, "lifecycle_stages": seg.stages}
+        changes.append(_upsert(session, UserSegment, seg.name, values, now, "segment"))
     segment_names = {seg.name for seg in doc.segments}
     for kind, name, conditions in (
             [("segment", s.name, s.conditions) for s in doc.segments]
@@ -208,14 +224,18 @@ def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyRepor
                   "workflow_id": workflow_id, "enabled": trig.enabled, "reentry": trig.reentry,
                   "max_runs_per_user": trig.max_runs_per_user,
                   "cooldown_seconds": trig.cooldown_seconds}
-        _upsert(session, Trigger, trig.name, values, now, report, "trigger")
-    return report
+        changes.append(_upsert(session, Trigger, trig.name, values, now, "trigger"))
+    return ApplyReport.of(changes)
 
 
 def _apply_workflow(session: Session, name: str, xml: str, description: str | None,
-                    stages: list[str], status: str | None, now: dt.datetime,
-                    report: ApplyReport) -> Any:
-    """Create or update one workflow by name; changed BPMN bumps the version (status None: keep)."""
+                    stages: list[str], status: str | None,
+                    now: dt.datetime) -> tuple[uuid.UUID, Change]:
+    """Create or update one workflow by name; changed BPMN bumps the version (status None: keep).
+
+    Returns the workflow's id and what happened to it.
+    """
+    change: Change
     process_id = validate_bpmn(xml, OPERATORS).process_id
     row = session.execute(select(Workflow).where(Workflow.name == name)).scalar_one_or_none()
     if row is None:
@@ -223,21 +243,21 @@ def _apply_workflow(session: Session, name: str, xml: str, description: str | No
                        lifecycle_stages=stages, status=status or "draft")
         session.add(row)
         session.flush()
-        report.created.append(f"workflow {name} 1.0.0")
+        change = ("created", f"workflow {name} 1.0.0")
     elif (row.bpmn_xml, row.status, row.description, row.lifecycle_stages) == (
             xml, status or row.status, description, stages):
-        report.unchanged.append(f"workflow {name}")
+        change = ("unchanged", f"workflow {name}")
     else:
         if row.bpmn_xml != xml:
             row.version = _next_version(row.version)
             row.bpmn_xml = xml
         row.status, row.description, row.lifecycle_stages = status or row.status, description, stages
         row.updated_at = now
-        report.updated.append(f"workflow {name} {row.version}")
+        change = ("updated", f"workflow {name} {row.version}")
     if session.get(WorkflowVersion, (row.id, row.version)) is None:
         session.add(WorkflowVersion(workflow_id=row.id, version=row.version, bpmn_xml=row.bpmn_xml,
                                     process_id=process_id))
-    return row.id
+    return row.id, change
 
 
 def deploy_workflow(session: Session, name: str, xml: str, *, stages: list[str],
@@ -248,20 +268,22 @@ def deploy_workflow(session: Session, name: str, xml: str, *, stages: list[str],
         _stages(stages)
     except (BpmnError, ValueError) as exc:
         raise DefinitionError(f"workflow {name}: {exc}") from None
-    report = ApplyReport()
-    _apply_workflow(session, name, xml, description, stages, "active" if activate else None,
-                    dt.datetime.now(dt.UTC), report)
-    return report
+    _, change = _apply_workflow(session, name, xml, description, stages,
+                                "active" if activate else None, dt.datetime.now(dt.UTC))
+    return ApplyReport.of([change])
 
 
-def _upsert(session: Session, model: Any, name: str, values: dict[str, Any], now: dt.datetime,
-            report: ApplyReport, kind: str) -> None:
+_Named = TypeVar("_Named", UserSegment, Trigger)
+
+
+def _upsert(session: Session, model: type[_Named], name: str, values: dict[str, Any],
+            now: dt.datetime, kind: str) -> Change:
+    """Create or update one segment or trigger by name; returns what happened to it."""
     row = session.execute(select(model).where(model.name == name)).scalar_one_or_none()
     if row is None:
         session.add(model(name=name, **values))
-        report.created.append(f"{kind} {name}")
-    elif all(getattr(row, k) == v for k, v in values.items()):
-        report.unchanged.append(f"{kind} {name}")
-    else:
-        session.execute(update(model).where(model.id == row.id).values(**values, updated_at=now))
-        report.updated.append(f"{kind} {name}")
+        return ("created", f"{kind} {name}")
+    if all(getattr(row, k) == v for k, v in values.items()):
+        return ("unchanged", f"{kind} {name}")
+    session.execute(update(model).where(model.id == row.id).values(**values, updated_at=now))
+    return ("updated", f"{kind} {name}")

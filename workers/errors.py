@@ -78,9 +78,7 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors that a later attempt may not meet."""
+    """True for errors that a later attempt may not meet; every outage is one."""
     if isinstance(exc, PermanentError):
         return False
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, _TRANSIENT_TYPES)
+    return is_outage(exc) or isinstance(exc, _TRANSIENT_TYPES)

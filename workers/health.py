@@ -2,7 +2,7 @@
 
 Every figure is one query or one broker call with a short timeout, so a probe or a
 scrape answers within seconds even when a server is down. The database figures take
-a Session (any engine); the broker figures take the broker URL and key prefix.
+a Session (any engine); the broker's (ping, queue depths) are in workers/broker.py.
 """
 
 from __future__ import annotations
@@ -13,27 +13,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
-from kombu import Connection as BrokerConnection
-from kombu.transport.redis import PRIORITY_STEPS
-from kombu.transport.redis import Channel as RedisChannel
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-from db.models import EXECUTION_STATUSES
+from db.models import ExecutionStatus
 from db.partitions import Coverage, coverage
+from workers.broker import ping_broker
 from workers.engine.timers import oldest_due_timer
-from workers.queues import QUEUE_NAMES
 from workers.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
-TIMEOUT = 3.0  # seconds for one connection attempt to PostgreSQL or the broker
+TIMEOUT = 3.0  # seconds for one connection attempt to PostgreSQL (the broker's: workers/broker.py)
 MAX_TIMER_LAG = 120.0  # the beat wakes due timers every 5 s: two minutes late means it is not
 MAX_DEAD_LETTERS = 100
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 # ------------------------------------------------------------------------- database
@@ -68,10 +63,10 @@ class DatabaseFigures:
 def database_figures(session: Session, now: dt.datetime | None = None) -> DatabaseFigures:
     """What PostgreSQL says about the fleet's backlog, in a handful of queries."""
     now = now or dt.datetime.now(dt.UTC)
-    counts = dict(session.execute(text(
-        "SELECT status, count(*) FROM workflow_executions GROUP BY status")).all())
-    executions = {status: int(counts.pop(status, 0)) for status in EXECUTION_STATUSES}
-    executions.update({str(k): int(v) for k, v in counts.items()})
+    counts: dict[str, int] = {str(status): int(n) for status, n in session.execute(text(
+        "SELECT status, count(*) FROM workflow_executions GROUP BY status")).all()}
+    executions = {status.value: counts.pop(status.value, 0) for status in ExecutionStatus}
+    executions.update(counts)
     dead = session.execute(text(
         "SELECT count(*) FROM dead_letters WHERE status = 'pending'")).scalar_one()
     outbox = session.execute(text(
@@ -85,72 +80,7 @@ def database_figures(session: Session, now: dt.datetime | None = None) -> Databa
     )
 
 
-# --------------------------------------------------------------------------- broker
-
-
-def _is_redis(broker_url: str) -> bool:
-    return broker_url.startswith(REDIS_SCHEMES)
-
-
-def _redis(broker_url: str) -> redis.Redis:
-    return redis.Redis.from_url(broker_url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
-
-
-def ping_broker(broker_url: str) -> str:
-    """Connect to the broker once (raises when it cannot); returns what answered."""
-    if _is_redis(broker_url):
-        client = _redis(broker_url)
-        try:
-            client.ping()
-            version = client.info("server").get("redis_version", "?")
-        finally:
-            client.close()
-        return f"redis {version}"
-    with BrokerConnection(broker_url, connect_timeout=TIMEOUT) as conn:
-        conn.ensure_connection(max_retries=1, timeout=TIMEOUT)
-        return str(conn.transport.driver_name)
-
-
-def redis_queue_keys(queue: str, prefix: str = "") -> list[str]:
-    """The Redis lists holding a queue's messages: one per priority step, as kombu names them."""
-    return [prefix + (f"{queue}{RedisChannel.sep}{step}" if step else queue)
-            for step in PRIORITY_STEPS]
-
-
-def queue_depths(broker_url: str, prefix: str = "",
-                 queues: Sequence[str] = QUEUE_NAMES) -> dict[str, int]:
-    """Messages waiting in each queue (not counting the ones workers hold unacked).
-
-    Redis: LLEN of the prefixed queue lists. Other brokers (RabbitMQ): a passive
-    queue_declare, which reports the count without creating anything.
-    """
-    if _is_redis(broker_url):
-        keys = [redis_queue_keys(queue, prefix) for queue in queues]
-        client = _redis(broker_url)
-        try:
-            with client.pipeline(transaction=False) as pipe:
-                for key in (k for group in keys for k in group):
-                    pipe.llen(key)
-                sizes = iter(pipe.execute())
-        finally:
-            client.close()
-        return {queue: sum(next(sizes) for _ in group) for queue, group in zip(queues, keys,
-                                                                               strict=True)}
-    depths: dict[str, int] = {}
-    with BrokerConnection(broker_url, connect_timeout=TIMEOUT) as conn:
-        conn.ensure_connection(max_retries=1, timeout=TIMEOUT)
-        for queue in queues:
-            channel = conn.channel()
-            try:
-                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
-            except conn.channel_errors:
-                depths[queue] = 0  # not declared yet: no worker ever consumed it, nothing sent
-            finally:
-                try:
-                    channel.close()
-                except Exception:  # closed by the broker after the error
-                    pass
-    return depths
+# --------------------------------------------------------------------------- workers
 
 
 def workers_by_queue(app: Celery, timeout: float = 1.0) -> dict[str, list[str]]:

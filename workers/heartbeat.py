@@ -65,7 +65,7 @@ def check(path: Path, max_age: float, now: float | None = None) -> tuple[bool, s
     return True, f"heartbeat {age:.1f}s old"
 
 
-class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
+class HeartbeatStep(bootsteps.StartStopStep):
     """Touch FLEET_HEARTBEAT_FILE every INTERVAL seconds from the worker's event loop."""
 
     # Started after the timer (whose entries the event loop fires) and the pool.
@@ -73,6 +73,8 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "Heartbeat file"
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
+        # Here, not at the top: the liveness probe runs this module (`check`) every few
+        # seconds and needs no settings (pydantic); only the worker's step reads them.
         from workers.settings import get_settings
 
         path = get_settings().heartbeat_file

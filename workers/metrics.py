@@ -42,7 +42,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from workers.health import database_figures, monitor_engine, queue_depths
+from workers.base_task import FleetTask
+from workers.broker import queue_depths
+from workers.health import database_figures, monitor_engine
 from workers.log import get_logger
 from workers.queues import QUEUE_NAMES, TaskNames
 from workers.settings import Settings
@@ -161,8 +163,6 @@ def on_task_postrun(task_id: str | None = None, task: Any = None, retval: Any = 
     metrics = worker_metrics()
     if metrics is None or task is None or state is None:
         return
-    from workers.base_task import FleetTask
-
     seconds = time.perf_counter() - started if started is not None else None
     try:
         metrics.record(task.name, state, retval, seconds, fleet_task=isinstance(task, FleetTask))

@@ -7,7 +7,7 @@
 | metrics_daily | 3 years | yearly partition dropped |
 | workflow_executions | 1 year (terminal ones) | deleted in batches of 1,000 with their steps |
 | user_lifecycle_history | forever | - |
-| event_outbox | PUBLISHED 7 days, FAILED 30 days | deleted (seed 002) |
+| event_outbox | PUBLISHED 7 days, FAILED 30 days | deleted |
 | event_inbox (dedupe ledger) | 30 days | deleted: redeliveries come within hours |
 | dead_letters | replayed/discarded 30 days, pending 90 days | deleted |
 
@@ -27,13 +27,16 @@ import datetime as dt
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
 
+from db.bulk import driver_connection
 from db.models import PARTITIONED_TABLES
 from db.partitions import PartitionRange, default_partition_name, existing_partitions
+from workers.engine import executions
 from workers.log import get_logger
 
 log = get_logger(__name__)
@@ -54,12 +57,14 @@ ROW_DELETES: dict[str, str] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetentionReport:
+    """What a run dropped, archived and deleted (with `dry_run`: what it would)."""
+
     dry_run: bool
-    dropped: list[str] = field(default_factory=list)
-    archived: list[str] = field(default_factory=list)
-    deleted: dict[str, int] = field(default_factory=dict)
+    dropped: tuple[str, ...]  # partitions
+    archived: tuple[str, ...]  # partitions, before they were dropped
+    deleted: Mapping[str, int]  # rows by table
 
 
 def _range_of(table: str, name: str) -> PartitionRange | None:
@@ -124,8 +129,7 @@ def archive_partition(engine: Engine, rng: PartitionRange, archive_dir: Path) ->
         columns = [c for c in conn.execute(text(
             "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
             "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"), {"t": rng.name}).scalars()]
-        raw = conn.connection.driver_connection
-        with gzip.open(data_path, "wb") as out, raw.cursor() as cur, cur.copy(
+        with gzip.open(data_path, "wb") as out, driver_connection(conn).cursor() as cur, cur.copy(
                 f"COPY {rng.name} TO STDOUT (FORMAT csv, HEADER true)") as copy:
             for chunk in copy:
                 digest.update(chunk)
@@ -147,52 +151,46 @@ def run_retention(engine: Engine, archive_dir: Path, today: dt.date | None = Non
                   dry_run: bool = False) -> RetentionReport:
     """Apply every policy above; with `dry_run`, only report what would go."""
     today = today or dt.datetime.now(dt.UTC).date()
-    report = RetentionReport(dry_run)
+    dropped: list[str] = []
+    archived: list[str] = []
     plans = (("lifecycle_events", LIFECYCLE_EVENTS_DAYS, True),
              ("trigger_executions", TRIGGER_EXECUTIONS_DAYS, False),
              ("metrics_daily", METRICS_DAYS, False))
     for table, days, archive in plans:
         for rng in expired_partitions(engine, table, today - dt.timedelta(days=days)):
             if dry_run:
-                (report.archived if archive else report.dropped).append(rng.name)
+                (archived if archive else dropped).append(rng.name)
                 continue
             _detach(engine, rng)
             if archive:
                 archive_partition(engine, rng, archive_dir)
-                report.archived.append(rng.name)
+                archived.append(rng.name)
             with engine.begin() as conn:
                 conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
                 conn.execute(text(f"DROP TABLE {rng.name}"))
-            report.dropped.append(rng.name)
+            dropped.append(rng.name)
             log.info("retention.partition_dropped", partition=rng.name, archived=archive)
-    report.deleted["workflow_executions"] = _delete_old_executions(engine, today, dry_run)
+    deleted = {"workflow_executions": _delete_old_executions(engine, today, dry_run)}
     for table, where in ROW_DELETES.items():
         with engine.begin() as conn:
             sql = f"SELECT count(*) FROM {table} WHERE {where}" if dry_run else \
                 f"WITH gone AS (DELETE FROM {table} WHERE {where} RETURNING 1) SELECT count(*) FROM gone"
-            report.deleted[table] = conn.execute(text(sql)).scalar_one()
-    log.info("retention.done", dry_run=dry_run, dropped=report.dropped, archived=report.archived,
-             deleted=report.deleted)
-    return report
+            deleted[table] = conn.execute(text(sql)).scalar_one()
+    log.info("retention.done", dry_run=dry_run, dropped=dropped, archived=archived,
+             deleted=deleted)
+    return RetentionReport(dry_run, tuple(dropped), tuple(archived), deleted)
 
 
 def _delete_old_executions(engine: Engine, today: dt.date, dry_run: bool) -> int:
-    """Terminal executions older than a year, 1,000 per transaction (steps cascade)."""
+    """Terminal executions older than a year, 1,000 per transaction."""
     cutoff = dt.datetime.combine(today - dt.timedelta(days=EXECUTIONS_DAYS), dt.time(), dt.UTC)
-    where = ("status IN ('completed', 'failed', 'cancelled') "
-             "AND coalesce(completed_at, started_at) < :cutoff")
     if dry_run:
         with engine.connect() as conn:
-            return conn.execute(text(f"SELECT count(*) FROM workflow_executions WHERE {where}"),
-                                {"cutoff": cutoff}).scalar_one()
+            return executions.count_ended_before(conn, cutoff)
     total = 0
     while True:
         with engine.begin() as conn:
-            gone = conn.execute(text(
-                f"WITH batch AS (SELECT id FROM workflow_executions WHERE {where} "
-                f"LIMIT {BATCH} FOR UPDATE SKIP LOCKED), "
-                "gone AS (DELETE FROM workflow_executions x USING batch WHERE x.id = batch.id "
-                "RETURNING 1) SELECT count(*) FROM gone"), {"cutoff": cutoff}).scalar_one()
+            gone = executions.delete_ended_before(conn, cutoff, BATCH)
         total += gone
         if gone < BATCH:
             return total

@@ -1,6 +1,6 @@
 """Where the embedded servers listen, as recorded in FLEET_HOME/services.json.
 
-Kept apart from `workers.embedded` so every process can read the URLs (settings
+Kept apart from `workers.dev.embedded` so every process can read the URLs (settings
 do, when DATABASE_URL / CELERY_BROKER_URL are unset) without importing the
 server packages.
 """

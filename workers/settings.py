@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.service_state import read_state
+
+if TYPE_CHECKING:
+    from db.config import DatabaseConfig
 
 
 class Settings(BaseSettings):
@@ -62,6 +66,7 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(
         default=300.0, description="Longest retry delay, seconds (kept below the visibility timeout)."
     )
+    # The database layer reads these three itself too, with the same defaults (db/config.py).
     db_pool_size: int = Field(default=5, description="SQLAlchemy pool size per process.")
     db_max_overflow: int = Field(default=5, description="SQLAlchemy pool overflow per process.")
     db_statement_timeout_ms: int = Field(
@@ -142,19 +147,19 @@ class Settings(BaseSettings):
         return delays + (self.task_max_retries + 1) * self.webhook_timeout
 
     @property
+    def database(self) -> DatabaseConfig:
+        """What the database layer needs of these settings (db/config.py)."""
+        # Imported here: producers read the settings and must not load the database layer.
+        from db.config import DatabaseConfig
+
+        return DatabaseConfig(url=self.database_url, pool_size=self.db_pool_size,
+                              max_overflow=self.db_max_overflow,
+                              statement_timeout_ms=self.db_statement_timeout_ms)
+
+    @property
     def sqlalchemy_url(self) -> str:
         """The database URL with the psycopg 3 driver named, as SQLAlchemy wants it."""
-        if self.database_url is None:
-            raise RuntimeError("DATABASE_URL is not set and no embedded server was started")
-        return to_sqlalchemy_url(self.database_url)
-
-
-def to_sqlalchemy_url(url: str) -> str:
-    """postgresql://… or postgres://… → postgresql+psycopg://…; other drivers pass through."""
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            return "postgresql+psycopg://" + url[len(scheme) :]
-    return url
+        return self.database.sqlalchemy_url
 
 
 @lru_cache(maxsize=1)

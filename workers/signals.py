@@ -1,5 +1,8 @@
-"""Celery signal handlers: logging setup, fork safety of the database pool, metrics, and task
-events for micro-batched tasks (so Flower sees them too)."""
+"""Celery signal handlers: logging setup, the database's configuration and fork safety of its
+pool, metrics, and task events for micro-batched tasks (so Flower sees them too).
+
+Loaded by the worker, beat and Flower at start (`imports` in workers/celery_app.py), not
+by a process that only publishes."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from celery.signals import (
 from celery.utils.saferepr import saferepr
 from celery_batches import Batches
 
+from db.config import configure
 from db.session import dispose_engine, reset_engine
 from workers import metrics
 from workers.log import configure_logging, get_logger
@@ -32,6 +36,13 @@ def _setup_logging(**_: Any) -> None:
     """Connected, so Celery leaves logging to us: JSON lines with bound context."""
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+
+
+@worker_init.connect
+def _database_from_settings(**_: Any) -> None:
+    """db/ reads DATABASE_URL on its own; a worker takes the fleet's settings instead, so one
+    started beside `fleet services start` without DATABASE_URL finds the embedded server."""
+    configure(lambda: get_settings().database)
 
 
 @worker_init.connect

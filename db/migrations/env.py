@@ -1,20 +1,21 @@
-"""Alembic environment: migrates the URL given by the caller, else the settings' one."""
+"""Alembic environment: migrates the URL given by the caller, else the configured one."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from db.config import database_config, to_sqlalchemy_url
 from db.migrate import skip_partitions
 from db.models import Base
-from workers.settings import get_settings, to_sqlalchemy_url
 
 config = context.config
 target_metadata = Base.metadata
 
 
 def _url() -> str:
-    return to_sqlalchemy_url(config.get_main_option("sqlalchemy.url") or get_settings().sqlalchemy_url)
+    given = config.get_main_option("sqlalchemy.url")
+    return to_sqlalchemy_url(given) if given else database_config().sqlalchemy_url
 
 
 def run_migrations_offline() -> None:

@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from workers.cli.context import console, ensure_servers
+from workers.cli.context import console, dev_extra, ensure_servers
 
 app = typer.Typer(help="Benchmarks (figures, not pass/fail).", no_args_is_help=True)
 
@@ -21,8 +21,9 @@ def events(
     as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
 ) -> None:
     """Raw no-op tasks/s, events/s one per message and in batches of 100, latency."""
+    with dev_extra("fleet bench events"):
+        from workers.tools.bench.events import as_dict, run
     ensure_servers()
-    from workers.bench.events import as_dict, run
 
     _report(as_dict(run(noops=noops, single=single, batched=batched, concurrency=concurrency)),
             as_json)
@@ -37,8 +38,9 @@ def workflows(
     as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
 ) -> None:
     """Raw Celery chain hops/s, persisted steps/s, step latency, loop step time and state size."""
+    with dev_extra("fleet bench workflows"):
+        from workers.tools.bench.workflows import as_dict, run
     ensure_servers()
-    from workers.bench.workflows import as_dict, run
 
     result = as_dict(run(executions=executions, loop_iterations=loop_iterations,
                          concurrency=concurrency))
@@ -55,8 +57,9 @@ def soak(
 ) -> None:
     """A sustained stream through a whole fleet: throughput, backlog, p99 and worker RSS over
     time, then the invariants; exit 1 if memory grows, the backlog grows or one is broken."""
+    with dev_extra("fleet bench soak"):
+        from workers.tools.bench.soak import SoakSample, run
     ensure_servers()
-    from workers.bench.soak import SoakSample, run
 
     def show(s: SoakSample) -> None:
         workers = sum(v for k, v in s.rss_mb.items() if k.startswith("worker-"))
@@ -94,8 +97,9 @@ def segments(
     as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
 ) -> None:
     """Refresh of one segment over generated users, and the bare INSERT … SELECT ratio."""
+    with dev_extra("fleet bench segments"):
+        from workers.tools.bench.scheduled import bench_segments
     ensure_servers()
-    from workers.bench.scheduled import bench_segments
 
     _report(bench_segments(users), as_json)
 
@@ -106,7 +110,8 @@ def metrics(
     as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
 ) -> None:
     """The nightly aggregation of one day of generated events."""
+    with dev_extra("fleet bench metrics"):
+        from workers.tools.bench.scheduled import bench_metrics
     ensure_servers()
-    from workers.bench.scheduled import bench_metrics
 
     _report(bench_metrics(events), as_json)

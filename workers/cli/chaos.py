@@ -8,7 +8,7 @@ from enum import StrEnum
 import typer
 from rich.table import Table
 
-from workers.cli.context import console, ensure_servers
+from workers.cli.context import console, dev_extra, ensure_servers
 
 
 class Scenario(StrEnum):
@@ -33,8 +33,9 @@ def chaos(
 ) -> None:
     """Run a fault scenario on a scratch fleet (own database and broker prefix); exit 1 on a
     broken invariant."""
+    with dev_extra("fleet chaos"):
+        from workers.tools.chaos.scenarios import SCENARIOS
     ensure_servers()
-    from workers.chaos.scenarios import SCENARIOS
 
     if scenario is Scenario.version_deploy:
         result = SCENARIOS[scenario.value](executions=executions)

@@ -26,6 +26,8 @@ def apply(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                       help="YAML with workflows, segments and triggers")) -> None:
     """Create or update workflows, segments and triggers by name (all or nothing)."""
     ensure_servers()
+    # Here, not at the top: parsing BPMN loads SpiffWorkflow and lxml (~0.2 s), which
+    # the other commands do without.
     from workers.definitions import DefinitionError, load
     from workers.definitions import apply as apply_definitions
 
@@ -68,8 +70,8 @@ def _set_enabled(name: str, enabled: bool) -> None:
     with session_scope() as session:
         changed = session.execute(
             update(Trigger).where(Trigger.name == name)
-            .values(enabled=enabled, updated_at=func.now())).rowcount
-    if not changed:
+            .values(enabled=enabled, updated_at=func.now()).returning(Trigger.id)).first()
+    if changed is None:
         console.print(f"[red]no trigger named {name!r}[/]")
         raise typer.Exit(1)
     console.print(f"trigger {name} {'enabled' if enabled else 'disabled'} "

@@ -23,8 +23,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from workers.cli.context import console, embedded_services, ensure_servers
-from workers.demo.run import PROGRAM
+from workers.cli.context import console, dev_extra, embedded_services, ensure_servers
+from workers.tools.demo.run import PROGRAM
 
 
 class RichReporter:
@@ -69,7 +69,7 @@ class RichReporter:
 
 
 def _flower_port(preferred: int) -> int:
-    from workers.embedded import free_port, port_is_free
+    from workers.dev.ports import free_port, port_is_free
 
     return preferred if port_is_free(preferred) else free_port()
 
@@ -93,18 +93,20 @@ def demo(
     """Run the fleet on a sample lifecycle program and a synthetic stream of users.
 
     Starts (or uses) PostgreSQL and Redis, migrates, starts a worker per queue, the
-    beat and Flower; applies examples/lifecycle/program.yaml; streams a seeded month
-    of users through the producer API (with a few bad inputs); waits until the
-    pipeline drains; prints a summary and writes an HTML report. Everything it
-    started is stopped at the end, unless --keep-running.
+    beat and Flower; applies the sample program (workers/tools/demo/program/); streams
+    a seeded month of users through the producer API (with a few bad inputs); waits
+    until the pipeline drains; prints a summary and writes an HTML report. Everything
+    it started is stopped at the end, unless --keep-running.
     """
     from db.migrate import upgrade
     from db.session import session_scope
-    from workers.cli.main import start_fleet
-    from workers.demo import run
-    from workers.demo.generator import generate
-    from workers.demo.report import write_report
-    from workers.demo.summary import summarize
+    from workers.tools.demo import run
+    from workers.tools.demo.generator import generate
+    from workers.tools.demo.report import write_report
+    from workers.tools.demo.summary import summarize
+
+    with dev_extra("fleet demo"):
+        from workers.dev.supervisor import start_fleet
 
     t0 = time.monotonic()
     own_servers = not (os.environ.get("DATABASE_URL") and os.environ.get("CELERY_BROKER_URL")) \
@@ -181,7 +183,7 @@ def demo(
 
 
 def print_summary(summary: Any, result: Any, flower: str) -> None:
-    from db.models import LIFECYCLE_STAGES
+    from db.models import ACTIVE_EXECUTION_STATUSES, LIFECYCLE_STAGES
 
     console.rule("summary")
     console.print(
@@ -196,7 +198,7 @@ def print_summary(summary: Any, result: Any, flower: str) -> None:
 
     executions = Table("workflow", "completed", "failed", "active", "outcomes", box=None)
     for wf in summary.workflows:
-        active = wf.statuses.get("pending", 0) + wf.statuses.get("running", 0)
+        active = sum(wf.statuses.get(status, 0) for status in ACTIVE_EXECUTION_STATUSES)
         outcomes = ", ".join(f"{k} {v:,}" for k, v in
                              sorted(wf.outcomes.items(), key=lambda kv: -kv[1]))
         executions.add_row(wf.name, f"{wf.statuses.get('completed', 0):,}",

@@ -44,6 +44,8 @@ def replay(
 ) -> None:
     """Re-send a dead letter (optionally corrected); a new failure makes a new dead letter."""
     ensure_servers()
+    # After ensure_servers(): the Celery app reads the broker's URL from the settings when
+    # first imported, and an embedded broker's URL is known only now.
     from workers.events.replay import replay as do_replay
 
     with session_scope() as session:

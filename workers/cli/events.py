@@ -25,6 +25,8 @@ def emit(
 ) -> None:
     """Publish one event, or every line of a JSON-lines file in batches of 100."""
     ensure_servers()
+    # After ensure_servers(): the Celery app reads the broker's URL from the settings when
+    # first imported, and an embedded broker's URL is known only now.
     from workers.producer import send_event, send_events
 
     if file is not None:

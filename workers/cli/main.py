@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+import importlib.util
 
 import typer
 
 from db.migrate import upgrade
-from workers.cli import bench, dlq, metrics, monitor, services
-from workers.cli.chaos import chaos
-from workers.cli.context import console, ensure_servers
+from workers.cli import dlq, metrics, monitor, services
+from workers.cli.context import console, dev_extra, ensure_servers
 from workers.cli.definitions import apply, segment_app, trigger_app
-from workers.cli.demo import demo
 from workers.cli.events import emit
 from workers.cli.status import status
 from workers.cli.workflows import execution_app, workflow_app
 from workers.queues import QUEUE_NAMES
-from workers.settings import Settings
-
-if TYPE_CHECKING:
-    from workers.supervisor import Supervisor
 
 app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(services.app, name="services")
 app.add_typer(dlq.app, name="dlq")
-app.add_typer(bench.app, name="bench")
 app.add_typer(metrics.app, name="metrics")
 app.add_typer(metrics.retention_app, name="retention")
 app.add_typer(trigger_app, name="trigger")
@@ -36,8 +28,6 @@ app.add_typer(execution_app, name="execution")
 app.command()(emit)
 app.command()(apply)
 app.command()(status)
-app.command()(demo)
-app.command()(chaos)
 app.command()(monitor.health)
 app.command()(monitor.flower)
 app.command()(monitor.exporter)
@@ -51,27 +41,6 @@ def migrate() -> None:
     console.print("database migrated to head")
 
 
-def start_fleet(settings: Settings, concurrency: int, ready_timeout: float,
-                flower_port: int | None = None) -> Supervisor:
-    """Start a worker per queue, one beat and Flower; return once every process is ready."""
-    from workers.celery_app import app as celery
-    from workers.supervisor import Supervisor, fleet_specs
-
-    def ping(hostname: str) -> bool:
-        return bool(celery.control.ping(destination=[hostname], timeout=0.5))
-
-    specs = fleet_specs(settings.home.resolve(), concurrency, flower_port or settings.flower_port,
-                        settings.flower_basic_auth, ping)
-    supervisor = Supervisor(specs, settings.home.resolve() / "logs", dict(os.environ))
-    supervisor.start()
-    try:
-        supervisor.wait_ready(ready_timeout)
-    except BaseException:
-        supervisor.stop()
-        raise
-    return supervisor
-
-
 @app.command()
 def dev(
     concurrency: int = typer.Option(1, help="Pool processes per queue worker."),
@@ -83,6 +52,9 @@ def dev(
     FLEET_HOME. Ctrl-C stops every process with a warm shutdown.
     """
     import time
+
+    with dev_extra("fleet dev"):
+        from workers.dev.supervisor import start_fleet
 
     t0 = time.monotonic()
     settings = ensure_servers()
@@ -103,6 +75,25 @@ def dev(
         supervisor.stop()
     console.print("fleet stopped")
 
+
+def _add_tool_commands() -> None:
+    """`fleet bench`, `fleet chaos` and `fleet demo`, where `workers.tools` is installed.
+
+    Registered only then, rather than always with a message when run: the production
+    image leaves the tools out, and its `fleet --help` lists only what runs there.
+    """
+    if importlib.util.find_spec("workers.tools") is None:
+        return
+    from workers.cli import bench
+    from workers.cli.chaos import chaos
+    from workers.cli.demo import demo
+
+    app.add_typer(bench.app, name="bench")
+    app.command()(chaos)
+    app.command()(demo)
+
+
+_add_tool_commands()
 
 if __name__ == "__main__":
     app()

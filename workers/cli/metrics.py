@@ -10,8 +10,11 @@ from rich.table import Table
 from sqlalchemy import text
 
 from db.models import LIFECYCLE_STAGES
-from db.session import session_scope
+from db.session import get_engine, session_scope
 from workers.cli.context import console, ensure_servers
+from workers.reports.funnel import funnel_counts, write_funnel
+from workers.reports.metrics import aggregate_day
+from workers.retention import run_retention
 
 app = typer.Typer(help="Daily lifecycle metrics.", no_args_is_help=True)
 
@@ -23,8 +26,6 @@ def backfill(
 ) -> None:
     """Recompute every day of a range (one transaction per day; safe to rerun)."""
     ensure_servers()
-    from workers.reports.metrics import aggregate_day
-
     day = from_.date()
     while day <= to.date():
         with session_scope() as session:
@@ -57,8 +58,6 @@ def show(days: int = typer.Option(30, help="how many days back"),
             for s in LIFECYCLE_STAGES))
     console.print(table)
     if chart is not None:
-        from workers.reports.funnel import funnel_counts, write_funnel
-
         with session_scope() as session:
             write_funnel(chart, *funnel_counts(session))
         console.print(f"funnel written to {chart}")
@@ -73,9 +72,6 @@ def retention_run(dry_run: bool = typer.Option(False, "--dry-run",
                                                help="report what would go, change nothing")) -> None:
     """Archive and drop expired partitions, delete expired rows."""
     settings = ensure_servers()
-    from db.session import get_engine
-    from workers.retention import run_retention
-
     report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",
                            dry_run=dry_run)
     verb = "would" if dry_run else "did"

@@ -6,28 +6,14 @@ import os
 import sys
 
 import typer
+from prometheus_client import start_http_server
 
 from workers.cli.context import console, ensure_servers
 from workers.health import MAX_DEAD_LETTERS, MAX_TIMER_LAG, run_checks
+from workers.metrics import exporter_registry, metrics_dir
+from workers.processes import flower_command
 from workers.queues import QUEUE_NAMES
-from workers.settings import Settings, get_settings
-from workers.supervisor import ProcessSpec, fleet_specs
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def flower_spec(settings: Settings, port: int, address: str) -> ProcessSpec:
-    """Flower exactly as `fleet dev` runs it (workers/supervisor.py), on `address`."""
-    specs = fleet_specs(settings.home.resolve(), 1, port, settings.flower_basic_auth,
-                        ping=lambda _hostname: False)
-    spec = next(s for s in specs if s.name == "flower")
-    if address != "127.0.0.1":
-        spec.argv = [a for a in spec.argv if not a.startswith("--address=")]
-        spec.argv.append(f"--address={address}")
-        if address not in LOOPBACK:
-            # The API is open without credentials only while Flower listens on loopback.
-            spec.env.pop("FLOWER_UNAUTHENTICATED_API", None)
-    return spec
+from workers.settings import get_settings
 
 
 def flower(
@@ -44,12 +30,12 @@ def flower(
     """
     settings = ensure_servers()
     port = port or settings.flower_port
-    spec = flower_spec(settings, port, address)
+    argv, env = flower_command(port, address, settings.flower_basic_auth)
     auth = "basic auth" if settings.flower_basic_auth else "no auth: read only"
     console.print(f"flower    http://{address}:{port}/ ({auth})")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(spec.argv[0], spec.argv, {**os.environ, **spec.env})
+    os.execve(argv[0], argv, {**os.environ, **env})
 
 
 def exporter(
@@ -63,10 +49,6 @@ def exporter(
     timer lag, outbox, dead letters, partitions) are read from PostgreSQL and the
     broker on every scrape.
     """
-    from prometheus_client import start_http_server
-
-    from workers.metrics import exporter_registry, metrics_dir
-
     settings = get_settings()
     port = port or settings.metrics_port
     server, thread = start_http_server(port, addr=address, registry=exporter_registry(settings))
@@ -98,6 +80,8 @@ def health(
     app = None
     queues: list[str] = []
     if workers:
+        # Here, not at the top: the Celery app reads the broker's URL from the settings when
+        # first imported, which must not happen before another command's ensure_servers().
         from workers.celery_app import app
 
         queues = list(queue or QUEUE_NAMES)

@@ -1,4 +1,4 @@
-"""`fleet services`: the embedded PostgreSQL and Valkey servers on their own."""
+"""`fleet services`: the embedded PostgreSQL and Valkey servers on their own (the dev extra)."""
 
 from __future__ import annotations
 

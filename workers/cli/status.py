@@ -6,8 +6,9 @@ import typer
 from rich.table import Table
 
 from db.session import session_scope
+from workers.broker import queue_depths
 from workers.cli.context import console, ensure_servers
-from workers.health import database_figures, queue_depths, workers_by_queue
+from workers.health import database_figures, workers_by_queue
 from workers.queues import QUEUE_NAMES
 
 
@@ -20,6 +21,8 @@ def status(timeout: float = typer.Option(1.0, help="Seconds to wait for workers 
     """Workers and queue depths, executions by status, timers, dead letters, outbox backlog
     and partition coverage (exit 1 if partitions are missing)."""
     settings = ensure_servers()
+    # After ensure_servers(): the Celery app reads the broker's URL from the settings when
+    # first imported, and an embedded broker's URL is known only now.
     from workers.celery_app import app
 
     queues = Table("queue", "waiting", "workers")

@@ -12,10 +12,11 @@ from rich.table import Table
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import WORKFLOW_STATUSES, ExecutionStep, Workflow, WorkflowExecution
+from db.models import WORKFLOW_STATUSES, ExecutionStatus, ExecutionStep, Workflow, WorkflowExecution
 from db.session import session_scope
 from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import print_report
+from workers.engine import control
 
 workflow_app = typer.Typer(help="BPMN workflow definitions.", no_args_is_help=True)
 execution_app = typer.Typer(help="Workflow executions.", no_args_is_help=True)
@@ -31,6 +32,8 @@ def deploy(
 ) -> None:
     """Validate a BPMN file and store it; running executions keep their version."""
     ensure_servers()
+    # Here, not at the top: parsing BPMN loads SpiffWorkflow and lxml (~0.2 s), which
+    # the other commands do without.
     from workers.definitions import DefinitionError, deploy_workflow
 
     try:
@@ -115,7 +118,7 @@ def show(execution_id: uuid.UUID, steps: int = typer.Option(50, help="history ro
 @execution_app.command("list")
 def execution_list(
     workflow: str | None = typer.Option(None, help="workflow name"),
-    status: str | None = typer.Option(None, help="pending/running/completed/failed/cancelled"),
+    status: str | None = typer.Option(None, help="/".join(ExecutionStatus)),
     limit: int = typer.Option(20),
 ) -> None:
     """The latest executions, optionally of one workflow or status."""
@@ -138,14 +141,15 @@ def execution_list(
 
 def _control(execution_id: uuid.UUID, action: Callable[[Session, uuid.UUID], int | None],
              done: str) -> None:
-    from workers.engine.control import ControlError
+    ensure_servers()
+    # After ensure_servers(): the Celery app reads the broker's URL from the settings when
+    # first imported, and an embedded broker's URL is known only now.
     from workers.engine.dispatch import send_step
 
-    ensure_servers()
     try:
         with session_scope() as session:
             version = action(session, execution_id)
-    except ControlError as exc:
+    except control.ControlError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     if version is not None:
@@ -156,30 +160,22 @@ def _control(execution_id: uuid.UUID, action: Callable[[Session, uuid.UUID], int
 @execution_app.command("cancel")
 def cancel(execution_id: uuid.UUID) -> None:
     """Stop an execution for good; pending timers and waits are dropped."""
-    from workers.engine.control import cancel as do
-
-    _control(execution_id, do, "cancelled")
+    _control(execution_id, control.cancel, "cancelled")
 
 
 @execution_app.command("pause")
 def pause(execution_id: uuid.UUID) -> None:
     """Hold an execution: no step runs and no timer wakes it until it is resumed."""
-    from workers.engine.control import pause as do
-
-    _control(execution_id, do, "paused")
+    _control(execution_id, control.pause, "paused")
 
 
 @execution_app.command("resume")
 def resume(execution_id: uuid.UUID) -> None:
     """Continue a paused execution where it stopped."""
-    from workers.engine.control import resume as do
-
-    _control(execution_id, do, "resumed")
+    _control(execution_id, control.resume, "resumed")
 
 
 @execution_app.command("retry")
 def retry(execution_id: uuid.UUID) -> None:
     """Run a failed execution again from the node that failed."""
-    from workers.engine.control import retry as do
-
-    _control(execution_id, do, "retrying from its failed node")
+    _control(execution_id, control.retry, "retrying from its failed node")

@@ -1,7 +1,8 @@
 """Operator controls of one execution: cancel, pause, resume, retry.
 
-Each locks the execution row (waiting for a running step to finish), changes it,
-and returns the version to step next, if any; the caller sends it after commit.
+Each locks the execution row (waiting for a running step to finish), checks that
+the control applies, has `executions` change it, and returns the version to step
+next, if any; the caller sends it after commit.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from sqlalchemy.orm import Session
 from db.models import (
     TERMINAL_EXECUTION_STATUSES,
     ActionDelivery,
-    ExecutionStep,
+    ExecutionStatus,
     Workflow,
     WorkflowExecution,
 )
+from workers.engine import executions
 
 
 class ControlError(ValueError):
@@ -27,8 +29,7 @@ class ControlError(ValueError):
 
 
 def _lock(session: Session, execution_id: uuid.UUID) -> WorkflowExecution:
-    row = session.execute(select(WorkflowExecution).where(WorkflowExecution.id == execution_id)
-                          .with_for_update()).scalar_one_or_none()
+    row = executions.lock(session, execution_id)
     if row is None:
         raise ControlError(f"no execution {execution_id}")
     return row
@@ -39,12 +40,7 @@ def cancel(session: Session, execution_id: uuid.UUID, now: dt.datetime | None = 
     row = _lock(session, execution_id)
     if row.status in TERMINAL_EXECUTION_STATUSES:
         raise ControlError(f"execution is already {row.status}")
-    row.status, row.completed_at, row.updated_at = "cancelled", now, now
-    row.wake_at = row.awaiting_events = row.step_enqueued_at = row.paused_at = None
-    row.state_version += 1
-    session.add(ExecutionStep(execution_id=row.id, seq=row.state_version,
-                              node_id=row.current_node_id or "-", node_type="Cancel",
-                              outcome="cancelled", started_at=now, finished_at=now))
+    executions.cancel(session, row, now)
 
 
 def pause(session: Session, execution_id: uuid.UUID, now: dt.datetime | None = None) -> None:
@@ -54,7 +50,7 @@ def pause(session: Session, execution_id: uuid.UUID, now: dt.datetime | None = N
         raise ControlError(f"execution is {row.status}")
     if row.paused_at is not None:
         raise ControlError("execution is already paused")
-    row.paused_at, row.updated_at = now, now
+    executions.pause(row, now)
 
 
 def resume(session: Session, execution_id: uuid.UUID, now: dt.datetime | None = None) -> int:
@@ -63,22 +59,19 @@ def resume(session: Session, execution_id: uuid.UUID, now: dt.datetime | None = 
     row = _lock(session, execution_id)
     if row.paused_at is None:
         raise ControlError("execution is not paused")
-    row.paused_at, row.updated_at, row.step_enqueued_at = None, now, now
-    return row.state_version
+    return executions.resume(row, now)
 
 
 def retry(session: Session, execution_id: uuid.UUID, now: dt.datetime | None = None) -> int:
     """Run a failed execution again from its failed node; returns the version to step."""
     now = now or dt.datetime.now(dt.UTC)
     row = _lock(session, execution_id)
-    if row.status != "failed":
+    if row.status != ExecutionStatus.FAILED:
         raise ControlError(f"only failed executions can be retried (this one is {row.status})")
     # The failed node's operator call runs again under a fresh delivery row.
     session.execute(delete(ActionDelivery).where(ActionDelivery.execution_id == row.id,
                                                  ActionDelivery.status == "failed"))
-    row.status, row.error_message, row.completed_at = "running", None, None
-    row.paused_at, row.updated_at, row.step_enqueued_at = None, now, now
-    return row.state_version
+    return executions.retry(row, now)
 
 
 def start(session: Session, workflow_name: str, user_id: uuid.UUID,
@@ -94,9 +87,7 @@ def start(session: Session, workflow_name: str, user_id: uuid.UUID,
         raise ControlError(f"no workflow named {workflow_name!r}")
     if workflow.status != "active":
         raise ControlError(f"workflow {workflow_name} is {workflow.status}, not active")
-    row = WorkflowExecution(workflow_id=workflow.id, workflow_version=workflow.version,
-                            user_id=user_id, status="pending", variables=variables or {},
-                            step_enqueued_at=now)
-    session.add(row)
-    session.flush()
-    return row.id
+    (started,) = executions.create(session, [executions.NewExecution(
+        workflow_id=workflow.id, workflow_version=workflow.version, user_id=user_id,
+        variables=variables or {})], now)
+    return started.id

@@ -190,4 +190,4 @@ def variables(workflow: BpmnWorkflow, task: Task | None) -> dict[str, Any]:
     """The execution's variables as JSON: the workflow's result, or the last node's data."""
     data = workflow.data if workflow.is_completed() else (task.data if task else {})
     data = {k: v for k, v in data.items() if k != "data_objects" or v}
-    return json.loads(json.dumps(data, default=str))  # type: ignore[no-any-return]
+    return json.loads(json.dumps(data, default=str))

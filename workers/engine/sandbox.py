@@ -1,4 +1,6 @@
-"""The restricted expression language of BPMN scripts and conditions (DESIGN decision 8).
+"""The restricted expression language of BPMN scripts and conditions.
+
+No arbitrary code from definitions (docs/architecture.md, decision 8).
 
 SpiffWorkflow's default script engine hands every expression to Python's
 `eval`/`exec`. Nothing here does: sources are parsed with `ast` and walked by a
@@ -35,6 +37,7 @@ from __future__ import annotations
 import ast
 import copy
 import datetime as dt
+import functools
 import math
 import operator
 import re
@@ -281,7 +284,7 @@ def _fold_constants(tree: ast.AST, source: str) -> None:
     for node in ast.walk(tree):
         if isinstance(node, ast.BinOp) and all(isinstance(n, _CONSTANT_ONLY)
                                                for n in ast.walk(node)):
-            _guard(source, lambda n=node: _Interpreter({}).eval(n))
+            _guard(source, functools.partial(_Interpreter({}).eval, node))
 
 
 class _Interpreter:

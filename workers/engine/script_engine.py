@@ -33,7 +33,7 @@ class SandboxEnvironment(BasePythonScriptEngineEnvironment):
         return True
 
 
-class SandboxScriptEngine(PythonScriptEngine):  # type: ignore[misc]
+class SandboxScriptEngine(PythonScriptEngine):
     """The script engine every BpmnWorkflow of the fleet is built with."""
 
     def __init__(self) -> None:

@@ -66,7 +66,7 @@ def check_json(value: Any, what: str) -> None:
                          "surrogate")
 
 
-class _TaskConverter(TaskConverter):  # type: ignore[misc]
+class _TaskConverter(TaskConverter):
     """SpiffWorkflow's task converter, with task data converted by the registry too."""
 
     def to_dict(self, task: Task) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def _escaped(value: Any) -> Any:
     return value
 
 
-class _StateConverter(BpmnWorkflowConverter):  # type: ignore[misc]
+class _StateConverter(BpmnWorkflowConverter):
     """SpiffWorkflow's workflow converter, minus the spec (restored from the cache)."""
 
     def to_dict(self, workflow: BpmnWorkflow) -> dict[str, Any]:
@@ -240,4 +240,4 @@ def dump(workflow: BpmnWorkflow) -> dict[str, Any]:
 
 def load(state: dict[str, Any], loaded: LoadedSpec) -> BpmnWorkflow:
     """Rebuild a workflow from `dump`'s output and the version's cached spec."""
-    return _REGISTRY.restore(state, loaded=loaded)  # type: ignore[no-any-return]
+    return _REGISTRY.restore(state, loaded=loaded)

@@ -4,8 +4,8 @@ The row lock (`SELECT ... FOR UPDATE`) makes two steps of one execution run one
 after the other; each step message carries the `state_version` it expects, so a
 duplicate, late or stale message finds a different version and does nothing.
 Engine state, variables, current node, status, waits and the step-history row
-are written in the caller's transaction; the caller sends the next step (or the
-operator call) only after the commit.
+are written (through `executions`) in the caller's transaction; the caller sends
+the next step (or the operator call) only after the commit.
 
 Service tasks run in two steps around the actions queue: the first step records
 an `action_deliveries` row (the idempotency key and the evaluated parameters) and
@@ -24,33 +24,32 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
     TERMINAL_EXECUTION_STATUSES,
     ActionDelivery,
-    ExecutionMessage,
-    ExecutionStep,
+    StepOutcome,
     User,
     WorkflowExecution,
 )
-from workers.engine import runner, state
+from workers.engine import executions, runner, state
 from workers.engine.specs import SPECS, LoadedSpec
 from workers.engine.values import Refused, check_storable
+from workers.errors import is_transient
 from workers.log import get_logger
 
 log = get_logger(__name__)
-MAX_ERROR = 2000
+Outcome = Literal["noop", "completed", "waiting", "failed"]
 
 
 @dataclass(frozen=True)
 class StepResult:
     """What one step did and what the caller sends after commit."""
 
-    outcome: str  # noop | completed | waiting | failed
+    outcome: Outcome
     node_id: str | None = None
     next_version: int | None = None  # send workflows.step(id, next_version)
     action_key: str | None = None  # send actions.run(action_key)
@@ -72,33 +71,17 @@ def _user_variables(session: Session, user_id: uuid.UUID) -> dict[str, Any]:
 
 def _deliver_messages(session: Session, execution: WorkflowExecution, workflow: Any,
                       now: dt.datetime) -> None:
-    """Hand pending events (message catch) to the workflow, oldest first; mark them consumed."""
-    pending = session.execute(
-        select(ExecutionMessage)
-        .where(ExecutionMessage.execution_id == execution.id, ExecutionMessage.consumed_at.is_(None))
-        .order_by(ExecutionMessage.id)
-    ).scalars().all()
-    for message in pending:
+    """Hand pending events (message catch) to the workflow, oldest first."""
+    for message in executions.take_messages(session, execution.id, now):
         caught = runner.deliver(workflow, message.event_type, message.payload)
-        message.consumed_at = now
         log.info("execution.message", execution_id=str(execution.id),
                  event_type=message.event_type, caught=caught)
-
-
-def _fail(execution: WorkflowExecution, node_id: str, error: str, now: dt.datetime) -> None:
-    execution.status = "failed"
-    execution.error_message = error[:MAX_ERROR]
-    execution.current_node_id = node_id
-    execution.completed_at = now
-    execution.wake_at = None
-    execution.step_enqueued_at = None
 
 
 @dataclass
 class _Attempt:
     """The node a step is running, for the failure record if its writes cannot be saved."""
 
-    started: dt.datetime
     node_id: str | None
     node_type: str = "Save"
 
@@ -107,9 +90,7 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
          now: dt.datetime | None = None) -> StepResult:
     """Run the execution's next node, if this step message is the current one."""
     now = now or dt.datetime.now(dt.UTC)
-    execution = session.execute(
-        select(WorkflowExecution).where(WorkflowExecution.id == execution_id).with_for_update()
-    ).scalar_one_or_none()
+    execution = executions.lock(session, execution_id)
     if execution is None:
         return StepResult("noop", reason="no such execution")
     if execution.status in TERMINAL_EXECUTION_STATUSES:
@@ -119,7 +100,7 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
     if execution.state_version != expected_version:
         return StepResult("noop", reason=f"stale step {expected_version}, "
                                          f"execution is at {execution.state_version}")
-    attempt = _Attempt(now, execution.current_node_id)
+    attempt = _Attempt(execution.current_node_id)
     try:
         with session.begin_nested():  # the row lock taken above outlives a rollback
             result = _advance(session, execution, attempt, now)
@@ -141,13 +122,8 @@ def _fail_unsaved(session: Session, execution: WorkflowExecution, attempt: _Atte
     error = f"node {node_id}: the execution's state cannot be saved: {reason}"
     log.warning("execution.failed", execution_id=str(execution.id), node_id=node_id, error=error)
     session.refresh(execution)  # as it was before the step
-    _fail(execution, node_id, error, now)
-    execution.state_version += 1
-    execution.updated_at = now
-    session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
-                              node_id=node_id, node_type=attempt.node_type, outcome="failed",
-                              started_at=attempt.started, finished_at=dt.datetime.now(dt.UTC),
-                              error_message=error[:MAX_ERROR]))
+    executions.fail(session, execution, node_id=node_id, node_type=attempt.node_type,
+                    error=error, now=now)
     return StepResult("failed", node_id=node_id)
 
 
@@ -165,14 +141,10 @@ def _advance(session: Session, execution: WorkflowExecution, attempt: _Attempt,
         node_id = execution.current_node_id or "-"
         error = f"cannot run the workflow: {exc}"
         log.warning("execution.failed", execution_id=str(execution.id), error=error)
-        _fail(execution, node_id, error, now)
-        execution.state_version += 1
-        session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
-                                  node_id=node_id, node_type="Load", outcome="failed",
-                                  started_at=now, finished_at=now, error_message=error[:MAX_ERROR]))
+        executions.fail(session, execution, node_id=node_id, node_type="Load", error=error,
+                        now=now)
         return StepResult("failed", node_id=node_id)
 
-    started = now
     result: StepResult
     if task is None:
         result = StepResult("waiting")
@@ -184,7 +156,7 @@ def _advance(session: Session, execution: WorkflowExecution, attempt: _Attempt,
             return structured
         result = StepResult("completed", node_id=node_id)
 
-    return _persist(session, execution, workflow, task, result, started, now)
+    return _persist(session, execution, workflow, task, result, now)
 
 
 def _load(session: Session, execution: WorkflowExecution) -> Any:
@@ -210,10 +182,16 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
                 _check_params(params)
                 session.add(ActionDelivery(key=key, execution_id=execution.id, node_id=node_id,
                                            operator=operator, params=params))
-                return _record(session, execution, workflow, task, node_id, "waiting", now,
-                               action=key)
+                engine_state, variables = _saved(workflow, task)
+                executions.advance(session, execution, node_id=node_id,
+                                   node_type=_node_type(task), outcome=StepOutcome.WAITING,
+                                   engine_state=engine_state, variables=variables,
+                                   wake_at=execution.wake_at,
+                                   awaiting=execution.awaiting_events or (),
+                                   completed=False, in_flight=True, now=now)
+                return StepResult("waiting", node_id=node_id, action_key=key)
             if delivery.status == "pending":  # lost or slow: ask again (the action is idempotent)
-                execution.step_enqueued_at = now
+                executions.mark_enqueued(session, [execution.id], now)
                 return StepResult("waiting", node_id=node_id, action_key=key)
             if delivery.status == "failed":
                 raise _OperatorFailed(f"operator {delivery.operator} failed: "
@@ -227,8 +205,9 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
         error = f"node {node_id}: {exc}"
         log.warning("execution.failed", execution_id=str(execution.id), node_id=node_id,
                     error=error)
-        _fail(execution, node_id, error, now)
-        return _record(session, execution, None, task, node_id, "failed", now, error=error)
+        executions.fail(session, execution, node_id=node_id, node_type=_node_type(task),
+                        error=error, now=now)
+        return StepResult("failed", node_id=node_id)
     return None
 
 
@@ -245,7 +224,7 @@ def _check_params(params: dict[str, Any]) -> None:
             raise state.Unstorable(str(exc)) from None
 
 
-def _save(execution: WorkflowExecution, workflow: Any, task: Any) -> None:
+def _saved(workflow: Any, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Engine state and variables, refused (state.Unstorable) if PostgreSQL would refuse them."""
     engine_state = state.dump(workflow)
     try:
@@ -253,71 +232,35 @@ def _save(execution: WorkflowExecution, workflow: Any, task: Any) -> None:
     except (TypeError, ValueError, RecursionError) as exc:
         raise state.Unstorable(f"the variables cannot be stored: {exc}") from None
     state.check_json(variables, "the variables")
-    execution.engine_state, execution.variables = engine_state, variables
+    return engine_state, variables
+
+
+def _node_type(task: Any) -> str:
+    return type(task.task_spec).__name__
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
     """Database and broker trouble is retried by the task, not blamed on the node."""
-    from workers.errors import is_transient
-
     return is_transient(exc)
 
 
-def _record(session: Session, execution: WorkflowExecution, workflow: Any, task: Any,
-            node_id: str, outcome: str, now: dt.datetime, *, action: str | None = None,
-            error: str | None = None) -> StepResult:
-    """Write the step-history row and bump the version (engine state only if `workflow`)."""
-    if workflow is not None:
-        _save(execution, workflow, task)
-        execution.current_node_id = node_id
-        execution.status = "running"
-        execution.step_enqueued_at = now
-    execution.state_version += 1
-    execution.updated_at = now
-    session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
-                              node_id=node_id, node_type=type(task.task_spec).__name__,
-                              outcome=outcome, started_at=now,
-                              finished_at=dt.datetime.now(dt.UTC), error_message=error))
-    return StepResult(outcome, node_id=node_id, action_key=action)
-
-
 def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task: Any,
-             result: StepResult, started: dt.datetime, now: dt.datetime) -> StepResult:
+             result: StepResult, now: dt.datetime) -> StepResult:
     """Save state and waits after a node ran (or none was ready); decide the next step."""
     has_next = runner.next_node(workflow) is not None  # also runs control tasks left over
     completed = workflow.is_completed()
     waits = runner.waits(workflow) if not completed else runner.Waits(None, ())
     if result.node_id is None:  # nothing ran: only the waits change, the version stays
-        execution.wake_at = waits.wake_at
-        execution.awaiting_events = list(waits.messages) or None
-        execution.step_enqueued_at = now if has_next else None
-        if execution.status == "pending":
-            execution.status = "running"
-        if completed:
-            execution.status, execution.completed_at = "completed", now
-        execution.engine_state = state.dump(workflow)
-        execution.updated_at = now
+        executions.save_waits(execution, engine_state=state.dump(workflow),
+                              wake_at=waits.wake_at, awaiting=waits.messages,
+                              completed=completed, in_flight=has_next, now=now)
         return StepResult("waiting", next_version=execution.state_version if has_next else None)
 
-    _save(execution, workflow, task)
-    execution.current_node_id = result.node_id
-    execution.status = "completed" if completed else "running"
-    execution.completed_at = now if completed else None
-    execution.wake_at = waits.wake_at
-    execution.awaiting_events = list(waits.messages) or None
-    execution.step_enqueued_at = now if has_next else None
-    execution.state_version += 1
-    execution.updated_at = now
-    session.add(ExecutionStep(execution_id=execution.id, seq=execution.state_version,
-                              node_id=result.node_id, node_type=type(task.task_spec).__name__,
-                              outcome="completed", started_at=started,
-                              finished_at=dt.datetime.now(dt.UTC)))
+    engine_state, variables = _saved(workflow, task)
+    version = executions.advance(session, execution, node_id=result.node_id,
+                                 node_type=_node_type(task), outcome=StepOutcome.COMPLETED,
+                                 engine_state=engine_state, variables=variables,
+                                 wake_at=waits.wake_at, awaiting=waits.messages,
+                                 completed=completed, in_flight=has_next, now=now)
     return StepResult("completed", node_id=result.node_id,
-                      next_version=execution.state_version if has_next else None)
-
-
-def mark_enqueued(session: Session, execution_ids: list[uuid.UUID], now: dt.datetime) -> None:
-    """Record that a step was sent for these executions (the reaper watches the time)."""
-    if execution_ids:
-        session.execute(update(WorkflowExecution).where(WorkflowExecution.id.in_(execution_ids))
-                        .values(step_enqueued_at=now))
+                      next_version=version if has_next else None)

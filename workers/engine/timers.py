@@ -1,38 +1,33 @@
 """Durable timers and the stuck-step reaper: PostgreSQL says what is due, the beat sends it.
 
-Timer waits are a `wake_at` on the execution (DESIGN decision 4), never a Celery
+Timer waits are a `wake_at` on the execution (docs/architecture.md, decision 4), never a Celery
 countdown. Both sweeps claim rows with `FOR UPDATE SKIP LOCKED`, so a second beat
 or an overlapping run claims other rows, and stamp `step_enqueued_at` so a lost
 send is seen by the next reaper pass. The step's expected version turns any
 duplicate into a no-op. The reaper is bounded: an execution it keeps re-sending
-without progress fails (`FLEET_STUCK_STEP_MAX_RESENDS`).
+without progress fails (`FLEET_STUCK_STEP_MAX_RESENDS`). This module decides what
+counts as due or lost; `executions` writes the claims.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db.models import ACTIVE_EXECUTION_STATUSES, ExecutionStatus, sql_list
+from workers.engine import executions
+from workers.engine.executions import Due
 from workers.log import get_logger
 
 log = get_logger(__name__)
-Due = list[tuple[uuid.UUID, int]]
 REAPER_NODE_TYPE = "Reaper"  # execution_steps.node_type of the reaper's re-sends
 
 
 def claim_due_timers(session: Session, now: dt.datetime, limit: int = 1000) -> Due:
     """Executions whose timer is due: clear `wake_at` and return (id, version) to step."""
-    rows = session.execute(text(
-        "UPDATE workflow_executions e SET wake_at = NULL, step_enqueued_at = :now "
-        "FROM (SELECT id FROM workflow_executions WHERE wake_at <= :now "
-        "      AND status IN ('pending', 'running') AND paused_at IS NULL "
-        "      ORDER BY wake_at LIMIT :limit FOR UPDATE SKIP LOCKED) due "
-        "WHERE e.id = due.id RETURNING e.id, e.state_version"),
-        {"now": now, "limit": limit}).all()
-    return [(r.id, r.state_version) for r in rows]
+    return executions.claim_due_timers(session, now, limit)
 
 
 def claim_stuck(session: Session, now: dt.datetime, older_than: dt.timedelta,
@@ -49,46 +44,14 @@ def claim_stuck(session: Session, now: dt.datetime, older_than: dt.timedelta,
     turn up, is stale. Past `max_resends` the execution fails instead, with the
     reason. Returns (id, version) to re-send.
     """
-    rows = session.execute(text(
-        "WITH stuck AS ("
-        "  SELECT e.id, COALESCE((SELECT s.attempt FROM execution_steps s "
-        "    WHERE s.execution_id = e.id AND s.seq = e.state_version "
-        "    AND s.outcome = 'retrying' AND s.node_type = :kind), 0) + 1 AS resends "
-        "  FROM workflow_executions e "
-        "  WHERE e.status IN ('pending', 'running') AND e.paused_at IS NULL AND ("
-        "    (e.step_enqueued_at < :cutoff AND (e.step_enqueued_at < :chain_cutoff OR NOT EXISTS ("
-        "      SELECT 1 FROM action_deliveries d "
-        "      WHERE d.execution_id = e.id AND d.status = 'pending'))) "
-        "    OR (e.step_enqueued_at IS NULL AND e.wake_at IS NULL "
-        "        AND e.awaiting_events IS NULL AND e.updated_at < :cutoff)) "
-        "  ORDER BY e.step_enqueued_at NULLS FIRST LIMIT :limit FOR UPDATE OF e SKIP LOCKED"
-        "), moved AS ("
-        "  UPDATE workflow_executions e SET state_version = e.state_version + 1, "
-        "    updated_at = :now, "
-        "    status = CASE WHEN s.resends > :max THEN 'failed' ELSE e.status END, "
-        "    error_message = CASE WHEN s.resends > :max THEN 'node ' || "
-        "      COALESCE(e.current_node_id, '-') || ': ' || :reason ELSE e.error_message END, "
-        "    completed_at = CASE WHEN s.resends > :max THEN :now ELSE e.completed_at END, "
-        "    wake_at = CASE WHEN s.resends > :max THEN NULL ELSE e.wake_at END, "
-        "    step_enqueued_at = CASE WHEN s.resends > :max THEN NULL ELSE :now END "
-        "  FROM stuck s WHERE e.id = s.id "
-        "  RETURNING e.id, e.state_version, e.status, e.error_message, s.resends, "
-        "    COALESCE(e.current_node_id, '-') AS node_id"
-        "), history AS ("
-        "  INSERT INTO execution_steps (execution_id, seq, node_id, node_type, outcome, "
-        "    attempt, started_at, finished_at, error_message) "
-        "  SELECT id, state_version, node_id, :kind, "
-        "    CASE WHEN status = 'failed' THEN 'failed' ELSE 'retrying' END, "
-        "    resends, :now, :now, CASE WHEN status = 'failed' THEN error_message END "
-        "  FROM moved"
-        ") SELECT id, state_version, status, error_message FROM moved"),
-        {"now": now, "cutoff": now - older_than, "chain_cutoff": now - older_than - retry_chain,
-         "limit": limit, "max": max_resends, "kind": REAPER_NODE_TYPE,
-         "reason": f"step re-sent {max_resends} times without progress"}).all()
+    rows = executions.claim_stuck(
+        session, now, sent_before=now - older_than, chain_before=now - older_than - retry_chain,
+        limit=limit, max_resends=max_resends, node_type=REAPER_NODE_TYPE,
+        reason=f"step re-sent {max_resends} times without progress")
     for row in rows:
-        if row.status == "failed":
+        if row.status == ExecutionStatus.FAILED:
             log.warning("execution.failed", execution_id=str(row.id), error=row.error_message)
-    return [(r.id, r.state_version) for r in rows if r.status != "failed"]
+    return [(r.id, r.state_version) for r in rows if r.status != ExecutionStatus.FAILED]
 
 
 def stuck_cutoff(session: Session, base: dt.timedelta, backlog: int) -> dt.timedelta:
@@ -111,4 +74,5 @@ def oldest_due_timer(session: Session, now: dt.datetime) -> dt.datetime | None:
     """The oldest `wake_at` that is already due (timer lag = now - this)."""
     return session.execute(text(
         "SELECT min(wake_at) FROM workflow_executions WHERE wake_at <= :now "
-        "AND status IN ('pending', 'running') AND paused_at IS NULL"), {"now": now}).scalar()
+        f"AND status IN ({sql_list(ACTIVE_EXECUTION_STATUSES)}) AND paused_at IS NULL"),
+        {"now": now}).scalar()

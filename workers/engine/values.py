@@ -20,7 +20,7 @@ from typing import Any
 MAX_NESTING = 100  # containers inside containers; json and repr recurse in C
 MAX_STORED = 1_000_000  # items and characters of the variables a script leaves
 
-_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+_VIEWS: tuple[type, ...] = (type({}.keys()), type({}.values()), type({}.items()))
 CONTAINERS: frozenset[type] = frozenset({list, tuple, set, frozenset, dict, *_VIEWS})
 _JSON_SCALARS = (str, int, float, bool, type(None))
 # What SpiffWorkflow's serializer turns into JSON besides JSON's own types (workers.engine.state).

@@ -1,18 +1,24 @@
 """Ingest: turn a message of raw events into durable facts and decisions, in one transaction.
 
-For each message (one event or a batch): validate every envelope (bad ones go to
-the dead-letter table, the good ones go on); dedupe by event_id through
-`event_inbox` (a repeated id with other content is dead-lettered); resolve users
-(an unknown email creates the user in Acquisition, only for events that are new);
-write the audit rows; merge `user.identify` attributes; evaluate the enabled
-triggers of each event type; log one `trigger_executions` row per evaluated
-trigger; start a `pending` workflow execution per match that the trigger's
-re-entry rules allow.
+A message (one event or a batch) goes through three phases:
+
+1. admit: validate every envelope (bad ones go to the dead-letter table, the good
+   ones go on); find the users the events name (an unknown user id is
+   dead-lettered); claim each event_id in `event_inbox` (a duplicate is counted and
+   goes no further, a repeated id with other content is dead-lettered); create the
+   users of new events' unknown emails (in Acquisition); merge `user.identify`
+   attributes.
+2. record: write the audit rows, and recompute the segment memberships of users
+   whose attributes changed.
+3. decide: deliver the events to executions waiting for them (and wake those),
+   evaluate the enabled triggers of each event type, log one `trigger_executions`
+   row per evaluation, and start a `pending` execution per match that the trigger's
+   re-entry rules allow.
 
 Every step is a set-based statement over the whole batch, so a batch of 100 costs
-about as many round trips as a batch of 1. The batch runs in a savepoint: if the
-database still refuses a value in it, the batch is halved until the refused events
-are alone, and only those are dead-lettered (with the database's reason).
+about as many round trips as a batch of 1. The valid events run in a savepoint: if
+the database still refuses a value in it, the batch is halved until the refused
+events are alone, and only those are dead-lettered (with the database's reason).
 """
 
 from __future__ import annotations
@@ -21,45 +27,46 @@ import datetime as dt
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import sqlalchemy.exc
 from sqlalchemy import func, select, text, tuple_
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from db.bulk import copy_rows, savepoint
-from db.models import ExecutionMessage, WorkflowExecution
+from db.models import ACTIVE_EXECUTION_STATUSES, WorkflowExecution
 from workers.dead_letters import record_dead_letter
+from workers.engine import executions
 from workers.events.envelope import HASH_BYTES, IDENTIFY, Event, InvalidEvent, parse_event
 from workers.rules.membership import MembershipResolver
-from workers.rules.triggers import CompiledTrigger, TriggerCache, UserView
-
-ACTIVE = ("pending", "running")
+from workers.rules.triggers import ActiveTriggers, CompiledTrigger, TriggerCache, UserView
 
 
-@dataclass
+@dataclass(frozen=True)
 class IngestResult:
+    """What one message's ingest did; parts of a split batch add up (`+`)."""
+
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
     evaluated: int = 0
     matched: int = 0
-    started: list[uuid.UUID] = field(default_factory=list)  # executions to step (version 0)
-    woken: list[tuple[uuid.UUID, int]] = field(default_factory=list)  # (execution, version) to step
+    started: tuple[uuid.UUID, ...] = ()  # executions to step (version 0)
+    woken: tuple[tuple[uuid.UUID, int], ...] = ()  # (execution, version) to step
 
-    def add(self, other: IngestResult) -> None:
-        """Count in the outcome of a part of the batch (see `_ingest_split`)."""
-        self.accepted += other.accepted
-        self.duplicates += other.duplicates
-        self.rejected += other.rejected
-        self.evaluated += other.evaluated
-        self.matched += other.matched
-        self.started += other.started
-        self.woken += other.woken
+    def __add__(self, other: IngestResult) -> IngestResult:
+        return IngestResult(
+            accepted=self.accepted + other.accepted,
+            duplicates=self.duplicates + other.duplicates,
+            rejected=self.rejected + other.rejected,
+            evaluated=self.evaluated + other.evaluated,
+            matched=self.matched + other.matched,
+            started=self.started + other.started,
+            woken=self.woken + other.woken,
+        )
 
 
 def _raw_bytes(raw: Any) -> bytes:
@@ -81,13 +88,12 @@ def _raw_event_id(raw: Any) -> uuid.UUID | None:
         return None
 
 
-def _reject(session: Session, source: str, raw: Any, reason: str, result: IngestResult,
+def _reject(session: Session, source: str, raw: Any, reason: str,
             event_id: uuid.UUID | None = None, error_type: str = "InvalidEvent") -> None:
     """Dead-letter one envelope, under its event_id when it has one (so a producer can find it)."""
     event_id = event_id or _raw_event_id(raw)
     record_dead_letter(session, source=source, reason=reason, raw=_raw_bytes(raw),
                        error_type=error_type, event_id=event_id)
-    result.rejected += 1
 
 
 CONFLICT = "duplicate event_id with different content (event_type, user or data)"
@@ -103,7 +109,7 @@ USERS_BY_ID = text(f"SELECT {_U_COLUMNS} FROM unnest(CAST(:ids AS uuid[])) AS k(
                    "JOIN users u ON u.id = k.id")
 
 
-def _views(rows: list[Any]) -> dict[str, UserView]:
+def _views(rows: Iterable[Any]) -> dict[str, UserView]:
     """Users keyed by id and by email, as events name them."""
     users: dict[str, UserView] = {}
     for row in rows:
@@ -151,7 +157,7 @@ def _create_users(session: Session, events: list[Event], users: dict[str, UserVi
         f"ON CONFLICT (email) DO NOTHING RETURNING {USER_COLUMNS}"), {"emails": new}).all()
     raced = sorted(set(new) - {r.email for r in rows})
     if raced:  # created by a concurrent transaction after this statement's snapshot
-        rows += session.execute(USERS_BY_EMAIL, {"emails": raced}).all()
+        rows = [*rows, *session.execute(USERS_BY_EMAIL, {"emails": raced}).all()]
     users.update(_views(rows))
 
 
@@ -248,7 +254,8 @@ def _allowed_starts(session: Session, matches: list[_Match], now: dt.datetime) -
             select(
                 WorkflowExecution.trigger_id,
                 WorkflowExecution.user_id,
-                func.count().filter(WorkflowExecution.status.in_(ACTIVE)).label("active"),
+                func.count().filter(WorkflowExecution.status.in_(ACTIVE_EXECUTION_STATUSES))
+                .label("active"),
                 func.count().label("runs"),
                 func.max(WorkflowExecution.started_at).label("last_started"),
             )
@@ -269,8 +276,9 @@ def _allowed_starts(session: Session, matches: list[_Match], now: dt.datetime) -
             continue
         if t.max_runs_per_user and runs[key] >= t.max_runs_per_user:
             continue
-        if t.cooldown_seconds and last.get(key) and \
-                now - last[key] < dt.timedelta(seconds=t.cooldown_seconds):  # type: ignore[operator]
+        last_started = last.get(key)
+        if t.cooldown_seconds and last_started is not None and \
+                now - last_started < dt.timedelta(seconds=t.cooldown_seconds):
             continue
         allowed.append(m)
         active[key] += 1
@@ -281,73 +289,35 @@ def _allowed_starts(session: Session, matches: list[_Match], now: dt.datetime) -
 
 def _start_executions(session: Session, matches: list[_Match],
                       now: dt.datetime) -> dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID]:
-    """Insert pending executions; the unique indexes drop racing duplicates.
+    """Start a pending execution per match; the unique indexes drop racing duplicates.
 
     Returns {(trigger_id, event_id): execution_id} for the executions created.
     """
-    if not matches:
-        return {}
-    rows = session.execute(
-        pg_insert(WorkflowExecution)
-        .values([
-            {
-                "workflow_id": m.trigger.workflow_id,
-                "workflow_version": m.trigger.workflow_version,
-                "user_id": m.user.id,
-                "status": "pending",
-                "variables": {"event": {"event_id": str(m.event.event_id),
-                                        "event_type": m.event.event_type, "data": m.event.data}},
-                "trigger_id": m.trigger.id,
-                "source_event_id": m.event.event_id,
-                "single_active": m.trigger.reentry == "no_concurrent",
-                "step_enqueued_at": now,
-            }
-            for m in matches
-        ])
-        .on_conflict_do_nothing()
-        .returning(WorkflowExecution.id, WorkflowExecution.trigger_id,
-                   WorkflowExecution.source_event_id)
-    ).all()
-    return {(r.trigger_id, r.source_event_id): r.id for r in rows}
+    started = executions.create(session, [
+        executions.NewExecution(
+            workflow_id=m.trigger.workflow_id, workflow_version=m.trigger.workflow_version,
+            user_id=m.user.id,
+            variables={"event": {"event_id": str(m.event.event_id),
+                                 "event_type": m.event.event_type, "data": m.event.data}},
+            trigger_id=m.trigger.id, source_event_id=m.event.event_id,
+            single_active=m.trigger.reentry == "no_concurrent")
+        for m in matches if m.trigger.workflow_id is not None], now)
+    return {(s.trigger_id, s.source_event_id): s.id for s in started
+            if s.trigger_id is not None and s.source_event_id is not None}
 
 
 def _wake_waiting(session: Session, events: list[Event], users: dict[str, UserView],
                   now: dt.datetime) -> list[tuple[uuid.UUID, int]]:
     """Deliver events to their users' executions waiting for that event type (message catch).
 
-    The waiting rows are locked until this transaction commits, so a step of one of
-    them either ran before (and is seen here as waiting) or runs after and finds the
-    message: a wake-up is never lost between the two. Returns (execution, version)
-    to step for those with no step already on its way.
+    Returns (execution, version) to step for those with no step already on its way.
     """
-    by_user: dict[uuid.UUID, list[Event]] = defaultdict(list)
-    for event in events:
-        by_user[users[event.user].id].append(event)
-    waiting = session.execute(text(
-        "SELECT id, user_id, awaiting_events, state_version, step_enqueued_at, paused_at "
-        "FROM workflow_executions WHERE user_id = ANY(CAST(:users AS uuid[])) "
-        "AND awaiting_events && CAST(:types AS varchar[]) AND status IN ('pending', 'running') "
-        "ORDER BY id FOR UPDATE"),
-        {"users": list(by_user), "types": sorted({e.event_type for e in events})}).all()
-    if not waiting:
-        return []
-    messages: list[dict[str, Any]] = []
-    woken: list[tuple[uuid.UUID, int]] = []
-    for row in waiting:
-        matching = [e for e in by_user[row.user_id] if e.event_type in row.awaiting_events]
-        messages += [{"execution_id": row.id, "event_id": e.event_id, "event_type": e.event_type,
-                      "payload": {"event_id": str(e.event_id), "event_type": e.event_type,
-                                  "data": e.data, "occurred_at": e.occurred_at.isoformat()}}
-                     for e in matching]
-        if matching and row.step_enqueued_at is None and row.paused_at is None:
-            woken.append((row.id, row.state_version))
-    if messages:
-        session.execute(pg_insert(ExecutionMessage).values(messages).on_conflict_do_nothing())
-    if woken:
-        session.execute(text("UPDATE workflow_executions SET step_enqueued_at = :now "
-                             "WHERE id = ANY(CAST(:ids AS uuid[]))"),
-                        {"now": now, "ids": [w[0] for w in woken]})
-    return woken
+    return executions.wake_waiting(session, [
+        executions.Message(user_id=users[e.user].id, event_id=e.event_id,
+                           event_type=e.event_type,
+                           payload={"event_id": str(e.event_id), "event_type": e.event_type,
+                                    "data": e.data, "occurred_at": e.occurred_at.isoformat()})
+        for e in events], now)
 
 
 def _is_refused_data(exc: BaseException) -> bool:
@@ -369,43 +339,62 @@ def _refusal(exc: BaseException) -> tuple[str, str]:
     return f"refused by the database: {first_line}", type(exc).__name__
 
 
-def _validated(session: Session, raws: Sequence[Any], source: str,
-               result: IngestResult) -> list[Event]:
-    """The valid envelopes, each event_id once; the others are dead-lettered."""
+def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: TriggerCache,
+           now: dt.datetime | None = None) -> IngestResult:
+    """Ingest one message's events in the caller's transaction. Safe to run twice.
+
+    `now` is the clock of every decision (re-entry cooldowns, membership validity,
+    conditions on time); the audit rows' `created_at` is the transaction's own.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    events, screened = _validated(session, raws, source)
+
+    def phases(part: list[Event]) -> IngestResult:
+        admitted = _admit(session, part, source)
+        if not admitted.events:
+            return admitted.result()
+        recorded = _record(session, admitted, triggers, now)
+        return admitted.result(_decide(session, admitted, recorded, now))
+
+    if not events:
+        return screened
+    return screened + _in_savepoints(session, events, source, phases)
+
+
+def _validated(session: Session, raws: Sequence[Any],
+               source: str) -> tuple[list[Event], IngestResult]:
+    """Admission, first step: the valid envelopes, each event_id once; the others dead-lettered.
+
+    Returns the events and the count of envelopes dead-lettered (invalid, or an id
+    repeated in the message with other content) and of repeats within the message.
+    Runs once per message, outside the savepoints: these dead letters stay whatever
+    the database later refuses.
+    """
     events: list[Event] = []
     hashes: dict[uuid.UUID, bytes] = {}
+    rejected = duplicates = 0
     for raw in raws:
         try:
             event = parse_event(raw)
         except InvalidEvent as exc:
-            _reject(session, source, raw, str(exc), result)
+            _reject(session, source, raw, str(exc))
+            rejected += 1
             continue
         if event.event_id in hashes:  # the same id twice in one batch: the first wins
             if hashes[event.event_id] == event.content_hash:
-                result.duplicates += 1
+                duplicates += 1
             else:
-                _reject(session, source, raw, CONFLICT, result, event.event_id,
-                        "DuplicateEventId")
+                _reject(session, source, raw, CONFLICT, event.event_id, "DuplicateEventId")
+                rejected += 1
             continue
         hashes[event.event_id] = event.content_hash
         events.append(event)
-    return events
+    return events, IngestResult(rejected=rejected, duplicates=duplicates)
 
 
-def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: TriggerCache,
-           now: dt.datetime | None = None) -> IngestResult:
-    """Ingest one message's events in the caller's transaction. Safe to run twice."""
-    now = now or dt.datetime.now(dt.UTC)
-    result = IngestResult()
-    events = _validated(session, raws, source, result)
-    if events:
-        _ingest_split(session, events, source, triggers, now, result)
-    return result
-
-
-def _ingest_split(session: Session, events: list[Event], source: str, triggers: TriggerCache,
-                  now: dt.datetime, result: IngestResult) -> None:
-    """Ingest `events` in a savepoint; if the database refuses data, halve and try each half.
+def _in_savepoints(session: Session, events: list[Event], source: str,
+                   run: Callable[[list[Event]], IngestResult]) -> IngestResult:
+    """`run(events)` in a savepoint; if the database refuses data, halve and run each half.
 
     A refused event alone is dead-lettered with the database's reason, so one bad
     event costs its batch about 2·log2(n) extra attempts, not its n - 1 good events.
@@ -414,76 +403,136 @@ def _ingest_split(session: Session, events: list[Event], source: str, triggers: 
     """
     try:
         with savepoint(session, "ingest"):
-            part = _ingest_valid(session, events, source, triggers, now)
+            return run(events)
     except Exception as exc:
         if not _is_refused_data(exc):
             raise
         if len(events) > 1:
             middle = len(events) // 2
-            _ingest_split(session, events[:middle], source, triggers, now, result)
-            _ingest_split(session, events[middle:], source, triggers, now, result)
-        else:
-            reason, error_type = _refusal(exc)
-            _reject(session, source, events[0].to_message(), reason, result,
-                    events[0].event_id, error_type)
-        return
-    result.add(part)
+            return (_in_savepoints(session, events[:middle], source, run)
+                    + _in_savepoints(session, events[middle:], source, run))
+        reason, error_type = _refusal(exc)
+        _reject(session, source, events[0].to_message(), reason, events[0].event_id, error_type)
+        return IngestResult(rejected=1)
 
 
-def _ingest_valid(session: Session, events: list[Event], source: str, triggers: TriggerCache,
-                  now: dt.datetime) -> IngestResult:
-    """Every database effect of valid, distinct events; raises if the database refuses one."""
-    result = IngestResult()
+@dataclass(frozen=True)
+class _Decided:
+    evaluated: int
+    matched: int
+    started: tuple[uuid.UUID, ...]
+    woken: tuple[tuple[uuid.UUID, int], ...]
+
+
+NOTHING_DECIDED = _Decided(evaluated=0, matched=0, started=(), woken=())
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    events: list[Event]  # new events of known users, in message order
+    users: dict[str, UserView]  # by the events' `user` strings, attributes after identify
+    changed: set[uuid.UUID]  # users whose attributes identify events changed
+    rejected: int
+    duplicates: int
+
+    def result(self, decided: _Decided = NOTHING_DECIDED) -> IngestResult:
+        """The outcome of this part of the message, with what was decided for it."""
+        return IngestResult(accepted=len(self.events), duplicates=self.duplicates,
+                            rejected=self.rejected, evaluated=decided.evaluated,
+                            matched=decided.matched, started=decided.started,
+                            woken=decided.woken)
+
+
+def _admit(session: Session, events: list[Event], source: str) -> _Admitted:
+    """Admission, database step: which valid events are new, and whose they are.
+
+    Guarantees: an event naming a user id nobody has, or reusing a stored event_id
+    with other content, is dead-lettered under its event_id; a plain duplicate is
+    counted and goes no further (it creates no user); every admitted event's id is
+    in `event_inbox`, so any later copy is a duplicate; every admitted event's user
+    exists (an unknown email created in Acquisition) and has its identify traits
+    merged, in the database and in `users`.
+    """
     users = _find_users(session, events)
     known: list[Event] = []
+    rejected = 0
     for event in events:
         if event.email or event.user in users:
             known.append(event)
         else:
             _reject(session, source, event.to_message(), f"user: no user with id {event.user}",
-                    result, event.event_id)
+                    event.event_id)
+            rejected += 1
     if not known:
-        return result
-
+        return _Admitted([], users, set(), rejected, 0)
     new_ids, conflicts = _claim_event_ids(session, known)
     fresh = [e for e in known if e.event_id in new_ids]
     for event in known:
         if event.event_id in conflicts:
-            _reject(session, source, event.to_message(), CONFLICT, result, event.event_id,
+            _reject(session, source, event.to_message(), CONFLICT, event.event_id,
                     "DuplicateEventId")
-    result.duplicates += len(known) - len(fresh) - len(conflicts)
-    result.accepted = len(fresh)
-    if not fresh:
-        return result
+    duplicates = len(known) - len(fresh) - len(conflicts)
     _create_users(session, fresh, users)
-
     changed = _apply_identify(session, fresh, users)
-    result.woken = _wake_waiting(session, fresh, users, now)
+    return _Admitted(fresh, users, changed, rejected + len(conflicts), duplicates)
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    definitions: ActiveTriggers  # the triggers and segments current for this message
+    membership: MembershipResolver  # memberships as recorded, for the conditions
+
+
+def _record(session: Session, admitted: _Admitted, triggers: TriggerCache,
+            now: dt.datetime) -> _Recorded:
+    """Record the admitted events: their audit rows, and the memberships they changed.
+
+    Guarantees: one `lifecycle_events` row per admitted event, with its user's
+    current stage; the users whose attributes identify events changed have their
+    memberships of every dynamic segment recomputed now (not at the next refresh),
+    so the conditions evaluated next read them current.
+    """
+    users = admitted.users
     copy_rows(
         session, "lifecycle_events",
         ("event_type", "user_id", "lifecycle_stage", "event_data", "event_id", "occurred_at"),
         ((e.event_type, users[e.user].id, users[e.user].stage, e.data, e.event_id, e.occurred_at)
-         for e in fresh),
+         for e in admitted.events),
     )
+    definitions = triggers.get(session)
+    membership = MembershipResolver(session, now, definitions.segments)
+    if admitted.changed:
+        membership.reevaluate(admitted.changed)
+    return _Recorded(definitions, membership)
 
-    active_triggers = triggers.get(session)
+
+def _decide(session: Session, admitted: _Admitted, recorded: _Recorded,
+            now: dt.datetime) -> _Decided:
+    """Decide what the admitted events set in motion: wake-ups, trigger evaluations, starts.
+
+    Guarantees: each execution waiting for one of these event types of its user gets
+    the event as a message, and is woken unless a step is already on its way; every
+    enabled trigger of each event's type is evaluated once and logged in
+    `trigger_executions`, with the execution it started; a match starts a `pending`
+    execution only when its workflow is active and the trigger's re-entry rules
+    allow it (the unique indexes drop racing duplicates).
+    """
+    events, users = admitted.events, admitted.users
+    # Wake-ups lock their executions first, before the re-entry rules' advisory locks:
+    # every ingest takes its locks in one order.
+    woken = _wake_waiting(session, events, users, now)
+    relevant = [(e, recorded.definitions.for_event_type(e.event_type)) for e in events]
+    membership = recorded.membership
+    membership.prefetch([users[e.user].id for e, ts in relevant if ts],
+                        {ref for _, ts in relevant for t in ts for ref in t.segment_refs})
     evaluations: list[tuple[Event, CompiledTrigger, UserView, bool]] = []
-    relevant = [(e, active_triggers.for_event_type(e.event_type)) for e in fresh]
-    needed_segments = {ref for _, ts in relevant for t in ts for ref in t.segment_refs}
-    membership = MembershipResolver(session, now, active_triggers.segments)
-    if changed:  # attributes changed: their memberships are recomputed now, not at the next sweep
-        membership.reevaluate(changed)
-    membership.prefetch([users[e.user].id for e, ts in relevant if ts], needed_segments)
     for event, candidates in relevant:
         user = users[event.user]
         for trigger in candidates:
-            met = trigger.evaluate(event, user, now, membership, session)
-            evaluations.append((event, trigger, user, met))
-    result.evaluated = len(evaluations)
+            evaluations.append((event, trigger, user,
+                                trigger.evaluate(event, user, now, membership, session)))
     matches = [_Match(e, t, u) for e, t, u, met in evaluations if met and t.workflow_id]
-    result.matched = sum(1 for *_, met in evaluations if met)
     started = _start_executions(session, _allowed_starts(session, matches, now), now)
-    result.started = list(started.values())
     if evaluations:
         copy_rows(
             session, "trigger_executions",
@@ -492,4 +541,6 @@ def _ingest_valid(session: Session, events: list[Event], source: str, triggers: 
             ((t.id, u.id, {"event_type": e.event_type, "data": e.data}, met,
               started.get((t.id, e.event_id)), e.event_id) for e, t, u, met in evaluations),
         )
-    return result
+    return _Decided(evaluated=len(evaluations),
+                    matched=sum(1 for *_, met in evaluations if met),
+                    started=tuple(started.values()), woken=tuple(woken))

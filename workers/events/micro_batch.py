@@ -7,10 +7,11 @@ up to `FLUSH_EVERY` messages or `FLUSH_INTERVAL` seconds) and ingests each buffe
 one transaction, acknowledging the messages only after it returns.
 
 celery-batches acknowledges a buffer even if its function raised, so this function
-never returns without the events being safe: committed; or, past the retry bound,
-handed to `events.ingest_batch` (whose retries and dead letters apply); or, if even
-that publish fails, the pool process exits, so no message is acknowledged and the
-broker delivers them again.
+never returns without the events being safe: committed; or, once the retry policy
+(`workers.retry_policy`, the tasks' own, waiting in this process) gives up, handed
+to `events.ingest_batch`, whose retries and dead letters apply; or, if even that
+publish fails, the pool process exits, so no message is acknowledged and the broker
+delivers them again.
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ from typing import Any
 from celery_batches import Batches
 
 from db.session import session_scope
-from workers.base_task import backoff_delay
-from workers.errors import is_outage, is_transient
 from workers.events.envelope import with_message_ids
 from workers.events.ingest import IngestResult, ingest
 from workers.log import get_logger
 from workers.rejected import GuardedStrategy
+from workers.retry_policy import GiveUp, RetryPolicy
 from workers.rules.triggers import process_triggers
-from workers.settings import get_settings
 
 log = get_logger(__name__)
 
 
-class FleetBatches(GuardedStrategy, Batches):  # type: ignore[misc]
+class FleetBatches(GuardedStrategy, Batches):
     """celery-batches' task, refusing expired, far-ETA and misrouted messages like FleetTask."""
 
 
@@ -60,22 +59,23 @@ def ingest_durably(raws: Sequence[Any], source: str,
 
     An outage (the database unreachable) is handed off at once: `events.ingest_batch`
     waits it out with backoff in the broker instead of in this pool process, which
-    would hold every buffered message meanwhile.
+    would hold every buffered message meanwhile (`RetryPolicy.in_process`).
     """
-    settings = get_settings()
-    for attempt in range(settings.task_max_retries + 1):
+    policy = RetryPolicy.from_settings().in_process(MAX_RETRY_DELAY)
+    retries = 0
+    while True:
         try:
             with session_scope() as session:
                 return ingest(session, raws, source=source, triggers=process_triggers())
         except Exception as exc:
-            if not is_transient(exc) or is_outage(exc) or attempt == settings.task_max_retries:
+            decision = policy.decide(exc, retries)
+            if isinstance(decision, GiveUp):
                 log.error("events.micro_batch_failed", error=repr(exc), events=len(raws))
                 break
-            delay = backoff_delay(attempt, settings.retry_backoff_base,
-                                  min(settings.retry_backoff_max, MAX_RETRY_DELAY))
-            log.warning("events.micro_batch_retry", error=repr(exc), attempt=attempt + 1,
-                        delay=round(delay, 3))
-            time.sleep(delay)
+            retries += 1
+            log.warning("events.micro_batch_retry", error=repr(exc), attempt=retries,
+                        delay=round(decision.delay, 3))
+            time.sleep(decision.delay)
     try:
         hand_off(list(raws))
     except Exception as exc:  # the events are neither stored nor re-published: do not ack

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.models import LIFECYCLE_STAGES
+from db.models import LIFECYCLE_STAGES, ExecutionStatus
 
 _NEXT_STAGE = ", ".join(
     f"('{a}', '{b}')" for a, b in zip(LIFECYCLE_STAGES, LIFECYCLE_STAGES[1:], strict=False))
@@ -72,7 +72,7 @@ computed(lifecycle_stage, metric_name, metric_value, dimensions) AS (
   UNION ALL
     SELECT 'All', 'executions_' || x.status, count(*), jsonb_build_object('workflow', w.name)
       FROM workflow_executions x JOIN workflows w ON w.id = x.workflow_id, day
-     WHERE x.status IN ('completed', 'failed')
+     WHERE x.status IN ('{ExecutionStatus.COMPLETED}', '{ExecutionStatus.FAILED}')
        AND x.completed_at >= day.s AND x.completed_at < day.e GROUP BY x.status, w.name
   UNION ALL
     SELECT 'All', 'execution_median_seconds',
@@ -80,7 +80,7 @@ computed(lifecycle_stage, metric_name, metric_value, dimensions) AS (
                ORDER BY extract(epoch FROM x.completed_at - x.started_at))::numeric,
            jsonb_build_object('workflow', w.name)
       FROM workflow_executions x JOIN workflows w ON w.id = x.workflow_id, day
-     WHERE x.status = 'completed' AND x.completed_at >= day.s AND x.completed_at < day.e
+     WHERE x.status = '{ExecutionStatus.COMPLETED}' AND x.completed_at >= day.s AND x.completed_at < day.e
      GROUP BY w.name
   UNION ALL
     SELECT cohort.to_stage, 'conversion_' || cohort.days || 'd',

@@ -52,10 +52,11 @@ def refresh_segment(session: Session, segment_id: uuid.UUID,
     ).returning(UserSegmentMembership.user_id).cte("upserted")
     # Counted in SQL: the members never travel to Python.
     upserted = session.execute(select(func.count()).select_from(upsert)).scalar_one()
-    removed = session.execute(delete(UserSegmentMembership).where(
+    stale = delete(UserSegmentMembership).where(
         UserSegmentMembership.segment_id == segment.id,
         UserSegmentMembership.evaluated_at < now,
-    )).rowcount
+    ).returning(UserSegmentMembership.user_id).cte("removed")
+    removed = session.execute(select(func.count()).select_from(stale)).scalar_one()
     # The refresh is the newer answer for everyone: earlier "not a member" answers go.
     session.execute(delete(SegmentExclusion).where(SegmentExclusion.segment_id == segment.id,
                                                    SegmentExclusion.evaluated_at < now))

@@ -58,7 +58,7 @@ from workers.rules.conditions import (
 
 users = User.__table__
 TS = PG_TIMESTAMP(timezone=True)
-DOUBLE = DOUBLE_PRECISION()
+DOUBLE: DOUBLE_PRECISION[float] = DOUBLE_PRECISION()
 _ORDER = {"gt": "__gt__", "gte": "__ge__", "lt": "__lt__", "lte": "__le__"}
 # float8 refuses a numeric that rounds to 0 or to infinity, where Python's float() gives
 # 0.0 or inf; so those are decided before the cast, exactly: a magnitude of at most half
@@ -143,6 +143,7 @@ class _Json:
 
     def element(self, want: Scalar) -> ColumnElement[bool]:
         """An array with an element equal to `want` (typed; numbers as doubles)."""
+        has: ColumnElement[bool]
         if not isinstance(want, (str, bool)):  # jsonb containment compares exact decimals
             item = func.jsonb_array_elements(self.value).table_valued("value")
             has = exists(select(1).select_from(item).where(

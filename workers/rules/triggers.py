@@ -10,6 +10,7 @@ without a restart.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -142,7 +143,7 @@ class TriggerCache:
         self.refresh_seconds = (get_settings().trigger_cache_seconds if refresh_seconds is None
                                 else refresh_seconds)
         self._fingerprint: str | None = None
-        self._checked = 0.0
+        self._checked = -math.inf  # never checked: the first get() loads, whatever the clock
         self._active = ActiveTriggers()
 
     def get(self, session: Session) -> ActiveTriggers:

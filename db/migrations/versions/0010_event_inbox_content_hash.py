@@ -2,7 +2,7 @@
 
 A reused event_id with other content is dead-lettered only if the inbox knows what
 the first event held. Emails were normalised with lower() before this revision and
-with `normalise_email` (NFKC, case folding) after it: a stored non-ASCII email whose
+with the envelope's `normalise_email` (NFKC, case folding) after it: a stored non-ASCII email whose
 normal form differs is renamed to it, so its user's next event finds it instead of
 creating a second user. When the normal form belongs to another user already, the
 address had two users before this revision; both are left as they are (merging users
@@ -16,12 +16,11 @@ Create Date: 2026-12-01
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-from workers.events.envelope import MAX_EMAIL_LENGTH, normalise_email
 
 revision: str = "0010"
 down_revision: str | None = "0009"
@@ -29,6 +28,19 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 log = logging.getLogger("alembic.runtime.migration")
+
+# A migration is a snapshot: the normal form and the column width as they were when
+# this revision was written, copied from workers/events/envelope.py rather than
+# imported, so a later change there cannot rewrite what this revision did.
+MAX_EMAIL_LENGTH = 255  # users.email is varchar(255)
+
+
+def normalise_email(value: str) -> str:
+    """NFKC, case folding, NFKC again (the folding can leave a string unnormalised)."""
+    if value.isascii():
+        return value.lower().strip()
+    folded = unicodedata.normalize("NFKC", value).casefold()
+    return unicodedata.normalize("NFKC", folded).strip()
 
 
 def upgrade() -> None:

@@ -1,0 +1,325 @@
+"""The one writer of executions, their step history and the messages they wait for.
+
+Every change of `workflow_executions`, `execution_steps` and `execution_messages`
+goes through these functions, so the rules that hold across the tables live in one
+place: a history row's `seq` is the execution's new `state_version` (gap-free per
+execution); an execution that ends waits for nothing and has no step on its way;
+`step_enqueued_at` is stamped whenever a step or an operator call is on its way
+(the reaper watches it). Callers decide what happens (the stepper, the controls,
+ingest, the timer sweeps); these functions write it in the caller's transaction
+and never commit or send.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from sqlalchemy import Connection, Row, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from db.models import (
+    ACTIVE_EXECUTION_STATUSES,
+    TERMINAL_EXECUTION_STATUSES,
+    ExecutionMessage,
+    ExecutionStatus,
+    ExecutionStep,
+    StepOutcome,
+    WorkflowExecution,
+    sql_list,
+)
+
+MAX_ERROR = 2000  # characters of an error message kept on the execution and its step
+Due = list[tuple[uuid.UUID, int]]  # (execution, version) to step
+_ACTIVE = sql_list(ACTIVE_EXECUTION_STATUSES)
+
+
+# --------------------------------------------------------------------------- start and wake
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    workflow_id: uuid.UUID
+    workflow_version: str | None
+    user_id: uuid.UUID
+    variables: dict[str, Any]
+    trigger_id: uuid.UUID | None = None
+    source_event_id: uuid.UUID | None = None
+    single_active: bool = False  # the trigger allows one active execution per user
+
+
+class Started(NamedTuple):
+    id: uuid.UUID
+    trigger_id: uuid.UUID | None
+    source_event_id: uuid.UUID | None
+
+
+def create(session: Session, new: Sequence[NewExecution], now: dt.datetime) -> list[Started]:
+    """Insert pending executions in one statement; the unique indexes drop racing duplicates.
+
+    Returns the executions created (a dropped duplicate is not among them); each is
+    stamped as sent: the caller sends its first step, `workflows.step(id, 0)`, after commit.
+    """
+    if not new:
+        return []
+    rows = session.execute(
+        pg_insert(WorkflowExecution)
+        .values([{"workflow_id": n.workflow_id, "workflow_version": n.workflow_version,
+                  "user_id": n.user_id, "status": ExecutionStatus.PENDING,
+                  "variables": n.variables, "trigger_id": n.trigger_id,
+                  "source_event_id": n.source_event_id, "single_active": n.single_active,
+                  "step_enqueued_at": now} for n in new])
+        .on_conflict_do_nothing()
+        .returning(WorkflowExecution.id, WorkflowExecution.trigger_id,
+                   WorkflowExecution.source_event_id)
+    ).all()
+    return [Started(r.id, r.trigger_id, r.source_event_id) for r in rows]
+
+
+@dataclass(frozen=True)
+class Message:
+    """An event for its user's executions that wait for its type (message catch)."""
+
+    user_id: uuid.UUID
+    event_id: uuid.UUID
+    event_type: str
+    payload: dict[str, Any]
+
+
+def wake_waiting(session: Session, messages: Sequence[Message], now: dt.datetime) -> Due:
+    """Store each message for the user's active executions waiting for its type; wake them.
+
+    The waiting rows are locked until the caller commits, so a step of one of them
+    either ran before (and is seen here as waiting) or runs after and finds the
+    message: a wake-up is never lost between the two. Returns (execution, version)
+    to step for those with no step already on its way and not paused.
+    """
+    by_user: dict[uuid.UUID, list[Message]] = defaultdict(list)
+    for message in messages:
+        by_user[message.user_id].append(message)
+    if not by_user:
+        return []
+    waiting = session.execute(text(
+        "SELECT id, user_id, awaiting_events, state_version, step_enqueued_at, paused_at "
+        "FROM workflow_executions WHERE user_id = ANY(CAST(:users AS uuid[])) "
+        f"AND awaiting_events && CAST(:types AS varchar[]) AND status IN ({_ACTIVE}) "
+        "ORDER BY id FOR UPDATE"),
+        {"users": list(by_user), "types": sorted({m.event_type for m in messages})}).all()
+    stored: list[dict[str, Any]] = []
+    woken: Due = []
+    for row in waiting:
+        matching = [m for m in by_user[row.user_id] if m.event_type in row.awaiting_events]
+        stored += [{"execution_id": row.id, "event_id": m.event_id, "event_type": m.event_type,
+                    "payload": m.payload} for m in matching]
+        if matching and row.step_enqueued_at is None and row.paused_at is None:
+            woken.append((row.id, row.state_version))
+    if stored:
+        session.execute(pg_insert(ExecutionMessage).values(stored).on_conflict_do_nothing())
+    mark_enqueued(session, [execution_id for execution_id, _ in woken], now)
+    return woken
+
+
+def take_messages(session: Session, execution_id: uuid.UUID,
+                  now: dt.datetime) -> list[ExecutionMessage]:
+    """The execution's messages not yet handed to its workflow, oldest first, now consumed."""
+    pending = list(session.execute(
+        select(ExecutionMessage)
+        .where(ExecutionMessage.execution_id == execution_id,
+               ExecutionMessage.consumed_at.is_(None))
+        .order_by(ExecutionMessage.id)
+    ).scalars())
+    for message in pending:
+        message.consumed_at = now
+    return pending
+
+
+def mark_enqueued(session: Session, execution_ids: Sequence[uuid.UUID], now: dt.datetime) -> None:
+    """Record that a step (or operator call) was sent for these executions."""
+    if execution_ids:
+        session.execute(update(WorkflowExecution)
+                        .where(WorkflowExecution.id.in_(execution_ids))
+                        .values(step_enqueued_at=now))
+
+
+# --------------------------------------------------------------------------- one execution
+
+
+def lock(session: Session, execution_id: uuid.UUID) -> WorkflowExecution | None:
+    """The execution, locked until commit (a running step of it finishes first)."""
+    return session.execute(select(WorkflowExecution).where(WorkflowExecution.id == execution_id)
+                           .with_for_update()).scalar_one_or_none()
+
+
+def _history(session: Session, row: WorkflowExecution, node_id: str, node_type: str,
+             outcome: StepOutcome, started: dt.datetime, now: dt.datetime,
+             error: str | None = None) -> int:
+    """Bump the version and write the step-history row it names; returns the new version."""
+    row.state_version += 1
+    row.updated_at = now
+    session.add(ExecutionStep(execution_id=row.id, seq=row.state_version, node_id=node_id,
+                              node_type=node_type, outcome=outcome, started_at=started,
+                              finished_at=dt.datetime.now(dt.UTC),
+                              error_message=error[:MAX_ERROR] if error else None))
+    return row.state_version
+
+
+def advance(session: Session, row: WorkflowExecution, *, node_id: str, node_type: str,
+            outcome: StepOutcome, engine_state: dict[str, Any], variables: dict[str, Any],
+            wake_at: dt.datetime | None, awaiting: Sequence[str], completed: bool,
+            in_flight: bool, now: dt.datetime) -> int:
+    """A node ran (or asked for its operator): its state, waits and history row.
+
+    `in_flight`: a step or operator call follows (the caller sends it after commit).
+    Returns the new version.
+    """
+    row.engine_state, row.variables = engine_state, variables
+    row.current_node_id = node_id
+    row.status = ExecutionStatus.COMPLETED if completed else ExecutionStatus.RUNNING
+    row.completed_at = now if completed else None
+    row.wake_at, row.awaiting_events = wake_at, list(awaiting) or None
+    row.step_enqueued_at = now if in_flight else None
+    return _history(session, row, node_id, node_type, outcome, now, now)
+
+
+def save_waits(row: WorkflowExecution, *, engine_state: dict[str, Any],
+               wake_at: dt.datetime | None, awaiting: Sequence[str], completed: bool,
+               in_flight: bool, now: dt.datetime) -> None:
+    """No node was ready: only the state and waits change; the version stays."""
+    row.engine_state = engine_state
+    row.wake_at, row.awaiting_events = wake_at, list(awaiting) or None
+    row.step_enqueued_at = now if in_flight else None
+    if completed:
+        row.status, row.completed_at = ExecutionStatus.COMPLETED, now
+    elif row.status == ExecutionStatus.PENDING:
+        row.status = ExecutionStatus.RUNNING
+    row.updated_at = now
+
+
+def fail(session: Session, row: WorkflowExecution, *, node_id: str, node_type: str,
+         error: str, now: dt.datetime) -> int:
+    """The execution fails at `node_id` with `error`; returns the version of its history row."""
+    row.status = ExecutionStatus.FAILED
+    row.error_message = error[:MAX_ERROR]
+    row.current_node_id = node_id
+    row.completed_at = now
+    row.wake_at = row.step_enqueued_at = None
+    return _history(session, row, node_id, node_type, StepOutcome.FAILED, now, now, error)
+
+
+def cancel(session: Session, row: WorkflowExecution, now: dt.datetime) -> None:
+    """Stop for good: timers, waits and a pause are dropped; a late step finds a new version."""
+    row.status, row.completed_at = ExecutionStatus.CANCELLED, now
+    row.wake_at = row.awaiting_events = row.step_enqueued_at = row.paused_at = None
+    _history(session, row, row.current_node_id or "-", "Cancel", StepOutcome.CANCELLED, now, now)
+
+
+def pause(row: WorkflowExecution, now: dt.datetime) -> None:
+    row.paused_at, row.updated_at = now, now
+
+
+def resume(row: WorkflowExecution, now: dt.datetime) -> int:
+    """Unpause; returns the version to step (the caller sends it after commit)."""
+    row.paused_at, row.updated_at, row.step_enqueued_at = None, now, now
+    return row.state_version
+
+
+def retry(row: WorkflowExecution, now: dt.datetime) -> int:
+    """Make a failed execution running again at its failed node; returns the version to step."""
+    row.status, row.error_message, row.completed_at = ExecutionStatus.RUNNING, None, None
+    row.paused_at, row.updated_at, row.step_enqueued_at = None, now, now
+    return row.state_version
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def claim_due_timers(session: Session, now: dt.datetime, limit: int) -> Due:
+    """Active, unpaused executions whose `wake_at` is due: clear it and stamp the send."""
+    rows = session.execute(text(
+        "UPDATE workflow_executions e SET wake_at = NULL, step_enqueued_at = :now "
+        "FROM (SELECT id FROM workflow_executions WHERE wake_at <= :now "
+        f"      AND status IN ({_ACTIVE}) AND paused_at IS NULL "
+        "      ORDER BY wake_at LIMIT :limit FOR UPDATE SKIP LOCKED) due "
+        "WHERE e.id = due.id RETURNING e.id, e.state_version"),
+        {"now": now, "limit": limit}).all()
+    return [(r.id, r.state_version) for r in rows]
+
+
+def claim_stuck(session: Session, now: dt.datetime, *, sent_before: dt.datetime,
+                chain_before: dt.datetime, limit: int, max_resends: int, node_type: str,
+                reason: str) -> Sequence[Row[Any]]:
+    """Re-send (or, past `max_resends`, fail) active executions whose step looks lost.
+
+    Lost: sent before `sent_before` (before `chain_before` while an operator call of
+    it is pending), or nothing sent and nothing to wait for. Each gets a history row
+    of `node_type` (outcome `retrying`, `attempt` = re-sends in a row without progress)
+    and a new version. Returns (id, state_version, status, error_message) of each.
+    """
+    failed, retrying = StepOutcome.FAILED, StepOutcome.RETRYING
+    return session.execute(text(
+        "WITH stuck AS ("
+        "  SELECT e.id, COALESCE((SELECT s.attempt FROM execution_steps s "
+        "    WHERE s.execution_id = e.id AND s.seq = e.state_version "
+        f"    AND s.outcome = '{retrying}' AND s.node_type = :kind), 0) + 1 AS resends "
+        "  FROM workflow_executions e "
+        f"  WHERE e.status IN ({_ACTIVE}) AND e.paused_at IS NULL AND ("
+        "    (e.step_enqueued_at < :cutoff AND (e.step_enqueued_at < :chain_cutoff OR NOT EXISTS ("
+        "      SELECT 1 FROM action_deliveries d "
+        "      WHERE d.execution_id = e.id AND d.status = 'pending'))) "
+        "    OR (e.step_enqueued_at IS NULL AND e.wake_at IS NULL "
+        "        AND e.awaiting_events IS NULL AND e.updated_at < :cutoff)) "
+        "  ORDER BY e.step_enqueued_at NULLS FIRST LIMIT :limit FOR UPDATE OF e SKIP LOCKED"
+        "), moved AS ("
+        "  UPDATE workflow_executions e SET state_version = e.state_version + 1, "
+        "    updated_at = :now, "
+        f"    status = CASE WHEN s.resends > :max THEN '{ExecutionStatus.FAILED}' "
+        "      ELSE e.status END, "
+        "    error_message = CASE WHEN s.resends > :max THEN 'node ' || "
+        "      COALESCE(e.current_node_id, '-') || ': ' || :reason ELSE e.error_message END, "
+        "    completed_at = CASE WHEN s.resends > :max THEN :now ELSE e.completed_at END, "
+        "    wake_at = CASE WHEN s.resends > :max THEN NULL ELSE e.wake_at END, "
+        "    step_enqueued_at = CASE WHEN s.resends > :max THEN NULL ELSE :now END "
+        "  FROM stuck s WHERE e.id = s.id "
+        "  RETURNING e.id, e.state_version, e.status, e.error_message, s.resends, "
+        "    COALESCE(e.current_node_id, '-') AS node_id"
+        "), history AS ("
+        "  INSERT INTO execution_steps (execution_id, seq, node_id, node_type, outcome, "
+        "    attempt, started_at, finished_at, error_message) "
+        "  SELECT id, state_version, node_id, :kind, "
+        f"    CASE WHEN status = '{ExecutionStatus.FAILED}' THEN '{failed}' "
+        f"      ELSE '{retrying}' END, "
+        "    resends, :now, :now, "
+        f"    CASE WHEN status = '{ExecutionStatus.FAILED}' THEN error_message END "
+        "  FROM moved"
+        ") SELECT id, state_version, status, error_message FROM moved"),
+        {"now": now, "cutoff": sent_before, "chain_cutoff": chain_before, "limit": limit,
+         "max": max_resends, "kind": node_type, "reason": reason}).all()
+
+
+# --------------------------------------------------------------------------- retention
+
+_ENDED_BEFORE = (f"status IN ({sql_list(TERMINAL_EXECUTION_STATUSES)}) "
+                 "AND coalesce(completed_at, started_at) < :cutoff")
+
+
+def count_ended_before(conn: Connection, cutoff: dt.datetime) -> int:
+    """How many executions `delete_ended_before` would remove (retention's dry run)."""
+    return int(conn.execute(text(f"SELECT count(*) FROM workflow_executions WHERE {_ENDED_BEFORE}"),
+                            {"cutoff": cutoff}).scalar_one())
+
+
+def delete_ended_before(conn: Connection, cutoff: dt.datetime, limit: int) -> int:
+    """Delete up to `limit` executions that ended before `cutoff`; steps and messages cascade.
+
+    Rows another transaction holds are skipped, so retention never waits on a step.
+    """
+    return int(conn.execute(text(
+        f"WITH batch AS (SELECT id FROM workflow_executions WHERE {_ENDED_BEFORE} "
+        "LIMIT :limit FOR UPDATE SKIP LOCKED), "
+        "gone AS (DELETE FROM workflow_executions x USING batch WHERE x.id = batch.id "
+        "RETURNING 1) SELECT count(*) FROM gone"), {"cutoff": cutoff, "limit": limit}).scalar_one())

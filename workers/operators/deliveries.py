@@ -1,0 +1,91 @@
+"""Run one service-task operator call (actions queue), exactly once per idempotency key.
+
+The `action_deliveries` row is locked for the call, so two copies of one action
+message run one after the other and the second finds the row done. Database
+operators commit their effect with the row's `succeeded`; the caller then sends
+the execution's next step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import TERMINAL_EXECUTION_STATUSES, ActionDelivery, WorkflowExecution
+from workers.events.ingest import IngestResult
+from workers.log import get_logger
+from workers.operators.context import OperatorContext, OperatorError
+from workers.operators.registry import OPERATORS
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What a call decided; the caller sends its follow-up work after the commit."""
+
+    status: Literal["succeeded", "failed", "skipped", "missing"]
+    execution_id: uuid.UUID | None = None
+    step_version: int | None = None  # send workflows.step(execution_id, step_version)
+    ingested: tuple[IngestResult, ...] = ()  # ingests of the events the operator emitted
+
+
+def _step_after(session: Session, execution_id: uuid.UUID) -> int | None:
+    row = session.execute(select(WorkflowExecution.state_version, WorkflowExecution.status,
+                                 WorkflowExecution.paused_at)
+                          .where(WorkflowExecution.id == execution_id)).one_or_none()
+    if row is None or row.status in TERMINAL_EXECUTION_STATUSES or row.paused_at is not None:
+        return None
+    return int(row.state_version)
+
+
+def run_action(session: Session, key: str, now: dt.datetime | None = None) -> ActionResult:
+    """Run the operator of delivery `key` unless it already ran; errors propagate (retry)."""
+    now = now or dt.datetime.now(dt.UTC)
+    delivery = session.execute(
+        select(ActionDelivery).where(ActionDelivery.key == key).with_for_update()
+    ).scalar_one_or_none()
+    if delivery is None:
+        return ActionResult("missing")
+    if delivery.status != "pending":  # a redelivered message: the effect happened already
+        return ActionResult("skipped", delivery.execution_id,
+                            _step_after(session, delivery.execution_id))
+    execution = session.get(WorkflowExecution, delivery.execution_id)
+    if execution is None or execution.status in TERMINAL_EXECUTION_STATUSES:
+        delivery.status, delivery.finished_at = "failed", now
+        delivery.error_message = "execution ended before the operator ran"
+        return ActionResult("failed", delivery.execution_id)
+    operator = OPERATORS.get(delivery.operator)
+    if operator is None:
+        raise OperatorError(f"no operator named {delivery.operator!r} in this worker")
+    ctx = OperatorContext(session=session, execution_id=execution.id, user_id=execution.user_id,
+                          node_id=delivery.node_id, key=key, now=now)
+    result = operator(ctx, dict(delivery.params))
+    delivery.status, delivery.result, delivery.finished_at = "succeeded", result, now
+    delivery.attempts += 1
+    log.info("action.succeeded", execution_id=str(execution.id), operator=delivery.operator,
+             node_id=delivery.node_id)
+    return ActionResult("succeeded", execution.id, _step_after(session, execution.id),
+                        tuple(ctx.ingested))
+
+
+def fail_action(session: Session, key: str, error: str, attempts: int,
+                now: dt.datetime | None = None) -> ActionResult:
+    """Give up on a delivery (permanent error, or retries exhausted); the next step fails the node."""
+    now = now or dt.datetime.now(dt.UTC)
+    delivery = session.execute(
+        select(ActionDelivery).where(ActionDelivery.key == key).with_for_update()
+    ).scalar_one_or_none()
+    if delivery is None or delivery.status != "pending":
+        return ActionResult("skipped")
+    delivery.status, delivery.error_message = "failed", error[:2000]
+    delivery.attempts, delivery.finished_at = attempts, now
+    log.warning("action.failed", execution_id=str(delivery.execution_id),
+                operator=delivery.operator, error=error)
+    return ActionResult("failed", delivery.execution_id,
+                        _step_after(session, delivery.execution_id))

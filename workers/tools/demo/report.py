@@ -1,0 +1,174 @@
+"""The demo's HTML report: one self-contained file (inline CSS and SVG, no scripts, no downloads)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from db.models import LIFECYCLE_STAGES
+from workers.reports.funnel import STAGE_COLORS, funnel_svg, percent
+from workers.tools.demo.summary import Summary
+
+PALETTE = ("#3fb68b", "#5b8def", "#f2a93b", "#9b6bd3", "#2bb5c9", "#e58fb8", "#8c9a3b")
+STATUS_COLORS = {"failed": "#d64545", "cancelled": "#9aa0a6", "running": "#c7d2e0",
+                 "pending": "#e3e8ef"}
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;
+max-width:1000px;color:#1f2933;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2.2rem;
+border-bottom:1px solid #e4e7eb;padding-bottom:.3rem}
+.meta{color:#616e7c;font-size:.9rem}
+.cards{display:flex;flex-wrap:wrap;gap:.8rem;margin-top:1.2rem}
+.card{flex:1 1 150px;border:1px solid #e4e7eb;border-radius:8px;padding:.7rem .9rem}
+.card b{display:block;font-size:1.5rem}.card span{color:#616e7c;font-size:.85rem}
+table{border-collapse:collapse;width:100%;font-size:.9rem;margin-top:.6rem}
+th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #eef0f2}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+.legend span{display:inline-block;margin-right:1rem;font-size:.85rem}
+.legend i{display:inline-block;width:.8rem;height:.8rem;margin-right:.3rem;
+vertical-align:-1px;border-radius:2px}
+code{background:#f5f7fa;padding:0 .25rem;border-radius:3px}
+.warn{color:#b44d12}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _n(value: int | float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.1f}"
+
+
+def stacked_bar(segments: Sequence[tuple[str, int, str]], width: int = 420) -> str:
+    """One horizontal bar split into (label, count, colour) parts."""
+    total = sum(count for _, count, _ in segments) or 1
+    x = 0.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="18">']
+    for label, count, color in segments:
+        w = width * count / total
+        if w <= 0:
+            continue
+        parts.append(f'<rect x="{x:.1f}" y="1" width="{w:.1f}" height="16" fill="{color}">'
+                     f'<title>{_e(label)}: {_n(count)}</title></rect>')
+        x += w
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _bar(count: int, top: int, color: str = "#5b8def", width: int = 260) -> str:
+    w = width * count / top if top else 0
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="12">'
+            f'<rect x="0" y="1" width="{w:.1f}" height="10" rx="2" fill="{color}"/></svg>')
+
+
+def _table(head: Iterable[str], rows: Iterable[Iterable[str]], numeric: set[int]) -> str:
+    cells = "".join(f'<th{" class=n" if i in numeric else ""}>{_e(h)}</th>'
+                    for i, h in enumerate(head))
+    body = "".join("<tr>" + "".join(f'<td{" class=n" if i in numeric else ""}>{c}</td>'
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def workflow_section(summary: Summary) -> str:
+    out = []
+    for wf in summary.workflows:
+        segments: list[tuple[str, int, str]] = []
+        for i, (outcome, count) in enumerate(sorted(wf.outcomes.items(), key=lambda kv: -kv[1])):
+            segments.append((f"completed at {outcome}", count, PALETTE[i % len(PALETTE)]))
+        for status in ("failed", "cancelled", "running", "pending"):
+            if wf.statuses.get(status):
+                segments.append((status, wf.statuses[status], STATUS_COLORS[status]))
+        legend = "".join(f'<span><i style="background:{c}"></i>{_e(label)} {_n(n)}</span>'
+                         for label, n, c in segments)
+        failures = "".join(f'<div class="warn">failed ({_n(n)}): {_e(reason)}</div>'
+                           for reason, n in wf.failures.items())
+        out.append(f"<tr><td><b>{_e(wf.name)}</b></td><td class=n>{_n(wf.total)}</td>"
+                   f"<td>{stacked_bar(segments)}<div class=legend>{legend}</div>{failures}</td></tr>")
+    return ("<table><thead><tr><th>workflow</th><th class=n>executions</th>"
+            "<th>outcomes (end event reached, or status)</th></tr></thead><tbody>"
+            + "".join(out) + "</tbody></table>")
+
+
+def render(summary: Summary, meta: dict[str, Any]) -> str:
+    """The whole page. `meta`: title facts of the run (seed, days, durations, ...)."""
+    reached = summary.reached
+    executions = summary.executions
+    cards = [
+        (_n(summary.users), "users"),
+        (_n(summary.events), "events recorded"),
+        (f"{_n(summary.matched)} / {_n(summary.evaluated)}", "triggers matched / evaluated"),
+        (_n(sum(executions.values())), "workflow executions"),
+        (_n(summary.messages), "messages sent"),
+        (_n(summary.dead_letters), "inputs dead-lettered"),
+    ]
+    card_html = "".join(f'<div class="card"><b>{v}</b><span>{_e(label)}</span></div>'
+                        for v, label in cards)
+    top_stage = max(summary.stages.values(), default=0)
+    stage_rows = [(_e(s), _n(summary.stages.get(s, 0)),
+                   percent(summary.stages.get(s, 0), summary.users),
+                   _bar(summary.stages.get(s, 0), top_stage, STAGE_COLORS[s]))
+                  for s in LIFECYCLE_STAGES]
+    top_trigger = max((t.evaluated for t in summary.triggers), default=0)
+    trigger_rows = [(f"<b>{_e(t.name)}</b><br><code>{_e(t.event_type)}</code> → "
+                     f"{_e(t.workflow or '-')}", _n(t.evaluated), _n(t.matched), _n(t.started),
+                     _bar(t.matched, top_trigger, "#3fb68b") + "<br>"
+                     + _bar(t.evaluated, top_trigger, "#c7d2e0"))
+                    for t in summary.triggers]
+    top_msg = max(summary.messages_by_template.values(), default=0)
+    message_rows = [(_e(channel), f"<code>{_e(template)}</code>", _n(n), _bar(n, top_msg))
+                    for (channel, template), n in summary.messages_by_template.items()]
+    top_event = max(summary.events_by_type.values(), default=0)
+    event_rows = [(f"<code>{_e(t)}</code>", _n(n), _bar(n, top_event, "#9aa0a6"))
+                  for t, n in summary.events_by_type.items()]
+    dead = "".join(f"<li>{_e(reason)}</li>" for reason in summary.dead_letter_reasons) or \
+        "<li>none</li>"
+    facts = " · ".join(f"{_e(k)} {_e(v)}" for k, v in meta.items())
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Lifecycle fleet demo</title><style>{CSS}</style></head><body>
+<h1>Lifecycle fleet demo</h1>
+<div class="meta">{facts}<br>users <code>*@{_e(summary.domain)}</code> · written {generated}</div>
+<div class="cards">{card_html}</div>
+
+<h2>AARRR funnel</h2>
+<p class="meta">Users who reached each stage (are in it or in a later one); stages are moved by
+the workflows' <code>set_lifecycle_stage</code>.</p>
+{funnel_svg(reached)}
+
+<h2>Users per stage now</h2>
+{_table(("stage", "users", "share", ""), stage_rows, {1, 2})}
+
+<h2>Workflows</h2>
+{workflow_section(summary)}
+
+<h2>Triggers</h2>
+{_table(("trigger", "evaluated", "matched", "started", "matched / evaluated"), trigger_rows,
+        {1, 2, 3})}
+<p class="meta">Matched but not started: the re-entry rules (one active execution per user, at
+most one run, cooldown) held the start back.</p>
+
+<h2>Messages (default channel: <code>message_log</code>)</h2>
+{_table(("channel", "template", "messages", ""), message_rows, {2})}
+
+<h2>Events recorded</h2>
+{_table(("event type", "audit rows", ""), event_rows, {1})}
+
+<h2>Dead letters</h2>
+<p class="meta">Deliberately bad inputs in the stream: the workers kept every good event of their
+batch and wrote each bad one to <code>dead_letters</code> (<code>fleet dlq list</code>).</p>
+<ul>{dead}</ul>
+</body></html>
+"""
+
+
+def write_report(path: Path, summary: Summary, meta: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(summary, meta), encoding="utf-8")
+    return path

@@ -1,0 +1,170 @@
+"""What a demo run did, read back from PostgreSQL (the record of truth).
+
+Every figure is scoped to the run: its users are those whose e-mail ends with the
+run's domain (`DemoStream.domain`), and its dead letters are those whose raw bytes
+name that domain. So a summary is right on a database shared with other runs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from db.models import ACTIVE_EXECUTION_STATUSES, LIFECYCLE_STAGES, ExecutionStatus, sql_list
+
+# The run's users; every query below starts from it.
+RUN_USERS = "SELECT id FROM users WHERE email LIKE :pattern"
+
+
+def _params(domain: str) -> dict[str, Any]:
+    escaped = domain.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return {"pattern": f"%@{escaped}"}
+
+
+@dataclass(frozen=True)
+class TriggerFigures:
+    name: str
+    event_type: str
+    workflow: str | None
+    evaluated: int
+    matched: int
+    started: int
+
+
+@dataclass
+class WorkflowFigures:
+    name: str
+    statuses: dict[str, int] = field(default_factory=dict)  # status -> executions
+    outcomes: dict[str, int] = field(default_factory=dict)  # end node of completed ones
+    failures: dict[str, int] = field(default_factory=dict)  # error message -> executions
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+
+@dataclass
+class Summary:
+    domain: str
+    users: int
+    stages: dict[str, int]  # users now in each stage (AARRR order)
+    events: int  # audit rows of the run's users (producer events and workflow events)
+    events_by_type: dict[str, int]
+    stage_moves: int  # user_lifecycle_history rows
+    triggers: list[TriggerFigures]
+    workflows: list[WorkflowFigures]
+    messages: int  # message_log rows (the default channel)
+    messages_by_template: dict[tuple[str, str], int]  # (channel, template) -> messages
+    dead_letters: int
+    dead_letter_reasons: list[str]
+    waiting_timers: int  # executions still active on a timer
+    waiting_messages: int  # ... on a message
+    in_flight: int  # ... with a step or operator call on its way
+
+    @property
+    def reached(self) -> dict[str, int]:
+        """The AARRR funnel: users in each stage or a later one."""
+        out, running = {}, 0
+        for stage in reversed(LIFECYCLE_STAGES):
+            running += self.stages.get(stage, 0)
+            out[stage] = running
+        return {stage: out[stage] for stage in LIFECYCLE_STAGES}
+
+    @property
+    def evaluated(self) -> int:
+        return sum(t.evaluated for t in self.triggers)
+
+    @property
+    def matched(self) -> int:
+        return sum(t.matched for t in self.triggers)
+
+    @property
+    def executions(self) -> dict[str, int]:
+        out = {status.value: 0 for status in ExecutionStatus}
+        for wf in self.workflows:
+            for status, count in wf.statuses.items():
+                out[status] = out.get(status, 0) + count
+        return out
+
+
+def progress(session: Session, domain: str) -> dict[str, int]:
+    """Cheap figures for a progress line: active executions by what they wait for."""
+    row = session.execute(text(
+        f"SELECT count(*) FILTER (WHERE step_enqueued_at IS NOT NULL) AS in_flight, "
+        f"count(*) FILTER (WHERE step_enqueued_at IS NULL AND wake_at IS NOT NULL) AS timers, "
+        f"count(*) FILTER (WHERE step_enqueued_at IS NULL AND wake_at IS NULL "
+        f"                 AND awaiting_events IS NOT NULL) AS messages, "
+        f"count(*) AS active "
+        f"FROM workflow_executions WHERE status IN ({sql_list(ACTIVE_EXECUTION_STATUSES)}) "
+        f"AND user_id IN ({RUN_USERS})"), _params(domain)).one()
+    done = session.execute(text(
+        f"SELECT count(*) FROM workflow_executions "
+        f"WHERE status NOT IN ({sql_list(ACTIVE_EXECUTION_STATUSES)}) "
+        f"AND user_id IN ({RUN_USERS})"), _params(domain)).scalar_one()
+    return {"in_flight": row.in_flight, "timers": row.timers, "messages": row.messages,
+            "active": row.active, "finished": done}
+
+
+def summarize(session: Session, domain: str) -> Summary:
+    """Every figure of the run, in one read-only pass."""
+    p = _params(domain)
+    stages = dict.fromkeys(LIFECYCLE_STAGES, 0)
+    for stage, count in session.execute(text(
+            "SELECT current_lifecycle_stage, count(*) FROM users WHERE email LIKE :pattern "
+            "GROUP BY 1"), p).all():
+        stages[stage] = count
+    events_by_type: dict[str, int] = dict(session.execute(text(
+        f"SELECT event_type, count(*) FROM lifecycle_events WHERE user_id IN ({RUN_USERS}) "
+        f"GROUP BY 1 ORDER BY 2 DESC, 1"), p).all())
+    stage_moves = session.execute(text(
+        f"SELECT count(*) FROM user_lifecycle_history WHERE user_id IN ({RUN_USERS})"),
+        p).scalar_one()
+    triggers = [TriggerFigures(r.name, r.event_type, r.workflow, r.evaluated, r.matched, r.started)
+                for r in session.execute(text(
+                    f"SELECT t.name, t.event_type, w.name AS workflow, "
+                    f"coalesce(x.evaluated, 0) AS evaluated, coalesce(x.matched, 0) AS matched, "
+                    f"coalesce(x.started, 0) AS started FROM triggers t "
+                    f"LEFT JOIN workflows w ON w.id = t.workflow_id "
+                    f"JOIN (SELECT trigger_id, count(*) AS evaluated, "
+                    f"      count(*) FILTER (WHERE condition_met) AS matched, "
+                    f"      count(workflow_execution_id) AS started "
+                    f"      FROM trigger_executions WHERE user_id IN ({RUN_USERS}) "
+                    f"      GROUP BY trigger_id) x ON x.trigger_id = t.id "
+                    f"ORDER BY t.created_at, t.name"), p)]
+    workflows: dict[str, WorkflowFigures] = {}
+    for r in session.execute(text(
+            f"SELECT w.name, e.status, e.current_node_id, e.error_message, count(*) AS n, "
+            f"min(e.started_at) AS first FROM workflow_executions e "
+            f"JOIN workflows w ON w.id = e.workflow_id WHERE e.user_id IN ({RUN_USERS}) "
+            f"GROUP BY 1, 2, 3, 4 ORDER BY 6"), p):
+        wf = workflows.setdefault(r.name, WorkflowFigures(r.name))
+        wf.statuses[r.status] = wf.statuses.get(r.status, 0) + r.n
+        if r.status == "completed":
+            wf.outcomes[r.current_node_id] = wf.outcomes.get(r.current_node_id, 0) + r.n
+        elif r.status == "failed":
+            reason = (r.error_message or "unknown")[:200]
+            wf.failures[reason] = wf.failures.get(reason, 0) + r.n
+    messages_by_template: dict[tuple[str, str], int] = defaultdict(int)
+    for r in session.execute(text(
+            f"SELECT channel, coalesce(template, '-') AS template, count(*) AS n FROM message_log "
+            f"WHERE user_id IN ({RUN_USERS}) GROUP BY 1, 2 ORDER BY 3 DESC, 2"), p):
+        messages_by_template[(r.channel, r.template)] = r.n
+    needle = {"needle": domain.encode()}
+    dead = session.execute(text(
+        "SELECT reason FROM dead_letters WHERE position(:needle IN raw_payload) > 0 "
+        "ORDER BY id"), needle).scalars().all()
+    waits = progress(session, domain)
+    return Summary(
+        domain=domain, users=sum(stages.values()), stages=stages,
+        events=sum(events_by_type.values()), events_by_type=events_by_type,
+        stage_moves=stage_moves, triggers=triggers, workflows=list(workflows.values()),
+        messages=sum(messages_by_template.values()),
+        messages_by_template=dict(messages_by_template),
+        dead_letters=len(dead), dead_letter_reasons=list(dead),
+        waiting_timers=waits["timers"], waiting_messages=waits["messages"],
+        in_flight=waits["in_flight"],
+    )
