@@ -210,6 +210,12 @@ class WorkflowExecution(Base):
             "step_enqueued_at",
             postgresql_where=text(f"status IN ({_ACTIVE_SQL})"),
         ),
+        # `fleet status`, `fleet health` and the exporter count stalled executions.
+        Index("idx_executions_stalled", "stalled_at",
+              postgresql_where=text("stalled_at IS NOT NULL")),
+        # A manual start with a key (`fleet execution start --key`) happens once.
+        Index("uq_executions_start_key", "workflow_id", "start_key", unique=True,
+              postgresql_where=text("start_key IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -233,6 +239,13 @@ class WorkflowExecution(Base):
     wake_at: Mapped[dt.datetime | None]
     # Event types this execution waits for from its user (message catch events).
     awaiting_events: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
+    # User and manual tasks (node ids) waiting for `fleet execution complete`.
+    awaiting_tasks: Mapped[list[str] | None] = mapped_column(ARRAY(String(255)))
+    # Set when a step found the execution running with nothing ready, due, awaited or
+    # in flight: it can never go on by itself (the reason is in error_message).
+    stalled_at: Mapped[dt.datetime | None]
+    # The caller's idempotency key of a manual start (unique per workflow).
+    start_key: Mapped[str | None] = mapped_column(String(255))
     # Set while paused (the paused state); status is left as it was.
     paused_at: Mapped[dt.datetime | None]
     # When the last step message was sent; the reaper re-sends overdue ones.
@@ -342,6 +355,9 @@ class Trigger(Base):
     reentry: Mapped[str] = mapped_column(String(20), server_default=text("'no_concurrent'"))
     max_runs_per_user: Mapped[int | None] = mapped_column(Integer)
     cooldown_seconds: Mapped[int | None] = mapped_column(Integer)
+    # Start variables of the executions it starts: {name: path}, e.g.
+    # {"order_id": "event.data.order_id"} (not in the seed).
+    start_variables: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
 class TriggerExecution(Base):
