@@ -62,6 +62,7 @@ class StepOutcome(StrEnum):
     FAILED = "failed"
     RETRYING = "retrying"
     CANCELLED = "cancelled"
+    STALLED = "stalled"  # running, but nothing is ready, due, awaited or in flight
 
 
 def sql_list(values: Iterable[StrEnum]) -> str:
@@ -468,6 +469,8 @@ class WorkflowVersion(Base):
     bpmn_xml: Mapped[str] = mapped_column(Text)
     process_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    # {file name: XML} of the files holding the processes bpmn_xml's call activities call.
+    extra_files: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
 class ExecutionStep(Base):

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from db.models import Workflow, WorkflowVersion
+from db.session import session_scope
+from tests.helpers import WorkerProcess
+from workers.definitions import deploy_workflow
 from workers.engine.bpmn import BpmnError
+from workers.engine.specs import SpecCache
 from workers.engine.validate import validate_bpmn
+from workers.event_types import EVENT_TYPE_PATTERN
 
 BPMN = Path(__file__).parent / "bpmn"
 SCORE = (BPMN / "score_gateway.bpmn").read_text()
@@ -36,8 +44,13 @@ def test_a_supported_workflow_passes() -> None:
     (SCORE.replace("score &gt; 10", "().__class__.__base__.__subclasses__()"),
      "element decide: condition refused"),
     (SCORE.replace("score &gt; 10", "9**9**9 or score"), "element decide: condition refused"),
-    (_with_task(f'<bpmn:userTask id="x">{IO}</bpmn:userTask>'), "element x: UserTask"),
-    (_with_task(f'<bpmn:manualTask id="x">{IO}</bpmn:manualTask>'), "element x: ManualTask"),
+    (_with_task(f'<bpmn:sendTask id="x">{IO}</bpmn:sendTask>'), "element x: .*emit_event"),
+    (_with_task(f'<bpmn:businessRuleTask id="x">{IO}</bpmn:businessRuleTask>'),
+     "element x: business rule .*exclusive gateway"),
+    (_with_task(f'<bpmn:task id="x">{IO}<bpmn:multiInstanceLoopCharacteristics/></bpmn:task>'),
+     "element x: multi-instance .*exclusive gateway"),
+    (_with_task(f'<bpmn:intermediateCatchEvent id="x">{IO}<bpmn:linkEventDefinition name="l"/>'
+                "</bpmn:intermediateCatchEvent>"), "element x: link events are not supported"),
     (_with_task(f'<bpmn:serviceTask id="x">{IO}</bpmn:serviceTask>'),
      "element x: .*operator"),
     (_with_task(f'<bpmn:intermediateCatchEvent id="x">{IO}<bpmn:signalEventDefinition/>'
@@ -91,3 +104,110 @@ def test_values_that_can_never_be_stored_are_refused_at_deploy(xml: str, message
     """Each deployed, then made every execution reaching it a zombie."""
     with pytest.raises(BpmnError, match=message):
         validate_bpmn(xml, operators=frozenset({"send_message"}))
+
+
+def _waiting_for(message_xml: str, ref: str = "m") -> str:
+    return _with_task(
+        f'<bpmn:intermediateCatchEvent id="x">{IO}<bpmn:messageEventDefinition '
+        f'messageRef="{ref}"/></bpmn:intermediateCatchEvent>').replace("</bpmn:process>", f"</bpmn:process>{message_xml}")
+
+
+def test_plain_user_manual_tasks_and_milestones_are_accepted() -> None:
+    for task in ("task", "userTask", "manualTask", "intermediateThrowEvent"):
+        assert validate_bpmn(_with_task(f'<bpmn:{task} id="x">{IO}</bpmn:{task}>')).process_id \
+            == "minimal"
+
+
+@pytest.mark.parametrize("name", ["message_1", "B", "Test Message", "order", "Order.Completed",
+                                  "a." + "b" * 100])
+def test_a_message_name_that_is_no_event_type_is_refused(name: str) -> None:
+    """An execution would wait for an event no producer can send."""
+    assert not EVENT_TYPE_PATTERN.fullmatch(name) or len(name) > 100
+    xml = _waiting_for(f'<bpmn:message id="m" name="{name}"/>')
+    with pytest.raises(BpmnError, match=f"message `{name}` of element `x` is not an event type: "
+                                        "expected 1-100 characters of lowercase dotted words"):
+        validate_bpmn(xml)
+
+
+def test_a_message_without_a_name_or_definition_is_refused() -> None:
+    with pytest.raises(BpmnError, match="element x: its message has no name"):
+        validate_bpmn(_waiting_for('<bpmn:message id="m"/>'))
+    with pytest.raises(BpmnError, match="element x: message `message_1` is defined nowhere"):
+        validate_bpmn(_waiting_for("", ref="message_1"))
+
+
+def test_a_message_throw_is_refused_with_what_to_do() -> None:
+    xml = _with_task(f'<bpmn:intermediateThrowEvent id="x">{IO}<bpmn:messageEventDefinition '
+                     'messageRef="m"/></bpmn:intermediateThrowEvent>').replace(
+        "</bpmn:process>", '</bpmn:process><bpmn:message id="m" name="order.completed"/>')
+    with pytest.raises(BpmnError, match="element x: throwing a message .*`emit_event`"):
+        validate_bpmn(xml)
+
+
+CALL_MAIN = (BPMN / "call_main.bpmn").read_text()
+CALL_HELPER = (BPMN / "call_helper.bpmn").read_text()
+
+
+def test_a_call_activity_whose_process_is_in_no_deployed_file_is_refused() -> None:
+    with pytest.raises(BpmnError, match="call activity `call` calls process `helper`, which is "
+                                        "in no deployed file: deploy both files together"):
+        validate_bpmn(CALL_MAIN)
+
+
+def test_several_files_deploy_together() -> None:
+    validated = validate_bpmn(CALL_MAIN, others={"call_helper.bpmn": CALL_HELPER})
+    assert validated.process_id == "call_main"
+    assert set(validated.parsed.subprocess_specs) == {"helper"}
+    # A file nothing calls is a mistake, named with its file.
+    with pytest.raises(BpmnError, match="minimal.bpmn: none of its processes .*`minimal`.* "
+                                        "is called from `call_main`"):
+        validate_bpmn(CALL_MAIN, others={"call_helper.bpmn": CALL_HELPER, "minimal.bpmn": MINIMAL})
+    with pytest.raises(BpmnError, match="call_helper.bpmn: element x: signals"):
+        validate_bpmn(CALL_MAIN, others={"call_helper.bpmn": _with_task(
+            f'<bpmn:intermediateCatchEvent id="x">{IO}<bpmn:signalEventDefinition/>'
+            "</bpmn:intermediateCatchEvent>")})
+
+
+def test_several_executable_processes_are_refused_with_a_way_out() -> None:
+    both = MINIMAL.replace("</bpmn:definitions>", CALL_HELPER[CALL_HELPER.index("<bpmn:process"):])
+    with pytest.raises(BpmnError, match=r"several executable processes .*`helper`, `minimal`.*"
+                                        r"isExecutable=\"false\".*--process ID"):
+        validate_bpmn(both)
+    assert validate_bpmn(both, process_id="minimal").process_id == "minimal"
+    assert validate_bpmn(both.replace('id="helper" isExecutable="true"',
+                                      'id="helper" isExecutable="false"')).process_id == "minimal"
+    with pytest.raises(BpmnError, match="no process `nope`"):
+        validate_bpmn(both, process_id="nope")
+
+
+@pytest.mark.servers
+def test_a_multi_file_workflow_is_stored_and_its_spec_loads_and_runs(
+        celery_worker: WorkerProcess) -> None:
+    """The version keeps every file: a worker rebuilds the spec and runs the call activity."""
+    from tests.workflow_helpers import nodes, start, wait_status
+
+    name = f"multi-{uuid.uuid4().hex[:8]}"
+    with session_scope() as session:
+        deploy_workflow(session, name, CALL_MAIN, others={"call_helper.bpmn": CALL_HELPER},
+                        stages=[], activate=True)
+    with session_scope() as session:
+        workflow = session.execute(select(Workflow).where(Workflow.name == name)).scalar_one()
+        version = session.get(WorkflowVersion, (workflow.id, workflow.version))
+        assert version is not None and workflow.bpmn_xml == CALL_MAIN
+        assert (version.extra_files, version.process_id) == ({"call_helper.bpmn": CALL_HELPER},
+                                                             "call_main")
+        loaded = SpecCache().get(session, workflow.id, workflow.version)
+        assert loaded.process_id == "call_main" and set(loaded.subprocess_specs) == {"helper"}
+        # The same files again: unchanged; the helper changed: a new version.
+        again = deploy_workflow(session, name, CALL_MAIN, others={"call_helper.bpmn": CALL_HELPER},
+                                stages=[], activate=True)
+        assert again.unchanged == (f"workflow {name}",)
+        changed = deploy_workflow(session, name, CALL_MAIN, stages=[], activate=True, others={
+            "call_helper.bpmn": CALL_HELPER.replace("doubled + 100", "doubled + 200")})
+        assert changed.updated == (f"workflow {name} 2.0.0",)
+    execution_id = start(name, {"base": 5})
+    row = wait_status(execution_id, "completed", "failed")
+    assert row.status == "completed", row.error_message
+    assert (row.variables or {})["result"] == 10 + 210
+    assert nodes(execution_id) == ["start", "double", "helper_start", "help", "helper_end",
+                                   "call", "milestone", "combine", "end"]

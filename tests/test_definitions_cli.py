@@ -153,3 +153,30 @@ def test_workflow_and_execution_commands(celery_worker: WorkerProcess) -> None:
     assert again.returncode == 1 and "already cancelled" in again.stdout + again.stderr
     listed = fleet("workflow", "list")
     assert name in listed.stdout + listed.stderr and "cancelled 1" in listed.stdout + listed.stderr
+
+
+def test_deploy_and_apply_several_files(engine: Engine, tmp_path: Path) -> None:
+    """A main file and the file of the process it calls, by `workflow deploy` and `apply`."""
+    from tests.workflow_helpers import BPMN
+
+    name = f"cli-multi-{uuid.uuid4().hex[:8]}"
+    main, helper = str(BPMN / "call_main.bpmn"), str(BPMN / "call_helper.bpmn")
+    alone = fleet("workflow", "deploy", main, "--name", name)
+    assert alone.returncode == 2 and "which is in no deployed file: deploy both files together" \
+        in alone.stdout + alone.stderr
+    both = fleet("workflow", "deploy", main, helper, "--name", name, "--process", "call_main")
+    assert both.returncode == 0, both.stdout + both.stderr
+    assert f"created   workflow {name} 1.0.0" in both.stdout + both.stderr
+    assert _count(engine, "SELECT count(*) FROM workflow_versions v JOIN workflows w "
+                  "ON w.id = v.workflow_id WHERE w.name = :n AND v.process_id = 'call_main' "
+                  "AND v.extra_files ? 'call_helper.bpmn'", n=name) == 1
+    (tmp_path / "main.bpmn").write_text((BPMN / "call_main.bpmn").read_text())
+    (tmp_path / "call_helper.bpmn").write_text((BPMN / "call_helper.bpmn").read_text())
+    path = tmp_path / "fleet.yaml"
+    path.write_text(json.dumps({"workflows": [
+        {"name": name, "file": ["main.bpmn", "call_helper.bpmn"], "process": "call_main"}]}))
+    applied = fleet("apply", str(path))
+    assert applied.returncode == 0 and f"updated   workflow {name}" in applied.stdout + applied.stderr, (
+        applied.stdout + applied.stderr)  # same files, the status becomes active
+    assert _count(engine, "SELECT count(*) FROM workflow_versions v JOIN workflows w "
+                  "ON w.id = v.workflow_id WHERE w.name = :n", n=name) == 1

@@ -106,7 +106,7 @@ def test_the_sample_program_validates_and_moves_users_through_every_stage() -> N
                                                     "subscription.upgraded", "referral.sent",
                                                     "user.heartbeat", "lifecycle.stage_changed"}
     assert {s.name for s in doc.segments} == {"churn-risk", "upsell-open"}
-    bpmn = "".join(xml.values())
+    bpmn = "".join(source.xml for source in xml.values())
     targets = set(re.findall(r'id="stage" type="str" value="&quot;(\w+)&quot;"', bpmn))
     assert targets == set(LIFECYCLE_STAGES) - {"Acquisition"}  # ingest puts new users there
     for operator in ("send_message", "emit_event", "set_lifecycle_stage", "add_to_segment",
@@ -115,9 +115,9 @@ def test_the_sample_program_validates_and_moves_users_through_every_stage() -> N
     assert "<bpmn:receiveTask" in bpmn and "<bpmn:boundaryEvent" in bpmn
     # Demo timers are seconds, each with the production value beside it.
     for name, source in xml.items():
-        durations = re.findall(r'<bpmn:timeDuration>"(\w+)"</bpmn:timeDuration>', source)
+        durations = re.findall(r'<bpmn:timeDuration>"(\w+)"</bpmn:timeDuration>', source.xml)
         assert all(re.fullmatch(r"PT\d+S", d) for d in durations), name
-        assert source.count("production:") >= len(durations), name
+        assert source.xml.count("production:") >= len(durations), name
 
 
 def test_the_sample_program_is_package_data() -> None:

@@ -70,13 +70,24 @@ def scratch() -> Iterator[tuple[str, Engine]]:
         drop_database(SERVERS.admin_url, name)
 
 
+def _stalled_gauge(engine: Engine) -> float:
+    """`fleet_executions_stalled` as the exporter computes it on a scrape of this database."""
+    from workers.metrics import FleetCollector
+
+    collector = FleetCollector(get_settings(), engine)
+    [family] = [f for f in collector.collect() if f.name == "fleet_executions_stalled"]
+    return float(family.samples[0].value)
+
+
 def test_healthy_on_the_test_session(celery_worker: WorkerProcess) -> None:
-    # Other tests leave dead letters and (paused) timers behind: only the limits are wide.
+    # Other tests leave dead letters, (paused) timers and stalled executions behind: only
+    # the limits are wide.
     result = fleet("health", "--workers", "--max-dead-letters", "1000000",
-                   "--max-timer-lag", "1e12")
+                   "--max-timer-lag", "1e12", "--max-stalled", "1000000")
     assert result.returncode == 0, result.stdout + result.stderr
     assert lines(result) == {name: "ok" for name in ("database", "broker", "workers",
-                                                      "partitions", "timer lag", "dead letters")}
+                                                      "partitions", "timer lag", "dead letters",
+                                                      "stalled")}
 
 
 def test_each_check_fails_on_its_own(scratch: tuple[str, Engine],
@@ -113,6 +124,22 @@ def test_each_check_fails_on_its_own(scratch: tuple[str, Engine],
     assert "executions: running 1" in status.stderr
     with engine.begin() as conn:
         conn.execute(text("UPDATE workflow_executions SET wake_at = NULL"))
+    assert lines(health(DATABASE_URL=url))["stalled"] == "ok"
+
+    with engine.begin() as conn:  # as the stepper marks one that can never go on by itself
+        conn.execute(text("UPDATE workflow_executions SET stalled_at = now(), "
+                          "error_message = 'stalled: nothing ready, due, awaited or in flight'"))
+    result = health(DATABASE_URL=url)
+    assert result.exit_code == 1
+    assert lines(result)["stalled"] == "FAIL" and "1 executions (max 0)" in result.stdout
+    assert health("--max-stalled", "1", DATABASE_URL=url).exit_code == 0
+    status = fleet("status", DATABASE_URL=url)
+    assert status.returncode == 0 and "stalled executions: 1" in status.stderr, status.stderr
+    assert _stalled_gauge(engine) == 1
+    with engine.begin() as conn:  # ended (e.g. cancelled): no longer counted
+        conn.execute(text("UPDATE workflow_executions SET status = 'cancelled'"))
+    assert lines(health(DATABASE_URL=url))["stalled"] == "ok"
+    assert _stalled_gauge(engine) == 0
 
     partition = ranges_ahead("lifecycle_events", dt.datetime.now(dt.UTC).date(),
                              MONTHS_AHEAD)[-1].name
@@ -137,7 +164,7 @@ def test_unreachable_servers_fail(scratch: tuple[str, Engine]) -> None:
     result = health(DATABASE_URL=no_database)
     assert result.exit_code == 1
     assert lines(result) == {"database": "FAIL", "broker": "ok", "partitions": "skip",
-                             "timer lag": "skip", "dead letters": "skip"}
+                             "timer lag": "skip", "dead letters": "skip", "stalled": "skip"}
 
 
 def test_status_shows_queues_and_workers(scratch: tuple[str, Engine],

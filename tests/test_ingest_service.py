@@ -172,6 +172,24 @@ def test_a_matching_trigger_starts_an_execution(session: Session) -> None:
     assert not logged[miss]["condition_met"] and logged[miss]["workflow_execution_id"] is None
 
 
+def test_a_trigger_maps_event_and_user_values_into_start_variables(session: Session) -> None:
+    etype, workflow_id = _etype(), _workflow(session)
+    _trigger(session, etype, {}, workflow_id, start_variables=json.dumps({
+        "order_id": "event.data.order.id", "plan": "user.attributes.plan",
+        "kind": "event.event_type", "email": "user.email",
+        "coupon": "event.data.coupon",  # not in the event: None
+        "deep": "event.data.order.id.more"}))  # below a value that is no object: None
+    _, email = _user(session, {"plan": "pro"})
+    event = _event(etype, email, data={"order": {"id": 42}})
+    assert len(_ingest(session, [event]).started) == 1
+    variables = _one(session, "SELECT variables FROM workflow_executions WHERE source_event_id = :e",
+                     e=event["event_id"])
+    assert variables == {"event": {"event_id": event["event_id"], "event_type": etype,
+                                   "data": {"order": {"id": 42}}},
+                         "order_id": 42, "plan": "pro", "kind": etype, "email": email,
+                         "coupon": None, "deep": None}
+
+
 def test_the_reentry_rule_refuses_a_second_concurrent_start(session: Session) -> None:
     etype = _etype()
     trigger = _trigger(session, etype, {}, _workflow(session))  # default: no_concurrent

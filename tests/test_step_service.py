@@ -13,12 +13,13 @@ import uuid
 from typing import Any
 
 import pytest
+from SpiffWorkflow.util.task import TaskState
 from sqlalchemy import text
 
 from db.models import ActionDelivery, ExecutionStatus, StepOutcome
 from db.session import session_scope
 from tests.workflow_helpers import BPMN, deploy, deploy_xml, execution, history, new_user, nodes
-from workers.engine import control, executions, sandbox, state, stepper
+from workers.engine import control, executions, runner, sandbox, state, stepper, timers
 from workers.engine.stepper import StepResult
 
 pytestmark = pytest.mark.servers
@@ -231,3 +232,156 @@ def test_state_postgresql_refuses_is_rolled_back_and_fails_its_node(
     assert "node compute: the execution's state cannot be saved" in (row.error_message or "")
     assert "z" not in (row.variables or {})  # the refused write was rolled back
     assert _steps(execution_id)[-1] == (2, "compute", "ScriptTask", StepOutcome.FAILED, NOW)
+
+
+# --------------------------------------------------------------------------- human tasks
+
+
+def _reaped(execution_id: uuid.UUID, *, unstalled: bool = False) -> bool:
+    """Whether the reaper's sweep a month on would claim the execution (rolled back after).
+
+    `unstalled`: as if its stall mark were not there (what the mark changes).
+    """
+    with session_scope() as session:
+        if unstalled:
+            session.execute(text("UPDATE workflow_executions SET stalled_at = NULL WHERE id = :i"),
+                            {"i": execution_id})
+        claimed = timers.claim_stuck(session, LATER + dt.timedelta(days=30),
+                                     dt.timedelta(minutes=10), max_resends=3,
+                                     retry_chain=dt.timedelta(0))
+        session.rollback()  # other tests' executions are in the same database
+    return execution_id in [claimed_id for claimed_id, _ in claimed]
+
+
+def test_a_plain_task_passes_through_in_one_step() -> None:
+    execution_id = _start(deploy("plain_task.bpmn"))
+    results = _run(execution_id)
+    assert [r.node_id for r in results] == ["start", "review", "after", "end"]
+    assert _steps(execution_id)[1] == (2, "review", "NoneTask", StepOutcome.COMPLETED, NOW)
+    row = execution(execution_id)
+    assert row.status == ExecutionStatus.COMPLETED and row.variables["reviewed"] is True  # type: ignore[index]
+
+
+def test_a_user_task_waits_with_nothing_in_flight_until_completed_with_data() -> None:
+    execution_id = _start(deploy("user_task.bpmn"))
+    assert _run(execution_id) == [StepResult("completed", node_id="start")]  # then it rests
+    row = execution(execution_id)
+    assert row.status == ExecutionStatus.RUNNING and row.awaiting_tasks == ["approve"]
+    assert row.step_enqueued_at is None and row.wake_at is None and row.awaiting_events is None
+    assert row.stalled_at is None and row.state_version == 1
+    assert history(execution_id) == [(1, "start", "completed")]
+    assert not _reaped(execution_id)  # the reaper does not re-send a step to a human wait
+    with session_scope() as session:
+        version = control.complete(session, execution_id, "approve",
+                                   {"approved": True, "amount": 30}, now=LATER)
+    assert version == 2
+    row = execution(execution_id)
+    assert row.awaiting_tasks is None and row.step_enqueued_at == LATER
+    assert _steps(execution_id)[-1] == (2, "approve", "UserTask", StepOutcome.COMPLETED, LATER)
+    _run(execution_id, version, LATER)
+    done = execution(execution_id)
+    assert done.status == ExecutionStatus.COMPLETED
+    assert (done.variables or {})["refunded"] == 30
+    assert nodes(execution_id) == ["start", "approve", "decide", "refund", "end_refunded"]
+
+
+def test_completing_a_node_that_does_not_wait_is_refused_with_the_nodes_that_do() -> None:
+    execution_id = _start(deploy("user_task.bpmn"))
+    _run(execution_id)
+    before = execution(execution_id)
+    for node, data, message in [
+            ("refund", None, "node refund is not waiting for completion; waiting: approve"),
+            ("approve", {"x": float("nan")}, "data 'x' holds"),
+            ("approve", {"x": "a\x00b"}, "data 'x' holds")]:
+        with pytest.raises(control.ControlError, match=message), session_scope() as session:
+            control.complete(session, execution_id, node, data, now=LATER)
+    with session_scope() as session:
+        control.pause(session, execution_id, now=NOW)
+    with pytest.raises(control.ControlError, match="paused"), session_scope() as session:
+        control.complete(session, execution_id, "approve", now=LATER)
+    with session_scope() as session:
+        control.cancel(session, execution_id, now=NOW)
+    with pytest.raises(control.ControlError, match="execution is cancelled"), \
+            session_scope() as session:
+        control.complete(session, execution_id, "approve", now=LATER)
+    after = execution(execution_id)
+    assert after.engine_state == before.engine_state
+    assert history(execution_id) == [(1, "start", "completed"), (2, "start", "cancelled")]
+
+
+def test_a_manual_task_waits_and_completes_the_same_way() -> None:
+    execution_id = _start(deploy("manual_task.bpmn"))
+    _run(execution_id)
+    assert execution(execution_id).awaiting_tasks == ["ship"]
+    with pytest.raises(control.ControlError, match="node end is not waiting"), \
+            session_scope() as session:
+        control.complete(session, execution_id, "end", now=LATER)
+    with session_scope() as session:
+        version = control.complete(session, execution_id, "ship", {"carrier": "post"}, now=LATER)
+    assert version is not None
+    _run(execution_id, version, LATER)
+    done = execution(execution_id)
+    assert done.status == ExecutionStatus.COMPLETED and done.awaiting_tasks is None
+    assert (done.variables or {})["carrier"] == "post"
+    assert _steps(execution_id)[1][1:3] == ("ship", "ManualTask")
+
+
+# --------------------------------------------------------------------------- stalls
+
+
+def test_a_workflow_that_can_never_go_on_is_marked_stalled_and_left_alone() -> None:
+    execution_id = _start(deploy("stall_join.bpmn"))
+    results = _run(execution_id)
+    assert [r.node_id for r in results] == ["start", "split", "a"]
+    last = results[-1]
+    assert last.outcome == "stalled" and last.next_version is None and last.action_key is None
+    row = execution(execution_id)
+    assert row.status == ExecutionStatus.RUNNING and row.stalled_at == NOW
+    assert row.error_message == last.reason
+    assert (row.error_message or "").startswith("stalled at node a: no node is ready")
+    assert "join (waiting)" in (row.error_message or "")
+    assert row.step_enqueued_at is None and row.wake_at is None
+    assert row.awaiting_events is None and row.awaiting_tasks is None
+    assert _steps(execution_id)[-1] == (4, "a", "Stalled", StepOutcome.STALLED, NOW)
+    # The reaper's claim skips it, however long it sits there (it would not, unmarked).
+    assert not _reaped(execution_id) and _reaped(execution_id, unstalled=True)
+    assert execution(execution_id).state_version == 4
+
+
+def test_a_step_that_finds_nothing_to_do_marks_the_stall() -> None:
+    """As after a lost send of a stalled node's successor: the step itself sees the stall."""
+    execution_id = _start(deploy("stall_join.bpmn"))
+    _run(execution_id)
+    with session_scope() as session:
+        version = control.retry(session, execution_id, now=LATER)
+    assert execution(execution_id).stalled_at is None
+    again = _step(execution_id, version, LATER)
+    assert again.outcome == "stalled" and again.node_id is None
+    row = execution(execution_id)
+    assert row.stalled_at == LATER and row.state_version == version + 1
+    assert _steps(execution_id)[-1][1:4] == ("a", "Stalled", StepOutcome.STALLED)
+
+
+def test_retry_of_a_stalled_execution_steps_it_again_once_fixed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that runs no plain task (as SpiffWorkflow's own loop) stalls before it;
+    once the engine is fixed, retry lets the execution go on."""
+    monkeypatch.setattr(runner, "_ready", lambda workflow: workflow.get_tasks_iterator(
+        state=TaskState.READY, manual=False))
+    execution_id = _start(deploy("plain_task.bpmn"))
+    assert _run(execution_id)[-1].outcome == "stalled"
+    assert (execution(execution_id).error_message or "").startswith("stalled at node start")
+    monkeypatch.undo()
+    with pytest.raises(control.ControlError, match="only failed or stalled"), \
+            session_scope() as session:
+        control.retry(session, _start(deploy("user_task.bpmn")), now=LATER)
+    with session_scope() as session:
+        version = control.retry(session, execution_id, now=LATER)
+    row = execution(execution_id)
+    assert row.status == ExecutionStatus.RUNNING and row.stalled_at is None
+    assert row.error_message is None and row.step_enqueued_at == LATER
+    _run(execution_id, version, LATER)
+    done = execution(execution_id)
+    assert done.status == ExecutionStatus.COMPLETED and done.stalled_at is None
+    assert nodes(execution_id) == ["start", "review", "after", "end"]
+    assert [node_type for _, _, node_type, _, _ in _steps(execution_id)][1] == "Stalled"

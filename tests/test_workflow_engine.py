@@ -8,11 +8,13 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from celery import Celery
 from sqlalchemy import text
+from typer.testing import CliRunner, Result
 
 from db.models import WorkflowExecution
 from db.session import session_scope
@@ -310,3 +312,57 @@ def test_kill_9_mid_action_loses_no_step_and_repeats_no_effect() -> None:
         if second is not None:
             second.stop()
         delete_prefixed_keys(SERVERS.broker_url, prefix)
+
+
+# --------------------------------------------------------------------------- human tasks, stalls
+
+def _fleet(*args: str) -> Result:
+    """`fleet ...` in this process, wide enough that no line wraps."""
+    from workers.cli.main import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+
+
+def _wait_row(execution_id: uuid.UUID, ready: Callable[[WorkflowExecution], bool],
+              what: str) -> WorkflowExecution:
+    def found() -> WorkflowExecution | None:
+        row = execution(execution_id)
+        return row if ready(row) else None
+    row = wait_for(found, message=what)
+    assert row is not None
+    return row
+
+
+def test_a_user_task_waits_until_fleet_execution_complete(celery_worker: WorkerProcess) -> None:
+    execution_id = start(deploy("user_task.bpmn"))
+    row = _wait_row(execution_id, lambda r: bool(r.awaiting_tasks) and r.step_enqueued_at is None,
+                    "the user task to wait")
+    assert row.status == "running" and row.awaiting_tasks == ["approve"]
+    shown = _fleet("execution", "show", str(execution_id))
+    assert shown.exit_code == 0 and "awaits    approve" in shown.output, shown.output
+    for bad in ("{not json", "[1, 2]"):
+        refused = _fleet("execution", "complete", str(execution_id), "approve", "--data", bad)
+        assert refused.exit_code == 2 and "--data" in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1 and "Traceback" not in refused.output
+    wrong = _fleet("execution", "complete", str(execution_id), "refund")
+    assert wrong.exit_code == 1, wrong.output
+    assert "node refund is not waiting for completion; waiting: approve" in wrong.output
+    done = _fleet("execution", "complete", str(execution_id), "approve",
+                  "--data", '{"approved": true, "amount": 12}')
+    assert done.exit_code == 0, done.output
+    finished = wait_status(execution_id, "completed", "failed")
+    assert finished.status == "completed", finished.error_message
+    assert (finished.variables or {})["refunded"] == 12 and finished.awaiting_tasks is None
+    assert nodes(execution_id) == ["start", "approve", "decide", "refund", "end_refunded"]
+
+
+def test_a_stalled_execution_is_marked_and_shown_with_its_reason(
+        celery_worker: WorkerProcess) -> None:
+    execution_id = start(deploy("stall_join.bpmn"))
+    row = _wait_row(execution_id, lambda r: r.stalled_at is not None, "the execution to stall")
+    assert row.status == "running" and row.step_enqueued_at is None
+    assert (row.error_message or "").startswith("stalled at node a: no node is ready")
+    assert _reap(execution_id, sent_ago=dt.timedelta(hours=1)) == []  # never re-sent
+    shown = _fleet("execution", "show", str(execution_id))
+    assert shown.exit_code == 0 and "stalled   since" in shown.output, shown.output
+    assert "join (waiting)" in shown.output

@@ -2,7 +2,10 @@
 
     workflows:
       - name: welcome
-        file: bpmn/welcome.bpmn          # relative to the YAML file
+        file: bpmn/welcome.bpmn          # relative to the YAML file; or a list: the main
+                                         # file first, then the files of processes it calls
+        process: welcome                 # optional: the process to run (default: the main
+                                         # file's one executable process nobody calls)
         stages: [Acquisition]
         status: active                   # draft | active | inactive | archived
     segments:
@@ -18,6 +21,9 @@
         reentry: no_concurrent           # or allow
         max_runs_per_user: 1
         cooldown: 7d
+        variables:                       # start variables: {name: path into event or user}
+          order_id: event.data.order_id  # a missing key gives None
+          plan: user.attributes.plan
 
 Everything is validated before anything is written (conditions, BPMN, references
 between definitions); then one transaction creates or updates each by name. A
@@ -28,8 +34,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -40,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, WorkflowVersion
 from workers.engine.bpmn import BpmnError
-from workers.engine.validate import validate_bpmn
+from workers.engine.validate import ValidatedWorkflow, validate_bpmn
 from workers.operators.registry import operator_names
 from workers.rules.conditions import (
     MAX_COST,
@@ -49,6 +55,7 @@ from workers.rules.conditions import (
     parse_duration,
     segment_refs,
 )
+from workers.rules.triggers import compile_start_variables
 
 # Service-task operators the engine can run; a BPMN naming another is refused at deploy.
 OPERATORS: frozenset[str] = operator_names()
@@ -80,7 +87,8 @@ class _Strict(BaseModel):
 
 class WorkflowDef(_Strict):
     name: str = Field(min_length=1, max_length=255)
-    file: Path
+    file: Path | list[Path]  # a list: the main file first, then the files of called processes
+    process: str | None = None
     description: str | None = None
     stages: list[str] = []
     status: Literal["draft", "active", "inactive", "archived"] = "active"
@@ -89,6 +97,17 @@ class WorkflowDef(_Strict):
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
         return _stages(value)
+
+    @field_validator("file")
+    @classmethod
+    def _some_file(cls, value: Path | list[Path]) -> Path | list[Path]:
+        if value == []:
+            raise ValueError("names no file")
+        return value
+
+    @property
+    def files(self) -> list[Path]:
+        return self.file if isinstance(self.file, list) else [self.file]
 
 
 class SegmentDef(_Strict):
@@ -118,6 +137,8 @@ class TriggerDef(_Strict):
     reentry: Literal["no_concurrent", "allow"] = "no_concurrent"
     max_runs_per_user: int | None = Field(default=None, gt=0)
     cooldown: str | int | None = None
+    # Start variables mapped from the event and the user (workers/rules/triggers.py).
+    variables: dict[str, Any] = {}
 
     @property
     def cooldown_seconds(self) -> int | None:
@@ -128,6 +149,30 @@ class Definitions(_Strict):
     workflows: list[WorkflowDef] = []
     segments: list[SegmentDef] = []
     triggers: list[TriggerDef] = []
+
+
+@dataclass(frozen=True)
+class WorkflowSource:
+    """A workflow's BPMN: the main file, the files of the processes it calls, what to run."""
+
+    xml: str
+    others: Mapping[str, str] = field(default_factory=dict)  # file name -> XML
+    process_id: str | None = None  # None: the main file's one executable process
+
+    def validate(self) -> ValidatedWorkflow:
+        return validate_bpmn(self.xml, OPERATORS, others=self.others, process_id=self.process_id)
+
+
+def read_source(paths: Sequence[Path], process_id: str | None = None) -> WorkflowSource:
+    """The workflow in these files, the first the main one; raises OSError or DefinitionError."""
+    main, *rest = paths
+    names = [path.name for path in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DefinitionError(f"two files named {', '.join(twice)}: a workflow's files are "
+                              "stored by name, rename one")
+    return WorkflowSource(main.read_text(), {path.name: path.read_text() for path in rest},
+                          process_id)
 
 
 Verb = Literal["created", "updated", "unchanged"]
@@ -149,21 +194,21 @@ class ApplyReport:
                    unchanged=tuple(item for verb, item in done if verb == "unchanged"))
 
 
-def load(path: Path) -> tuple[Definitions, dict[str, str]]:
-    """Parse and validate a definitions file; returns it and each workflow's BPMN XML."""
+def load(path: Path) -> tuple[Definitions, dict[str, WorkflowSource]]:
+    """Parse and validate a definitions file; returns it and each workflow's BPMN files."""
     try:
         doc = Definitions.model_validate(yaml.safe_load(path.read_text()) or {})
     except (yaml.YAMLError, ValidationError) as exc:
         raise DefinitionError(f"{path}: {exc}") from None
     problems: list[str] = []
-    xml: dict[str, str] = {}
+    sources: dict[str, WorkflowSource] = {}
     for wf in doc.workflows:
-        source = (path.parent / wf.file)
+        files = [path.parent / file for file in wf.files]
         try:
-            xml[wf.name] = source.read_text()
-            validate_bpmn(xml[wf.name], OPERATORS)
-        except (OSError, BpmnError) as exc:
-            problems.append(f"workflow {wf.name} ({source}): {exc}")
+            sources[wf.name] = read_source(files, wf.process)
+            sources[wf.name].validate()
+        except (OSError, BpmnError, DefinitionError) as exc:
+            problems.append(f"workflow {wf.name} ({', '.join(map(str, files))}): {exc}")
     for seg in doc.segments:
         try:
             parse(seg.conditions, allow_event=False, max_cost=MAX_COST)
@@ -174,6 +219,7 @@ def load(path: Path) -> tuple[Definitions, dict[str, str]]:
         try:
             parse(trig.conditions, max_cost=MAX_COST)
             _ = trig.cooldown_seconds
+            compile_start_variables(trig.variables)
         except (ConditionError, ValueError) as exc:
             problems.append(f"trigger {trig.name}: {exc}")
     for kind, items in (("workflow", doc.workflows), ("segment", doc.segments),
@@ -183,7 +229,7 @@ def load(path: Path) -> tuple[Definitions, dict[str, str]]:
             problems.append(f"{kind} {dup}: defined twice")
     if problems:
         raise DefinitionError("\n".join(problems))
-    return doc, xml
+    return doc, sources
 
 
 def _next_version(current: str) -> str:
@@ -191,13 +237,13 @@ def _next_version(current: str) -> str:
     return f"{int(major) + 1}.0.0" if major.isdigit() else f"{current}+1"
 
 
-def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyReport:
+def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSource]) -> ApplyReport:
     """Create or update every definition by name, in the caller's transaction."""
     changes: list[Change] = []
     now = dt.datetime.now(dt.UTC)
     workflow_ids: dict[str, Any] = {}
     for wf in doc.workflows:
-        workflow_ids[wf.name], change = _apply_workflow(session, wf.name, xml[wf.name],
+        workflow_ids[wf.name], change = _apply_workflow(session, wf.name, sources[wf.name],
                                                         wf.description, wf.stages, wf.status, now)
         changes.append(change)
     for seg in doc.segments:
@@ -223,53 +269,66 @@ def apply(session: Session, doc: Definitions, xml: dict[str, str]) -> ApplyRepor
         values = {"event_type": trig.event_type, "conditions": trig.conditions,
                   "workflow_id": workflow_id, "enabled": trig.enabled, "reentry": trig.reentry,
                   "max_runs_per_user": trig.max_runs_per_user,
-                  "cooldown_seconds": trig.cooldown_seconds}
+                  "cooldown_seconds": trig.cooldown_seconds,
+                  "start_variables": trig.variables}
         changes.append(_upsert(session, Trigger, trig.name, values, now, "trigger"))
     return ApplyReport.of(changes)
 
 
-def _apply_workflow(session: Session, name: str, xml: str, description: str | None,
-                    stages: list[str], status: str | None,
+def _apply_workflow(session: Session, name: str, source: WorkflowSource,
+                    description: str | None, stages: list[str], status: str | None,
                     now: dt.datetime) -> tuple[uuid.UUID, Change]:
     """Create or update one workflow by name; changed BPMN bumps the version (status None: keep).
 
-    Returns the workflow's id and what happened to it.
+    The BPMN is the main file, the other files and the process run: a change to any
+    is a new version. `workflows.bpmn_xml` keeps the main file, `workflow_versions`
+    all of them. Returns the workflow's id and what happened to it.
     """
     change: Change
-    process_id = validate_bpmn(xml, OPERATORS).process_id
+    process_id = source.validate().process_id
+    bpmn = (source.xml, dict(source.others), process_id)
     row = session.execute(select(Workflow).where(Workflow.name == name)).scalar_one_or_none()
     if row is None:
-        row = Workflow(name=name, description=description, bpmn_xml=xml, version="1.0.0",
+        row = Workflow(name=name, description=description, bpmn_xml=source.xml, version="1.0.0",
                        lifecycle_stages=stages, status=status or "draft")
         session.add(row)
         session.flush()
         change = ("created", f"workflow {name} 1.0.0")
-    elif (row.bpmn_xml, row.status, row.description, row.lifecycle_stages) == (
-            xml, status or row.status, description, stages):
-        change = ("unchanged", f"workflow {name}")
     else:
-        if row.bpmn_xml != xml:
-            row.version = _next_version(row.version)
-            row.bpmn_xml = xml
-        row.status, row.description, row.lifecycle_stages = status or row.status, description, stages
-        row.updated_at = now
-        change = ("updated", f"workflow {name} {row.version}")
+        current = session.get(WorkflowVersion, (row.id, row.version))
+        stored = (row.bpmn_xml, current.extra_files, current.process_id) if current else (
+            row.bpmn_xml, {}, process_id)
+        if (stored, row.status, row.description, row.lifecycle_stages) == (
+                bpmn, status or row.status, description, stages):
+            change = ("unchanged", f"workflow {name}")
+        else:
+            if stored != bpmn:
+                row.version = _next_version(row.version)
+                row.bpmn_xml = source.xml
+            row.status, row.description = status or row.status, description
+            row.lifecycle_stages, row.updated_at = stages, now
+            change = ("updated", f"workflow {name} {row.version}")
     if session.get(WorkflowVersion, (row.id, row.version)) is None:
         session.add(WorkflowVersion(workflow_id=row.id, version=row.version, bpmn_xml=row.bpmn_xml,
-                                    process_id=process_id))
+                                    extra_files=dict(source.others), process_id=process_id))
     return row.id, change
 
 
 def deploy_workflow(session: Session, name: str, xml: str, *, stages: list[str],
-                    activate: bool, description: str | None = None) -> ApplyReport:
-    """`fleet workflow deploy`: validate and store one BPMN file as the named workflow."""
+                    activate: bool, description: str | None = None,
+                    others: Mapping[str, str] | None = None,
+                    process_id: str | None = None) -> ApplyReport:
+    """`fleet workflow deploy`: validate and store BPMN files as the named workflow.
+
+    `xml` is the main file; `others` ({file name: XML}) hold the processes it calls.
+    """
     try:
-        validate_bpmn(xml, OPERATORS)
         _stages(stages)
+        _, change = _apply_workflow(session, name, WorkflowSource(xml, others or {}, process_id),
+                                    description, stages, "active" if activate else None,
+                                    dt.datetime.now(dt.UTC))
     except (BpmnError, ValueError) as exc:
         raise DefinitionError(f"workflow {name}: {exc}") from None
-    _, change = _apply_workflow(session, name, xml, description, stages,
-                                "active" if activate else None, dt.datetime.now(dt.UTC))
     return ApplyReport.of([change])
 
 

@@ -17,7 +17,7 @@ from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-from db.models import ExecutionStatus
+from db.models import ACTIVE_EXECUTION_STATUSES, ExecutionStatus, sql_list
 from db.partitions import Coverage, coverage
 from workers.broker import ping_broker
 from workers.engine.timers import oldest_due_timer
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 TIMEOUT = 3.0  # seconds for one connection attempt to PostgreSQL (the broker's: workers/broker.py)
 MAX_TIMER_LAG = 120.0  # the beat wakes due timers every 5 s: two minutes late means it is not
 MAX_DEAD_LETTERS = 100
+MAX_STALLED = 0  # a stalled execution never goes on by itself: one is already a failure
 
 
 # ------------------------------------------------------------------------- database
@@ -48,6 +49,7 @@ def monitor_engine(settings: Settings, pool_size: int = 1) -> Engine:
 @dataclass(frozen=True)
 class DatabaseFigures:
     executions: dict[str, int]  # every status, 0 when none
+    stalled: int  # active executions the stepper found unable to go on (stalled_at set)
     dead_letters_pending: int
     outbox_backlog: int
     outbox_oldest: dt.datetime | None
@@ -67,13 +69,17 @@ def database_figures(session: Session, now: dt.datetime | None = None) -> Databa
         "SELECT status, count(*) FROM workflow_executions GROUP BY status")).all()}
     executions = {status.value: counts.pop(status.value, 0) for status in ExecutionStatus}
     executions.update(counts)
+    # The partial index idx_executions_stalled holds only the stalled rows.
+    stalled = session.execute(text(
+        "SELECT count(*) FROM workflow_executions WHERE stalled_at IS NOT NULL "
+        f"AND status IN ({sql_list(ACTIVE_EXECUTION_STATUSES)})")).scalar_one()
     dead = session.execute(text(
         "SELECT count(*) FROM dead_letters WHERE status = 'pending'")).scalar_one()
     outbox = session.execute(text(
         "SELECT count(*), min(created_at) FROM event_outbox WHERE status = 'PENDING'")).one()
     oldest = oldest_due_timer(session, now)
     return DatabaseFigures(
-        executions=executions, dead_letters_pending=int(dead), outbox_backlog=int(outbox[0]),
+        executions=executions, stalled=int(stalled), dead_letters_pending=int(dead), outbox_backlog=int(outbox[0]),
         outbox_oldest=outbox[1], oldest_due_timer=oldest,
         timer_lag=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
         partitions=coverage(session.connection(), now.date()),
@@ -122,9 +128,11 @@ def _error(exc: BaseException) -> str:
 
 def run_checks(settings: Settings, *, app: Celery | None = None, queues: Sequence[str] = (),
                worker_timeout: float = 1.0, max_timer_lag: float = MAX_TIMER_LAG,
-               max_dead_letters: int = MAX_DEAD_LETTERS) -> list[Check]:
+               max_dead_letters: int = MAX_DEAD_LETTERS,
+               max_stalled: int = MAX_STALLED) -> list[Check]:
     """Every health check, in order: database, broker, workers (when `queues` and `app` are
-    given), partitions, timer lag, dead letters. The fleet is healthy when none failed."""
+    given), partitions, timer lag, dead letters, stalled executions. The fleet is healthy
+    when none failed."""
     checks: list[Check] = []
     figures: DatabaseFigures | None = None
     try:
@@ -162,7 +170,7 @@ def run_checks(settings: Settings, *, app: Celery | None = None, queues: Sequenc
             checks.append(Check("workers", not missing, detail))
 
     if figures is None:
-        for name in ("partitions", "timer lag", "dead letters"):
+        for name in ("partitions", "timer lag", "dead letters", "stalled"):
             checks.append(Check(name, None, "database unreachable"))
         return checks
     missing_parts = figures.partitions_missing
@@ -177,4 +185,6 @@ def run_checks(settings: Settings, *, app: Celery | None = None, queues: Sequenc
     dead = figures.dead_letters_pending
     checks.append(Check("dead letters", dead <= max_dead_letters,
                         f"{dead} pending (max {max_dead_letters})"))
+    checks.append(Check("stalled", figures.stalled <= max_stalled,
+                        f"{figures.stalled} executions (max {max_stalled})"))
     return checks

@@ -21,8 +21,9 @@ value), so the task modules carry no metrics code:
 
 Gauges, computed by `FleetCollector` on each scrape from PostgreSQL and the broker
 (workers/health.py): fleet_database_up, fleet_broker_up, fleet_executions{status},
-fleet_dead_letters_pending, fleet_outbox_backlog, fleet_outbox_oldest_age_seconds,
-fleet_timer_lag_seconds, fleet_partitions_missing{table}, fleet_queue_depth{queue}.
+fleet_executions_stalled, fleet_dead_letters_pending, fleet_outbox_backlog,
+fleet_outbox_oldest_age_seconds, fleet_timer_lag_seconds, fleet_partitions_missing{table},
+fleet_queue_depth{queue}.
 """
 
 from __future__ import annotations
@@ -215,6 +216,8 @@ class FleetCollector(Collector):
             yield _gauge("fleet_executions", "Workflow executions by status.",
                          labels={k: float(v) for k, v in figures.executions.items()},
                          label="status")
+            yield _gauge("fleet_executions_stalled", "Active executions marked stalled: "
+                         "nothing ready, due, awaited or in flight.", float(figures.stalled))
             yield _gauge("fleet_dead_letters_pending", "Dead letters not yet replayed or "
                          "discarded.", float(figures.dead_letters_pending))
             yield _gauge("fleet_outbox_backlog", "Outbox rows waiting for the relay.",

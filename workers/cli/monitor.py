@@ -9,7 +9,7 @@ import typer
 from prometheus_client import start_http_server
 
 from workers.cli.context import console, ensure_servers
-from workers.health import MAX_DEAD_LETTERS, MAX_TIMER_LAG, run_checks
+from workers.health import MAX_DEAD_LETTERS, MAX_STALLED, MAX_TIMER_LAG, run_checks
 from workers.metrics import exporter_registry, metrics_dir
 from workers.processes import flower_command
 from workers.queues import QUEUE_NAMES
@@ -68,12 +68,13 @@ def health(
     queue: list[str] = typer.Option(None, help="With --workers: only these queues (repeatable)."),
     max_timer_lag: float = typer.Option(MAX_TIMER_LAG, help="Seconds a due timer may wait."),
     max_dead_letters: int = typer.Option(MAX_DEAD_LETTERS, help="Pending dead letters allowed."),
+    max_stalled: int = typer.Option(MAX_STALLED, help="Stalled executions allowed."),
     timeout: float = typer.Option(1.0, help="Seconds to wait for workers to answer."),
 ) -> None:
     """Check the fleet for probes: one line per check; exit 1 if one fails.
 
     Database and broker reachable, (--workers) a worker for each queue, no partition
-    missing, timer lag and pending dead letters under their limits. Starts nothing:
+    missing, timer lag, pending dead letters and stalled executions under their limits. Starts nothing:
     uses DATABASE_URL / CELERY_BROKER_URL or the running embedded servers.
     """
     settings = get_settings()
@@ -88,7 +89,8 @@ def health(
         if unknown := [q for q in queues if q not in QUEUE_NAMES]:
             raise typer.BadParameter(f"unknown queue {', '.join(unknown)}", param_hint="--queue")
     checks = run_checks(settings, app=app, queues=queues, worker_timeout=timeout,
-                        max_timer_lag=max_timer_lag, max_dead_letters=max_dead_letters)
+                        max_timer_lag=max_timer_lag, max_dead_letters=max_dead_letters,
+                        max_stalled=max_stalled)
     for check in checks:
         typer.echo(check.line())
     if any(check.ok is False for check in checks):

@@ -18,8 +18,8 @@ def _first_line(exc: BaseException) -> str:
 
 def status(timeout: float = typer.Option(1.0, help="Seconds to wait for workers to answer."),
            ) -> None:
-    """Workers and queue depths, executions by status, timers, dead letters, outbox backlog
-    and partition coverage (exit 1 if partitions are missing)."""
+    """Workers and queue depths, executions by status (and stalled), timers, dead letters,
+    outbox backlog and partition coverage (exit 1 if partitions are missing)."""
     settings = ensure_servers()
     # After ensure_servers(): the Celery app reads the broker's URL from the settings when
     # first imported, and an embedded broker's URL is known only now.
@@ -47,6 +47,8 @@ def status(timeout: float = typer.Option(1.0, help="Seconds to wait for workers 
         raise typer.Exit(1) from None
     console.print("executions: " + (", ".join(f"{k} {v}" for k, v in
                                               sorted(figures.executions.items()) if v) or "none"))
+    console.print(f"stalled executions: {figures.stalled}"
+                  + (" (running, and can never go on by themselves)" if figures.stalled else ""))
     if figures.oldest_due_timer is not None:
         console.print(f"oldest due timer: {figures.oldest_due_timer:%Y-%m-%d %H:%M:%S} "
                       f"({figures.timer_lag:.0f}s late)")

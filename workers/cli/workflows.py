@@ -6,17 +6,26 @@ import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import WORKFLOW_STATUSES, ExecutionStatus, ExecutionStep, Workflow, WorkflowExecution
+from db.models import (
+    WORKFLOW_STATUSES,
+    ExecutionStatus,
+    ExecutionStep,
+    User,
+    Workflow,
+    WorkflowExecution,
+)
 from db.session import session_scope
 from workers.cli.context import console, ensure_servers
 from workers.cli.definitions import print_report
-from workers.engine import control
+from workers.engine import control, executions
+from workers.events.envelope import normalise_email
 
 workflow_app = typer.Typer(help="BPMN workflow definitions.", no_args_is_help=True)
 execution_app = typer.Typer(help="Workflow executions.", no_args_is_help=True)
@@ -24,21 +33,28 @@ execution_app = typer.Typer(help="Workflow executions.", no_args_is_help=True)
 
 @workflow_app.command("deploy")
 def deploy(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="a .bpmn file"),
+    files: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                       help="the main .bpmn file, then the files of the "
+                                            "processes its call activities call"),
     name: str = typer.Option(..., help="workflow name (a new BPMN for a name is a new version)"),
+    process: str | None = typer.Option(
+        None, help="the process to run (default: the main file's one executable process "
+                   "that no call activity calls)"),
     stages: str = typer.Option("", help="comma-separated lifecycle stages, e.g. Activation"),
     activate: bool = typer.Option(False, help="make it active (triggers start it)"),
     description: str | None = typer.Option(None),
 ) -> None:
-    """Validate a BPMN file and store it; running executions keep their version."""
+    """Validate BPMN files and store them as one workflow; running executions keep their version."""
     ensure_servers()
     # Here, not at the top: parsing BPMN loads SpiffWorkflow and lxml (~0.2 s), which
     # the other commands do without.
-    from workers.definitions import DefinitionError, deploy_workflow
+    from workers.definitions import DefinitionError, deploy_workflow, read_source
 
     try:
+        source = read_source(files, process)
         with session_scope() as session:
-            report = deploy_workflow(session, name, file.read_text(), description=description,
+            report = deploy_workflow(session, name, source.xml, others=source.others,
+                                     process_id=source.process_id, description=description,
                                      stages=[s.strip() for s in stages.split(",") if s.strip()],
                                      activate=activate)
     except DefinitionError as exc:
@@ -100,7 +116,16 @@ def show(execution_id: uuid.UUID, steps: int = typer.Option(50, help="history ro
             console.print(f"  wakes at  {row.wake_at}")
         if row.awaiting_events:
             console.print(f"  waits for {', '.join(row.awaiting_events)}")
-        if row.error_message:
+        for message in executions.pending_messages(session, row.id):  # not caught (yet)
+            console.print(f"  pending   {message.event_type} {message.event_id} "
+                          f"(received {message.received_at}, not caught)")
+        if row.awaiting_tasks:
+            console.print(f"  awaits    {', '.join(row.awaiting_tasks)} "
+                          f"(fleet execution complete {row.id} NODE [--data JSON])")
+        if row.stalled_at:
+            console.print(f"  [red]stalled   since {row.stalled_at}: {row.error_message}[/]\n"
+                          f"  (fleet execution retry {row.id} once fixed, or cancel it)")
+        elif row.error_message:
             console.print(f"  [red]error     {row.error_message}[/]")
         console.print("variables:")
         console.print_json(json.dumps(row.variables or {}, default=str))
@@ -133,7 +158,8 @@ def execution_list(
         if status:
             query = query.where(WorkflowExecution.status == status)
         for row, name in session.execute(query):
-            table.add_row(str(row.id), name, row.status + (" (paused)" if row.paused_at else ""),
+            marks = (" (paused)" if row.paused_at else "") + (" (stalled)" if row.stalled_at else "")
+            table.add_row(str(row.id), name, row.status + marks,
                           row.current_node_id or "-", str(row.started_at)[:19],
                           (row.error_message or "")[:60])
     console.print(table)
@@ -177,5 +203,77 @@ def resume(execution_id: uuid.UUID) -> None:
 
 @execution_app.command("retry")
 def retry(execution_id: uuid.UUID) -> None:
-    """Run a failed execution again from the node that failed."""
-    _control(execution_id, control.retry, "retrying from its failed node")
+    """Run a failed execution again from the node that failed, or a stalled one where it stopped."""
+    _control(execution_id, control.retry, "retrying where it stopped")
+
+
+@execution_app.command("complete")
+def complete(
+    execution_id: uuid.UUID,
+    node: str = typer.Argument(..., help="the user or manual task's node id (see `show`)"),
+    data: str = typer.Option("{}", help="a JSON object merged into the task's data"),
+) -> None:
+    """Complete a user or manual task the execution waits for; the workflow goes on."""
+    values = _data_object(data)
+    _control(execution_id, lambda session, eid: control.complete(session, eid, node, values),
+             f"{node} completed")
+    with session_scope() as session:
+        row = session.get(WorkflowExecution, execution_id)
+        if row is not None and row.status == ExecutionStatus.FAILED:
+            console.print(f"[red]the execution failed: {row.error_message}[/]")
+            raise typer.Exit(1)
+
+
+def _data_object(data: str) -> dict[str, Any]:
+    """The `--data` option's JSON object; anything else exits 2 with one line."""
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        console.print(f"[red]--data is not JSON: {exc}[/]")
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        console.print(f"[red]--data must be a JSON object, not {type(value).__name__}[/]")
+        raise typer.Exit(2)
+    return value
+
+
+def _user_id(session: Session, user: str) -> uuid.UUID:
+    """The id of the user named by email (in the form ingest stores) or id; exits 1 if none."""
+    try:
+        by_id: uuid.UUID | None = uuid.UUID(user)
+    except ValueError:
+        by_id = None
+    found = session.execute(select(User.id).where(
+        User.id == by_id if by_id is not None else User.email == normalise_email(user))
+    ).scalar_one_or_none()
+    if found is None:
+        console.print(f"[red]no user with email or id {user!r}[/]")
+        raise typer.Exit(1)
+    return found
+
+
+@execution_app.command("start")
+def start(
+    workflow: str = typer.Argument(..., help="workflow name (its current, active version runs)"),
+    user: str = typer.Option(..., help="the user's email or id"),
+    data: str = typer.Option("{}", help="a JSON object: the execution's start variables"),
+    key: str | None = typer.Option(None, help="idempotency key: a repeat with the same key "
+                                   "starts nothing and prints the first execution's id"),
+) -> None:
+    """Start one execution by hand; prints its id. Its variables: those of --data, and `user`
+    (added by the first step, as for a trigger's start)."""
+    variables = _data_object(data)
+    ensure_servers()
+    # After ensure_servers(): the Celery app reads the broker's URL from the settings when
+    # first imported, and an embedded broker's URL is known only now.
+    from workers.engine.dispatch import send_step
+
+    try:
+        with session_scope() as session:
+            execution_id = control.start(session, workflow, _user_id(session, user),
+                                         variables, key=key)
+    except control.ControlError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    send_step(execution_id, 0)
+    typer.echo(execution_id)

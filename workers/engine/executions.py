@@ -35,6 +35,7 @@ from db.models import (
 )
 
 MAX_ERROR = 2000  # characters of an error message kept on the execution and its step
+STALL_NODE_TYPE = "Stalled"  # execution_steps.node_type of the row that marks a stall
 Due = list[tuple[uuid.UUID, int]]  # (execution, version) to step
 _ACTIVE = sql_list(ACTIVE_EXECUTION_STATUSES)
 
@@ -81,6 +82,28 @@ def create(session: Session, new: Sequence[NewExecution], now: dt.datetime) -> l
     return [Started(r.id, r.trigger_id, r.source_event_id) for r in rows]
 
 
+def create_keyed(session: Session, new: NewExecution, key: str, now: dt.datetime) -> uuid.UUID:
+    """Insert one pending execution under a start key, unless its workflow has one with it.
+
+    Returns its id; a repeated key returns the first execution's id and creates nothing. A concurrent start with the same key waits on the unique index until the
+    other commits, so both answer with the same id. Stamped as sent, like `create`.
+    """
+    created = session.execute(
+        pg_insert(WorkflowExecution)
+        .values(workflow_id=new.workflow_id, workflow_version=new.workflow_version,
+                user_id=new.user_id, status=ExecutionStatus.PENDING, variables=new.variables,
+                start_key=key, step_enqueued_at=now)
+        .on_conflict_do_nothing(index_elements=["workflow_id", "start_key"],
+                                index_where=text("start_key IS NOT NULL"))
+        .returning(WorkflowExecution.id)
+    ).scalar_one_or_none()
+    if created is not None:
+        return created
+    return session.execute(select(WorkflowExecution.id).where(
+        WorkflowExecution.workflow_id == new.workflow_id,
+        WorkflowExecution.start_key == key)).scalar_one()
+
+
 @dataclass(frozen=True)
 class Message:
     """An event for its user's executions that wait for its type (message catch)."""
@@ -96,8 +119,10 @@ def wake_waiting(session: Session, messages: Sequence[Message], now: dt.datetime
 
     The waiting rows are locked until the caller commits, so a step of one of them
     either ran before (and is seen here as waiting) or runs after and finds the
-    message: a wake-up is never lost between the two. Returns (execution, version)
-    to step for those with no step already on its way and not paused.
+    message: a wake-up is never lost between the two. A stored message is pending
+    until a wait of the execution catches it (`pending_messages`). Returns
+    (execution, version) to step for those with no step already on its way and not
+    paused.
     """
     by_user: dict[uuid.UUID, list[Message]] = defaultdict(list)
     for message in messages:
@@ -124,18 +149,30 @@ def wake_waiting(session: Session, messages: Sequence[Message], now: dt.datetime
     return woken
 
 
-def take_messages(session: Session, execution_id: uuid.UUID,
-                  now: dt.datetime) -> list[ExecutionMessage]:
-    """The execution's messages not yet handed to its workflow, oldest first, now consumed."""
-    pending = list(session.execute(
-        select(ExecutionMessage)
-        .where(ExecutionMessage.execution_id == execution_id,
-               ExecutionMessage.consumed_at.is_(None))
-        .order_by(ExecutionMessage.id)
-    ).scalars())
-    for message in pending:
-        message.consumed_at = now
-    return pending
+MAX_PENDING = 200  # pending messages a step looks at: the newest, so a step stays bounded
+
+
+def pending_messages(session: Session, execution_id: uuid.UUID,
+                     event_types: Sequence[str] | None = None) -> list[ExecutionMessage]:
+    """The execution's messages no wait has caught yet (of these types), oldest first.
+
+    A message stays pending until a wait catches it: one whose correlation values
+    did not match is kept for a later wait of the execution, not dropped. A step
+    looks at the newest `MAX_PENDING` of them only, so a user who sends thousands of
+    non-matching events cannot make every step of the execution slower.
+    """
+    query = (select(ExecutionMessage)
+             .where(ExecutionMessage.execution_id == execution_id,
+                    ExecutionMessage.consumed_at.is_(None))
+             .order_by(ExecutionMessage.id.desc()).limit(MAX_PENDING))
+    if event_types is not None:
+        query = query.where(ExecutionMessage.event_type.in_(event_types))
+    return sorted(session.execute(query).scalars(), key=lambda message: message.id)
+
+
+def consume(message: ExecutionMessage, now: dt.datetime) -> None:
+    """The execution's workflow caught this message."""
+    message.consumed_at = now
 
 
 def mark_enqueued(session: Session, execution_ids: Sequence[uuid.UUID], now: dt.datetime) -> None:
@@ -170,28 +207,31 @@ def _history(session: Session, row: WorkflowExecution, node_id: str, node_type: 
 
 def advance(session: Session, row: WorkflowExecution, *, node_id: str, node_type: str,
             outcome: StepOutcome, engine_state: dict[str, Any], variables: dict[str, Any],
-            wake_at: dt.datetime | None, awaiting: Sequence[str], completed: bool,
-            in_flight: bool, now: dt.datetime) -> int:
+            wake_at: dt.datetime | None, awaiting: Sequence[str], tasks: Sequence[str],
+            completed: bool, in_flight: bool, now: dt.datetime) -> int:
     """A node ran (or asked for its operator): its state, waits and history row.
 
-    `in_flight`: a step or operator call follows (the caller sends it after commit).
-    Returns the new version.
+    `tasks`: the user and manual tasks now waiting for completion. `in_flight`: a
+    step or operator call follows (the caller sends it after commit). Returns the
+    new version.
     """
     row.engine_state, row.variables = engine_state, variables
     row.current_node_id = node_id
     row.status = ExecutionStatus.COMPLETED if completed else ExecutionStatus.RUNNING
     row.completed_at = now if completed else None
     row.wake_at, row.awaiting_events = wake_at, list(awaiting) or None
+    row.awaiting_tasks, row.stalled_at = list(tasks) or None, None
     row.step_enqueued_at = now if in_flight else None
     return _history(session, row, node_id, node_type, outcome, now, now)
 
 
 def save_waits(row: WorkflowExecution, *, engine_state: dict[str, Any],
-               wake_at: dt.datetime | None, awaiting: Sequence[str], completed: bool,
-               in_flight: bool, now: dt.datetime) -> None:
+               wake_at: dt.datetime | None, awaiting: Sequence[str], tasks: Sequence[str],
+               completed: bool, in_flight: bool, now: dt.datetime) -> None:
     """No node was ready: only the state and waits change; the version stays."""
     row.engine_state = engine_state
     row.wake_at, row.awaiting_events = wake_at, list(awaiting) or None
+    row.awaiting_tasks, row.stalled_at = list(tasks) or None, None
     row.step_enqueued_at = now if in_flight else None
     if completed:
         row.status, row.completed_at = ExecutionStatus.COMPLETED, now
@@ -207,14 +247,30 @@ def fail(session: Session, row: WorkflowExecution, *, node_id: str, node_type: s
     row.error_message = error[:MAX_ERROR]
     row.current_node_id = node_id
     row.completed_at = now
-    row.wake_at = row.step_enqueued_at = None
+    row.wake_at = row.awaiting_tasks = row.stalled_at = row.step_enqueued_at = None
     return _history(session, row, node_id, node_type, StepOutcome.FAILED, now, now, error)
+
+
+def stall(session: Session, row: WorkflowExecution, *, engine_state: dict[str, Any],
+          reason: str, now: dt.datetime) -> int:
+    """The execution is running but can never go on by itself: mark it, with the reason.
+
+    Nothing is awaited or sent (the reaper leaves it alone) until an operator
+    retries or cancels it. Returns the version of its history row.
+    """
+    row.engine_state = engine_state
+    row.status, row.stalled_at = ExecutionStatus.RUNNING, now
+    row.error_message = reason[:MAX_ERROR]
+    row.wake_at = row.awaiting_events = row.awaiting_tasks = row.step_enqueued_at = None
+    return _history(session, row, row.current_node_id or "-", STALL_NODE_TYPE,
+                    StepOutcome.STALLED, now, now, reason)
 
 
 def cancel(session: Session, row: WorkflowExecution, now: dt.datetime) -> None:
     """Stop for good: timers, waits and a pause are dropped; a late step finds a new version."""
     row.status, row.completed_at = ExecutionStatus.CANCELLED, now
-    row.wake_at = row.awaiting_events = row.step_enqueued_at = row.paused_at = None
+    row.wake_at = row.awaiting_events = row.awaiting_tasks = None
+    row.step_enqueued_at = row.paused_at = row.stalled_at = None
     _history(session, row, row.current_node_id or "-", "Cancel", StepOutcome.CANCELLED, now, now)
 
 
@@ -229,8 +285,9 @@ def resume(row: WorkflowExecution, now: dt.datetime) -> int:
 
 
 def retry(row: WorkflowExecution, now: dt.datetime) -> int:
-    """Make a failed execution running again at its failed node; returns the version to step."""
+    """Run a failed or stalled execution again where it stopped; returns the version to step."""
     row.status, row.error_message, row.completed_at = ExecutionStatus.RUNNING, None, None
+    row.stalled_at = None
     row.paused_at, row.updated_at, row.step_enqueued_at = None, now, now
     return row.state_version
 
@@ -256,7 +313,8 @@ def claim_stuck(session: Session, now: dt.datetime, *, sent_before: dt.datetime,
     """Re-send (or, past `max_resends`, fail) active executions whose step looks lost.
 
     Lost: sent before `sent_before` (before `chain_before` while an operator call of
-    it is pending), or nothing sent and nothing to wait for. Each gets a history row
+    it is pending), or nothing sent and nothing to wait for. A stalled execution is
+    not lost: its step ran and found nothing to do. Each gets a history row
     of `node_type` (outcome `retrying`, `attempt` = re-sends in a row without progress)
     and a new version. Returns (id, state_version, status, error_message) of each.
     """
@@ -267,12 +325,14 @@ def claim_stuck(session: Session, now: dt.datetime, *, sent_before: dt.datetime,
         "    WHERE s.execution_id = e.id AND s.seq = e.state_version "
         f"    AND s.outcome = '{retrying}' AND s.node_type = :kind), 0) + 1 AS resends "
         "  FROM workflow_executions e "
-        f"  WHERE e.status IN ({_ACTIVE}) AND e.paused_at IS NULL AND ("
+        f"  WHERE e.status IN ({_ACTIVE}) AND e.paused_at IS NULL AND e.stalled_at IS NULL "
+        "  AND ("
         "    (e.step_enqueued_at < :cutoff AND (e.step_enqueued_at < :chain_cutoff OR NOT EXISTS ("
         "      SELECT 1 FROM action_deliveries d "
         "      WHERE d.execution_id = e.id AND d.status = 'pending'))) "
         "    OR (e.step_enqueued_at IS NULL AND e.wake_at IS NULL "
-        "        AND e.awaiting_events IS NULL AND e.updated_at < :cutoff)) "
+        "        AND e.awaiting_events IS NULL AND e.awaiting_tasks IS NULL "
+        "        AND e.updated_at < :cutoff)) "
         "  ORDER BY e.step_enqueued_at NULLS FIRST LIMIT :limit FOR UPDATE OF e SKIP LOCKED"
         "), moved AS ("
         "  UPDATE workflow_executions e SET state_version = e.state_version + 1, "

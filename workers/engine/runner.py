@@ -18,12 +18,15 @@ from SpiffWorkflow.bpmn.specs.event_definitions.message import MessageEventDefin
 from SpiffWorkflow.bpmn.specs.event_definitions.multiple import MultipleEventDefinition
 from SpiffWorkflow.bpmn.specs.event_definitions.timer import TimerEventDefinition
 from SpiffWorkflow.bpmn.specs.mixins.events.intermediate_event import EventBasedGateway
+from SpiffWorkflow.bpmn.specs.mixins.manual_task import ManualTask
 from SpiffWorkflow.bpmn.specs.mixins.service_task import ServiceTask
+from SpiffWorkflow.bpmn.specs.mixins.user_task import UserTask
 from SpiffWorkflow.bpmn.util.event import BpmnEvent
 from SpiffWorkflow.bpmn.workflow import BpmnWorkflow
 from SpiffWorkflow.task import Task
 from SpiffWorkflow.util.task import TaskState
 
+from workers.engine.sandbox import SandboxError
 from workers.engine.script_engine import ACTION_RESULT
 
 
@@ -40,8 +43,21 @@ def _workflows(workflow: BpmnWorkflow) -> Iterator[Any]:
     yield workflow
 
 
+def is_human_task(task: Task) -> bool:
+    """A user or manual task: it runs when someone completes it (`control.complete`)."""
+    return isinstance(task.task_spec, (UserTask, ManualTask))
+
+
 def _ready(workflow: Any) -> Iterator[Task]:
-    yield from workflow.get_tasks_iterator(state=TaskState.READY, manual=False)
+    """Ready tasks the engine runs by itself.
+
+    SpiffWorkflow marks a plain `bpmn:task` manual too; here it is a pass-through
+    node, as most BPMN engines treat an abstract task. Only user and manual tasks
+    wait for a person.
+    """
+    for task in workflow.get_tasks_iterator(state=TaskState.READY):
+        if not is_human_task(task):
+            yield task
 
 
 def is_node(task: Task) -> bool:
@@ -109,6 +125,42 @@ def complete_service_task(workflow: BpmnWorkflow, task: Task, result: Any) -> No
     run_node(workflow, task)
 
 
+def human_tasks(workflow: BpmnWorkflow) -> tuple[str, ...]:
+    """Node ids of the ready user and manual tasks: what the execution awaits from people."""
+    return tuple(sorted({task.task_spec.bpmn_id for wf in _workflows(workflow)
+                         for task in wf.get_tasks_iterator(state=TaskState.READY)
+                         if is_human_task(task)}))
+
+
+def human_task(workflow: BpmnWorkflow, node_id: str) -> Task | None:
+    """The ready user or manual task `node_id`, if there is one."""
+    for wf in _workflows(workflow):
+        for task in wf.get_tasks_iterator(state=TaskState.READY):
+            if is_human_task(task) and task.task_spec.bpmn_id == node_id:
+                return task
+    return None
+
+
+def complete_human_task(workflow: BpmnWorkflow, task: Task, data: dict[str, Any]) -> None:
+    """Run a ready user or manual task, `data` (what the person gave) merged into its data."""
+    task.data.update(data)
+    run_node(workflow, task)
+
+
+_UNDERWAY = TaskState.WAITING | TaskState.READY | TaskState.STARTED
+
+
+def stall_reason(workflow: BpmnWorkflow) -> str:
+    """Why a workflow with nothing ready, due, awaited or in flight cannot go on."""
+    blocked = sorted({f"{task.task_spec.bpmn_id} ({TaskState.get_name(task.state).lower()})"
+                      for wf in _workflows(workflow)
+                      for task in wf.get_tasks_iterator(state=_UNDERWAY)
+                      if is_node(task)})
+    where = f"; unfinished: {', '.join(blocked)}" if blocked else ""
+    return ("no node is ready and nothing is awaited (no timer, message, human task or "
+            f"operator call){where}")
+
+
 def is_service_task(task: Task) -> bool:
     return isinstance(task.task_spec, ServiceTask)
 
@@ -174,15 +226,56 @@ def _timer_came_first(task: Task, payload: dict[str, Any]) -> bool:
     return False
 
 
+def _expect_correlations(task: Task, definition: MessageEventDefinition) -> None:
+    """Set the values this wait expects from the process variables it names.
+
+    SpiffWorkflow does so when a catch event starts waiting (the spiff extension
+    `processVariableCorrelation`), but not for the branches of an event-based
+    gateway, whose definitions the gateway holds; doing it here covers both.
+    """
+    if getattr(definition, "process_correlations", None):
+        definition.update_task(task)
+
+
+def _event(task: Task, definition: MessageEventDefinition,
+           payload: dict[str, Any]) -> BpmnEvent | None:
+    """The message as SpiffWorkflow's event, with its correlation values.
+
+    Each retrieval expression runs in the sandbox against the payload
+    (`{event_id, event_type, data, occurred_at}`); None when one cannot be
+    evaluated (the event lacks the property, say): such an event matches nothing.
+    """
+    try:
+        _expect_correlations(task, definition)
+        correlations = definition.calculate_correlations(
+            task.workflow.script_engine, definition.correlation_properties, payload)
+    except SandboxError:
+        return None
+    return BpmnEvent(definition, payload, correlations)
+
+
 def deliver(workflow: BpmnWorkflow, name: str, payload: dict[str, Any]) -> bool:
-    """Hand a message to the workflow; False when nothing waits for it (or it came too late)."""
-    for task in list(workflow.event_manager.tasks.values()):
-        if not task.has_state(TaskState.WAITING) or _timer_came_first(task, payload):
+    """Hand a message to the workflow; True only when the engine caught it.
+
+    A wait with correlation properties catches it only when the values match
+    (SpiffWorkflow's `catches`). Caught means a waiting task took it and stopped
+    waiting; a message that no task took (no such wait, other correlation values,
+    too late for a gateway whose timer came first) is left to the caller.
+    """
+    manager = workflow.event_manager
+    waiting = [t for t in list(manager.tasks.values()) if t.has_state(TaskState.WAITING)]
+    for task in waiting:
+        if _timer_came_first(task, payload):
             continue
         for definition in _definitions(task):
-            if isinstance(definition, MessageEventDefinition) and definition.name == name:
-                workflow.catch(BpmnEvent(definition, payload))
-                return True
+            if not isinstance(definition, MessageEventDefinition) or definition.name != name:
+                continue
+            event = _event(task, definition, payload)
+            if event is None or not task.task_spec.catches(task, event):
+                continue
+            # internal=False: an event nothing catches is not queued for a later look
+            caught = manager.catch(event, internal=False)
+            return caught > 0 and any(not t.has_state(TaskState.WAITING) for t in waiting)
     return False
 
 

@@ -1,7 +1,8 @@
 """Parsed workflow specs, cached per worker process by (workflow id, version).
 
-A version's BPMN never changes once deployed (`workflow_versions`), so a parsed
-spec can be kept for the life of the process; the cache is bounded (LRU).
+A version's BPMN files never change once deployed (`workflow_versions`: the main
+file and the files of the processes it calls), so a parsed spec can be kept for the
+life of the process; the cache is bounded (LRU).
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ class SpecCache:
             if key in self._specs:
                 self._specs.move_to_end(key)
                 return self._specs[key]
-        xml = session.execute(select(WorkflowVersion.bpmn_xml).where(
-            WorkflowVersion.workflow_id == workflow_id, WorkflowVersion.version == version,
-        )).scalar_one_or_none()
-        if xml is None:
+        row = session.execute(select(
+            WorkflowVersion.bpmn_xml, WorkflowVersion.extra_files, WorkflowVersion.process_id,
+        ).where(WorkflowVersion.workflow_id == workflow_id,
+                WorkflowVersion.version == version)).one_or_none()
+        if row is None:
             raise SpecNotFound(f"workflow {workflow_id} has no deployed version {version}")
-        parsed = validate_bpmn(xml).parsed  # operators were checked at deploy
+        # Operators were checked at deploy; the stored process id keeps the choice made then.
+        parsed = validate_bpmn(row.bpmn_xml, others=row.extra_files,
+                               process_id=row.process_id).parsed
         loaded = LoadedSpec(workflow_id, version, parsed.process_id, parsed.spec,
                             parsed.subprocess_specs)
         with self._lock:

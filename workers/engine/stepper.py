@@ -10,7 +10,12 @@ the next step (or the operator call) only after the commit.
 Service tasks run in two steps around the actions queue: the first step records
 an `action_deliveries` row (the idempotency key and the evaluated parameters) and
 asks for the operator to run; once it has, the next step completes the node with
-the operator's result.
+the operator's result. User and manual tasks wait for a person: the execution
+lists them in `awaiting_tasks` and `complete_task` runs one with the data given.
+
+An execution that is running with nothing ready, due, awaited or in flight can
+never go on by itself: the step that finds it so marks it stalled, with the
+reason, and sends nothing (the reaper leaves it alone until it is retried).
 
 A step whose writes cannot be saved (a value PostgreSQL refuses in the state, the
 variables or an operator's parameters) fails the execution at that node instead:
@@ -23,8 +28,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -42,7 +48,8 @@ from workers.errors import is_transient
 from workers.log import get_logger
 
 log = get_logger(__name__)
-Outcome = Literal["noop", "completed", "waiting", "failed"]
+R = TypeVar("R", bound="StepResult | None")
+Outcome = Literal["noop", "completed", "waiting", "failed", "stalled"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class StepResult:
     node_id: str | None = None
     next_version: int | None = None  # send workflows.step(id, next_version)
     action_key: str | None = None  # send actions.run(action_key)
-    reason: str | None = None  # why a step was a no-op
+    reason: str | None = None  # why a step was a no-op, or why the execution stalled
 
 
 def action_key(execution_id: uuid.UUID, task_id: uuid.UUID) -> str:
@@ -71,11 +78,20 @@ def _user_variables(session: Session, user_id: uuid.UUID) -> dict[str, Any]:
 
 def _deliver_messages(session: Session, execution: WorkflowExecution, workflow: Any,
                       now: dt.datetime) -> None:
-    """Hand pending events (message catch) to the workflow, oldest first."""
-    for message in executions.take_messages(session, execution.id, now):
+    """Hand the execution's pending events to the waits that catch them, oldest first.
+
+    Only a message the workflow caught is consumed; one no wait caught (its
+    correlation values differ, say) stays pending for a later wait.
+    """
+    awaited = runner.waits(workflow).messages
+    if not awaited:
+        return
+    for message in executions.pending_messages(session, execution.id, awaited):
         caught = runner.deliver(workflow, message.event_type, message.payload)
+        if caught:
+            executions.consume(message, now)
         log.info("execution.message", execution_id=str(execution.id),
-                 event_type=message.event_type, caught=caught)
+                 event_type=message.event_type, event_id=str(message.event_id), caught=caught)
 
 
 @dataclass
@@ -101,9 +117,30 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
         return StepResult("noop", reason=f"stale step {expected_version}, "
                                          f"execution is at {execution.state_version}")
     attempt = _Attempt(execution.current_node_id)
+    return _saved_or_failed(session, execution, attempt, now,
+                            lambda: _advance(session, execution, attempt, now))
+
+
+def complete_task(session: Session, execution: WorkflowExecution, node_id: str,
+                  data: dict[str, Any], now: dt.datetime) -> StepResult | None:
+    """Run the waiting user or manual task `node_id` with `data` merged into its data.
+
+    The caller has locked the execution and checked that it is active, unpaused and
+    awaits `node_id`. Returns what a step would (a node that raises fails the
+    execution), or None when the workflow has no such task ready (nothing written).
+    """
+    attempt = _Attempt(node_id)
+    return _saved_or_failed(session, execution, attempt, now,
+                            lambda: _complete(session, execution, attempt, node_id, data, now))
+
+
+def _saved_or_failed(
+        session: Session, execution: WorkflowExecution, attempt: _Attempt, now: dt.datetime,
+        work: Callable[[], R]) -> R | StepResult:
+    """Run `work` in a savepoint; writes PostgreSQL refuses fail the execution at its node."""
     try:
-        with session.begin_nested():  # the row lock taken above outlives a rollback
-            result = _advance(session, execution, attempt, now)
+        with session.begin_nested():  # the row lock taken by the caller outlives a rollback
+            result = work()
             session.flush()
         return result
     except Exception as exc:
@@ -138,12 +175,7 @@ def _advance(session: Session, execution: WorkflowExecution, attempt: _Attempt,
     except Exception as exc:
         if _is_infrastructure(exc):
             raise
-        node_id = execution.current_node_id or "-"
-        error = f"cannot run the workflow: {exc}"
-        log.warning("execution.failed", execution_id=str(execution.id), error=error)
-        executions.fail(session, execution, node_id=node_id, node_type="Load", error=error,
-                        now=now)
-        return StepResult("failed", node_id=node_id)
+        return _cannot_run(session, execution, exc, now)
 
     result: StepResult
     if task is None:
@@ -157,6 +189,39 @@ def _advance(session: Session, execution: WorkflowExecution, attempt: _Attempt,
         result = StepResult("completed", node_id=node_id)
 
     return _persist(session, execution, workflow, task, result, now)
+
+
+def _complete(session: Session, execution: WorkflowExecution, attempt: _Attempt, node_id: str,
+              data: dict[str, Any], now: dt.datetime) -> StepResult | None:
+    """Load, run the human task with its data and write the result (inside a savepoint)."""
+    try:
+        workflow = _load(session, execution)
+        task = runner.human_task(workflow, node_id)
+    except Exception as exc:
+        if _is_infrastructure(exc):
+            raise
+        return _cannot_run(session, execution, exc, now)
+    if task is None:
+        return None
+    attempt.node_type = _node_type(task)
+    try:
+        runner.complete_human_task(workflow, task, data)
+    except Exception as exc:
+        if _is_infrastructure(exc) or isinstance(exc, state.Unstorable):
+            raise
+        return _node_failed(session, execution, task, node_id, exc, now)
+    return _persist(session, execution, workflow, task, StepResult("completed", node_id=node_id),
+                    now)
+
+
+def _cannot_run(session: Session, execution: WorkflowExecution, exc: Exception,
+                now: dt.datetime) -> StepResult:
+    """A definition or state that cannot be loaded fails the execution, not the worker."""
+    node_id = execution.current_node_id or "-"
+    error = f"cannot run the workflow: {exc}"
+    log.warning("execution.failed", execution_id=str(execution.id), error=error)
+    executions.fail(session, execution, node_id=node_id, node_type="Load", error=error, now=now)
+    return StepResult("failed", node_id=node_id)
 
 
 def _load(session: Session, execution: WorkflowExecution) -> Any:
@@ -188,7 +253,8 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
                                    engine_state=engine_state, variables=variables,
                                    wake_at=execution.wake_at,
                                    awaiting=execution.awaiting_events or (),
-                                   completed=False, in_flight=True, now=now)
+                                   tasks=execution.awaiting_tasks or (), completed=False,
+                                   in_flight=True, now=now)
                 return StepResult("waiting", node_id=node_id, action_key=key)
             if delivery.status == "pending":  # lost or slow: ask again (the action is idempotent)
                 executions.mark_enqueued(session, [execution.id], now)
@@ -199,16 +265,21 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
             runner.complete_service_task(workflow, task, delivery.result or {})
         else:
             runner.run_node(workflow, task)
-    except Exception as exc:  # a node's failure fails the execution, not the worker
+    except Exception as exc:
         if _is_infrastructure(exc) or isinstance(exc, state.Unstorable):
             raise  # retried by the task, or failed by `step` with the savepoint rolled back
-        error = f"node {node_id}: {exc}"
-        log.warning("execution.failed", execution_id=str(execution.id), node_id=node_id,
-                    error=error)
-        executions.fail(session, execution, node_id=node_id, node_type=_node_type(task),
-                        error=error, now=now)
-        return StepResult("failed", node_id=node_id)
+        return _node_failed(session, execution, task, node_id, exc, now)
     return None
+
+
+def _node_failed(session: Session, execution: WorkflowExecution, task: Any, node_id: str,
+                 exc: Exception, now: dt.datetime) -> StepResult:
+    """A node's failure fails the execution, not the worker."""
+    error = f"node {node_id}: {exc}"
+    log.warning("execution.failed", execution_id=str(execution.id), node_id=node_id, error=error)
+    executions.fail(session, execution, node_id=node_id, node_type=_node_type(task), error=error,
+                    now=now)
+    return StepResult("failed", node_id=node_id)
 
 
 class _OperatorFailed(Exception):
@@ -247,12 +318,18 @@ def _is_infrastructure(exc: BaseException) -> bool:
 def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task: Any,
              result: StepResult, now: dt.datetime) -> StepResult:
     """Save state and waits after a node ran (or none was ready); decide the next step."""
+    if result.node_id is not None:  # a wait the node began may catch a pending message
+        _deliver_messages(session, execution, workflow, now)
     has_next = runner.next_node(workflow) is not None  # also runs control tasks left over
     completed = workflow.is_completed()
     waits = runner.waits(workflow) if not completed else runner.Waits(None, ())
+    tasks = runner.human_tasks(workflow) if not completed else ()
+    stalled = not (completed or has_next or tasks or waits.wake_at or waits.messages)
     if result.node_id is None:  # nothing ran: only the waits change, the version stays
+        if stalled:
+            return _stall(session, execution, workflow, None, now)
         executions.save_waits(execution, engine_state=state.dump(workflow),
-                              wake_at=waits.wake_at, awaiting=waits.messages,
+                              wake_at=waits.wake_at, awaiting=waits.messages, tasks=tasks,
                               completed=completed, in_flight=has_next, now=now)
         return StepResult("waiting", next_version=execution.state_version if has_next else None)
 
@@ -260,7 +337,20 @@ def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task
     version = executions.advance(session, execution, node_id=result.node_id,
                                  node_type=_node_type(task), outcome=StepOutcome.COMPLETED,
                                  engine_state=engine_state, variables=variables,
-                                 wake_at=waits.wake_at, awaiting=waits.messages,
+                                 wake_at=waits.wake_at, awaiting=waits.messages, tasks=tasks,
                                  completed=completed, in_flight=has_next, now=now)
+    if stalled:
+        return _stall(session, execution, workflow, result.node_id, now)
     return StepResult("completed", node_id=result.node_id,
                       next_version=version if has_next else None)
+
+
+def _stall(session: Session, execution: WorkflowExecution, workflow: Any, node_id: str | None,
+           now: dt.datetime) -> StepResult:
+    """Nothing is ready, due, awaited or in flight: mark the execution stalled, send nothing."""
+    node = execution.current_node_id or "-"
+    reason = f"stalled at node {node}: {runner.stall_reason(workflow)}"
+    log.warning("execution.stalled", execution_id=str(execution.id), reason=reason)
+    executions.stall(session, execution, engine_state=state.dump(workflow), reason=reason,
+                     now=now)
+    return StepResult("stalled", node_id=node_id, reason=reason)

@@ -35,7 +35,9 @@ def claim_stuck(session: Session, now: dt.datetime, older_than: dt.timedelta,
     """Active executions whose step (or operator call) was sent long ago and never ran.
 
     Also catches an active execution with nothing sent and nothing to wait for
-    (a send lost before it was stamped). An execution waiting for an operator call
+    (a send lost before it was stamped). A stalled execution is left alone: its
+    step ran and found nothing to do, and a re-send would only find that again
+    (retry it once fixed). An execution waiting for an operator call
     is left alone for `retry_chain` longer: the call may still be retrying, and a
     re-sent step would start a second chain of the same call.
 

@@ -1,22 +1,24 @@
 """Deploy-time validation of BPMN workflows: supported elements, safe expressions.
 
 Everything the fleet cannot run is refused when a workflow is deployed, not found
-at run time: unsupported elements (user and manual tasks, multi-instance and loop
-tasks, signals, escalations, conditional events, transactions, event and ad-hoc
-subprocesses, catch events with several definitions, event-based gateways with
-more than one timer), unknown service-task operators, and any expression the
-sandbox would not run (gateway conditions, scripts, pre/post scripts, timer
-expressions, operator parameters), and values that could never be saved with the
-execution (a script leaving `range(3)` or `list[int]` in a variable, an operator
-parameter that is a set). The error names the element and the reason.
+at run time: unsupported elements (see workers/engine/bpmn.py for what is refused
+before SpiffWorkflow parses a file; here, catch events with several definitions and
+event-based gateways with more than one timer), message names that are not event
+types (the execution would wait for an event no producer can send), unknown
+service-task operators, and any expression the sandbox would not run (gateway
+conditions, scripts, pre/post scripts, timer expressions, correlation expressions,
+operator parameters), and values that could never be saved with the execution (a
+script leaving `range(3)` or `list[int]` in a variable, an operator parameter that
+is a set). The error names the element and the reason.
 Receive tasks (a message wait drawn as a task) are supported, so that a boundary
-timer can time the wait out.
+timer can time the wait out; plain tasks pass through; user and manual tasks are
+human steps; a none intermediate throw event (a milestone) passes through.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,11 +44,13 @@ from SpiffWorkflow.bpmn.specs.mixins.events.intermediate_event import (
     BoundaryEvent,
     EventBasedGateway,
     IntermediateCatchEvent,
+    IntermediateThrowEvent,
     ReceiveTask,
 )
 from SpiffWorkflow.bpmn.specs.mixins.events.start_event import StartEvent
 from SpiffWorkflow.bpmn.specs.mixins.exclusive_gateway import ExclusiveGateway
 from SpiffWorkflow.bpmn.specs.mixins.inclusive_gateway import InclusiveGateway
+from SpiffWorkflow.bpmn.specs.mixins.manual_task import ManualTask
 from SpiffWorkflow.bpmn.specs.mixins.none_task import NoneTask
 from SpiffWorkflow.bpmn.specs.mixins.parallel_gateway import ParallelGateway
 from SpiffWorkflow.bpmn.specs.mixins.script_task import ScriptTask
@@ -58,9 +62,11 @@ from SpiffWorkflow.bpmn.specs.mixins.subworkflow_task import (
     SubWorkflowTask,
     TransactionSubprocess,
 )
+from SpiffWorkflow.bpmn.specs.mixins.user_task import UserTask
 
 from workers.engine.bpmn import BpmnError, ParsedBpmn, parse_bpmn
 from workers.engine.sandbox import SandboxError, check, never_storable
+from workers.event_types import EVENT_TYPE_RULE, is_event_type
 
 # Internal specs SpiffWorkflow adds around the drawn elements.
 _CONTROL = (BpmnStartTask, _EndJoin, BoundaryEventSplit, BoundaryEventJoin, StartEventSplit,
@@ -68,7 +74,8 @@ _CONTROL = (BpmnStartTask, _EndJoin, BoundaryEventSplit, BoundaryEventJoin, Star
 _SUBPROCESS_NOT_SUPPORTED = (TransactionSubprocess, EventSubprocess, AdHocSubprocess)
 _SUPPORTED = (StartEvent, EndEvent, ExclusiveGateway, InclusiveGateway, ParallelGateway,
               EventBasedGateway, ScriptTask, ServiceTask, IntermediateCatchEvent, BoundaryEvent,
-              SubWorkflowTask, CallActivity, NoneTask,
+              SubWorkflowTask, CallActivity, NoneTask, UserTask, ManualTask,
+              IntermediateThrowEvent,  # bpmn.py refuses every definition on it: a milestone
               ReceiveTask)  # a message wait drawn as a task, so boundary events can time it out
 _EVENTS = (NoneEventDefinition, TimerEventDefinition, MessageEventDefinition,
            ErrorEventDefinition, TerminateEventDefinition)
@@ -103,6 +110,21 @@ def _definitions(definition: Any) -> Iterator[Any]:
         yield definition
 
 
+def _correlation_expressions(spec: Any) -> Iterator[tuple[str, Literal["eval"], str]]:
+    """The correlation expressions of a message wait, which run in the sandbox too.
+
+    Retrieval expressions run against the event's payload, process-variable ones
+    (the spiff extension) against the waiting task's data.
+    """
+    for definition in _definitions(getattr(spec, "event_definition", None)):
+        if not isinstance(definition, MessageEventDefinition):
+            continue
+        for prop in definition.correlation_properties:
+            yield f"correlation property {prop.name!r}", "eval", prop.retrieval_expression
+        for prop in getattr(definition, "process_correlations", None) or []:
+            yield f"process correlation {prop.name!r}", "eval", prop.retrieval_expression
+
+
 def _expressions(spec: Any) -> Iterator[tuple[str, Literal["eval", "exec"], str]]:
     """(what, mode, source) for every piece of code an element carries."""
     for condition, _target in getattr(spec, "cond_task_specs", []) or []:
@@ -117,21 +139,41 @@ def _expressions(spec: Any) -> Iterator[tuple[str, Literal["eval", "exec"], str]
     for definition in _definitions(getattr(spec, "event_definition", None)):
         if isinstance(definition, TimerEventDefinition) and definition.expression:
             yield "timer expression", "eval", definition.expression
+    yield from _correlation_expressions(spec)
     for name, param in (getattr(spec, "operation_params", None) or {}).items():
         if isinstance(param, dict) and isinstance(param.get("value"), str):
             yield f"operator parameter {name!r}", "eval", param["value"]
 
 
-def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None) -> ValidatedWorkflow:
-    """Parse and check a BPMN file for deployment; raises BpmnError naming the element."""
-    parsed = parse_bpmn(xml)
+def _message_name(element: str, name: str | None) -> str:
+    """The event type a message waits for; refused unless an envelope could carry it."""
+    if not name:
+        raise BpmnError(f"element {element}: its message has no name: name it after the event "
+                        f"type it waits for ({EVENT_TYPE_RULE})")
+    if not is_event_type(name):
+        raise BpmnError(f"message `{name}` of element `{element}` is not an event type: "
+                        f"expected {EVENT_TYPE_RULE}")
+    return name
+
+
+def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None, *,
+                  others: Mapping[str, str] | None = None,
+                  process_id: str | None = None) -> ValidatedWorkflow:
+    """Parse and check a workflow for deployment; raises BpmnError naming the element.
+
+    `others` and `process_id` are those of `parse_bpmn`: the files of called processes
+    and the process to run.
+    """
+    parsed = parse_bpmn(xml, others, process_id)
     awaited: set[str] = set()
     for spec in _specs(parsed):
         element = getattr(spec, "bpmn_id", None) or spec.name
         if isinstance(spec, _CONTROL) or (type(spec) is SimpleBpmnTask):
             continue
         if isinstance(spec, _SUBPROCESS_NOT_SUPPORTED) or not isinstance(spec, _SUPPORTED):
-            raise BpmnError(f"element {element}: {type(spec).__name__} is not supported")
+            raise BpmnError(f"element {element}: {type(spec).__name__} is not supported: draw "
+                            "it as a task, script, service, user, manual or receive task, a "
+                            "gateway, a subprocess or call activity, or a supported event")
         definition = getattr(spec, "event_definition", None)
         if isinstance(definition, MultipleEventDefinition) and not isinstance(
                 spec, EventBasedGateway):
@@ -145,7 +187,7 @@ def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None) -> 
             if not isinstance(item, _EVENTS):
                 raise BpmnError(f"element {element}: {type(item).__name__} is not supported")
             if isinstance(item, MessageEventDefinition):
-                awaited.add(item.name)
+                awaited.add(_message_name(element, item.name))
         if isinstance(spec, ServiceTask) and operators is not None:
             operator = getattr(spec, "operation_name", None)
             if operator not in operators:

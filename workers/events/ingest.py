@@ -291,6 +291,8 @@ def _start_executions(session: Session, matches: list[_Match],
                       now: dt.datetime) -> dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID]:
     """Start a pending execution per match; the unique indexes drop racing duplicates.
 
+    Its start variables are `event` (id, type and data) and the trigger's mapped
+    variables (None where a path is missing); the stepper adds `user` at the first step.
     Returns {(trigger_id, event_id): execution_id} for the executions created.
     """
     started = executions.create(session, [
@@ -298,7 +300,8 @@ def _start_executions(session: Session, matches: list[_Match],
             workflow_id=m.trigger.workflow_id, workflow_version=m.trigger.workflow_version,
             user_id=m.user.id,
             variables={"event": {"event_id": str(m.event.event_id),
-                                 "event_type": m.event.event_type, "data": m.event.data}},
+                                 "event_type": m.event.event_type, "data": m.event.data},
+                       **m.trigger.mapped_variables(m.event, m.user)},
             trigger_id=m.trigger.id, source_event_id=m.event.event_id,
             single_active=m.trigger.reentry == "no_concurrent")
         for m in matches if m.trigger.workflow_id is not None], now)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,84 @@ def count_events(session: Session, user_id: uuid.UUID, event_type: str,
     return int(session.execute(text(sql), params).scalar_one())
 
 
+# --------------------------------------------------------------------------- start variables
+
+# What a start-variable path may name: each root's fields; the open ones (a JSON
+# object) may be followed by keys. The views mirror the execution's own `event` and
+# `user` variables.
+START_FIELDS: dict[str, dict[str, bool]] = {
+    "event": {"event_id": False, "event_type": False, "occurred_at": False, "data": True},
+    "user": {"id": False, "email": False, "stage": False, "attributes": True},
+}
+RESERVED_VARIABLES = frozenset(START_FIELDS)  # the fleet's own start variables
+_VARIABLE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_PATH_KEYS = 8
+
+
+class StartVariableError(ValueError):
+    """A trigger's `variables` mapping names a variable or a path that cannot be."""
+
+
+@dataclass(frozen=True)
+class StartPath:
+    """`root.field.key...`: a compiled path into the event or the user."""
+
+    root: str
+    keys: tuple[str, ...]
+
+    def value(self, views: Mapping[str, Mapping[str, Any]]) -> Any:
+        """The value at the path; None where a key is missing or a value is no object."""
+        value: Any = views[self.root]
+        for key in self.keys:
+            if not isinstance(value, Mapping):
+                return None
+            value = value.get(key)
+        return value
+
+
+def _start_path(name: str, path: Any) -> StartPath:
+    if not isinstance(path, str):
+        raise StartVariableError(f"variable {name}: the path must be a string, not {path!r}")
+    root, *keys = path.split(".")
+    fields = START_FIELDS.get(root)
+    if fields is None:
+        raise StartVariableError(f"variable {name}: unknown root {root!r} in {path!r} "
+                                 f"(expected {' or '.join(f'{r}.<field>' for r in START_FIELDS)})")
+    if not keys or keys[0] not in fields:
+        raise StartVariableError(f"variable {name}: {path!r} names no field of {root} "
+                                 f"(expected one of {', '.join(fields)})")
+    if len(keys) > 1 and not fields[keys[0]]:
+        raise StartVariableError(f"variable {name}: {root}.{keys[0]} has no keys below it "
+                                 f"({path!r})")
+    if len(keys) > 1 + MAX_PATH_KEYS or not all(_KEY_RE.fullmatch(k) for k in keys[1:]):
+        raise StartVariableError(f"variable {name}: bad key path {path!r} (at most "
+                                 f"{MAX_PATH_KEYS} keys of letters, digits, _ -)")
+    return StartPath(root, tuple(keys))
+
+
+def compile_start_variables(mapping: Any) -> tuple[tuple[str, StartPath], ...]:
+    """Compile a trigger's `{variable: path}` mapping; raises StartVariableError.
+
+    A variable name is what a BPMN expression reads, so it is a plain identifier,
+    and not one of the fleet's own (`event`, `user`).
+    """
+    if not isinstance(mapping, Mapping):
+        raise StartVariableError(f"variables must be a mapping of name to path, not {mapping!r}")
+    compiled: list[tuple[str, StartPath]] = []
+    for name, path in mapping.items():
+        if not isinstance(name, str) or not _VARIABLE_RE.fullmatch(name):
+            raise StartVariableError(f"variable {name!r}: a name is a letter, then up to 63 "
+                                     "letters, digits or _")
+        if name in RESERVED_VARIABLES:
+            raise StartVariableError(f"variable {name}: {name!r} is the fleet's own variable")
+        compiled.append((name, _start_path(name, path)))
+    return tuple(compiled)
+
+
+# --------------------------------------------------------------------------- triggers
+
+
 @dataclass(frozen=True)
 class CompiledTrigger:
     id: uuid.UUID
@@ -69,6 +148,7 @@ class CompiledTrigger:
     cooldown_seconds: int | None
     predicate: Callable[[EvalContext], bool]
     segment_refs: frozenset[str]
+    start_variables: tuple[tuple[str, StartPath], ...] = ()
 
     def evaluate(self, event: Event, user: UserView, now: dt.datetime,
                  membership: MembershipResolver, session: Session) -> bool:
@@ -85,6 +165,16 @@ class CompiledTrigger:
             count_events=lambda etype, within: count_events(session, user.id, etype, within, now),
         )
         return self.predicate(context)
+
+    def mapped_variables(self, event: Event, user: UserView) -> dict[str, Any]:
+        """The start variables this trigger maps from the event and the user (None if missing)."""
+        if not self.start_variables:
+            return {}
+        views = {"event": {"event_id": str(event.event_id), "event_type": event.event_type,
+                           "occurred_at": event.occurred_at.isoformat(), "data": event.data},
+                 "user": {"id": str(user.id), "email": user.email, "stage": user.stage,
+                          "attributes": user.attributes}}
+        return {name: path.value(views) for name, path in self.start_variables}
 
 
 @dataclass
@@ -112,14 +202,14 @@ SEGMENTS_SQL = text("SELECT id, name, kind, conditions, ttl_seconds FROM user_se
 
 LOAD_SQL = text(
     "SELECT t.id, t.name, t.event_type, t.conditions, t.workflow_id, t.reentry, "
-    "t.max_runs_per_user, t.cooldown_seconds, w.version AS workflow_version, "
+    "t.max_runs_per_user, t.cooldown_seconds, t.start_variables, w.version AS workflow_version, "
     "w.status AS workflow_status "
     "FROM triggers t LEFT JOIN workflows w ON w.id = t.workflow_id WHERE t.enabled"
 )
 
 
 def compile_trigger(row: Any) -> CompiledTrigger:
-    """Compile one triggers row; raises ConditionError for an invalid condition."""
+    """Compile one triggers row; raises ConditionError or StartVariableError when invalid."""
     node = parse(row.conditions)
     active = row.workflow_id is not None and row.workflow_status == "active"
     return CompiledTrigger(
@@ -133,6 +223,7 @@ def compile_trigger(row: Any) -> CompiledTrigger:
         cooldown_seconds=row.cooldown_seconds,
         predicate=compile_python(node),
         segment_refs=node_segment_refs(node),
+        start_variables=compile_start_variables(row.start_variables or {}),
     )
 
 
@@ -161,9 +252,9 @@ class TriggerCache:
         for row in session.execute(LOAD_SQL):
             try:
                 trigger = compile_trigger(row)
-            except ConditionError as exc:
+            except (ConditionError, StartVariableError) as exc:
                 # Validated on create; a row written around the CLI must not stop ingest.
-                log.error("trigger.invalid_conditions", trigger_id=str(row.id), error=str(exc))
+                log.error("trigger.invalid", trigger_id=str(row.id), error=str(exc))
                 continue
             active.by_event_type.setdefault(trigger.event_type, []).append(trigger)
         for row in session.execute(SEGMENTS_SQL):

@@ -22,7 +22,7 @@ from xml.sax.saxutils import quoteattr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from workers.definitions import Definitions, TriggerDef, WorkflowDef, apply
+from workers.definitions import Definitions, TriggerDef, WorkflowDef, WorkflowSource, apply
 
 JOURNEY = "chaos-journey"
 TRIGGER = "chaos-on-signup"
@@ -136,8 +136,8 @@ def apply_program(engine: Engine, webhook_url: str, wait_seconds: int = WAIT_SEC
                              workflow=VERSIONED, max_runs_per_user=1)],
     )
     with Session(engine) as session, session.begin():
-        apply(session, doc, {JOURNEY: journey_xml(webhook_url, wait_seconds),
-                             VERSIONED: versioned_xml("v1", versioned_wait)})
+        apply(session, doc, {JOURNEY: WorkflowSource(journey_xml(webhook_url, wait_seconds)),
+                             VERSIONED: WorkflowSource(versioned_xml("v1", versioned_wait))})
 
 
 @dataclass
