@@ -211,3 +211,17 @@ def test_a_multi_file_workflow_is_stored_and_its_spec_loads_and_runs(
     assert (row.variables or {})["result"] == 10 + 210
     assert nodes(execution_id) == ["start", "double", "helper_start", "help", "helper_end",
                                    "call", "milestone", "combine", "end"]
+
+
+def test_a_call_activity_cycle_is_refused_at_deploy() -> None:
+    """Each call opens one more nested instance: such an execution would step for ever."""
+    xml = (BPMN / "call_cycle.bpmn").read_text()
+    with pytest.raises(BpmnError, match=r"call activity `again` calls process `helper`, which is "
+                                        r"already running it \(main → helper → helper\)"):
+        validate_bpmn(xml)
+    mutual = xml.replace('id="again" calledElement="helper"', 'id="again" calledElement="main"')
+    with pytest.raises(BpmnError, match=r"no process to start.*called by `again`, `call`"):
+        validate_bpmn(mutual)
+    with pytest.raises(BpmnError, match=r"`again` calls process `main`, which is already running "
+                                        r"it \(main → helper → main\)"):
+        validate_bpmn(mutual, process_id="main")

@@ -385,3 +385,18 @@ def test_retry_of_a_stalled_execution_steps_it_again_once_fixed(
     assert done.status == ExecutionStatus.COMPLETED and done.stalled_at is None
     assert nodes(execution_id) == ["start", "review", "after", "end"]
     assert [node_type for _, _, node_type, _, _ in _steps(execution_id)][1] == "Stalled"
+
+
+def test_an_execution_that_keeps_stepping_fails_at_its_step_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop with no exit (or a cycle deploy missed) fails visibly instead of for ever."""
+    settings = stepper.get_settings().model_copy(update={"max_execution_steps": 5})
+    monkeypatch.setattr(stepper, "get_settings", lambda: settings)
+    execution_id = _start(deploy("loop.bpmn"), {"iterations": 1000})
+    results = _run(execution_id)
+    assert [r.outcome for r in results][-1] == "failed" and len(results) == 6
+    row = execution(execution_id)
+    assert row.status == ExecutionStatus.FAILED and row.state_version == 6
+    assert row.error_message is not None and "ran 5 steps without ending" in row.error_message
+    assert "FLEET_MAX_EXECUTION_STEPS=5" in row.error_message
+    assert _steps(execution_id)[-1][2:4] == ("Budget", StepOutcome.FAILED)

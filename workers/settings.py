@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         description="A step or operator call sent longer ago than this is re-sent by the reaper "
         "(keep it above the longest retry delay).",
     )
+    max_execution_steps: int = Field(
+        default=50_000,
+        description="Steps one execution may take before it fails as a runaway (a loop or "
+        "call that never ends); 0: no bound.",
+    )
     stuck_step_max_resends: int = Field(
         default=10,
         description="Times the reaper re-sends one execution's step without progress before "

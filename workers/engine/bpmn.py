@@ -146,8 +146,12 @@ def _main_process(main_tree: Any, called: set[str], process_id: str | None,
     executable = [p.get("id") for p in processes if p.get("isExecutable") == "true"]
     candidates = [p for p in (executable or [p.get("id") for p in processes]) if p not in called]
     if not candidates:
+        callers = sorted(c.get("id") for c in main_tree.xpath("//bpmn:callActivity", namespaces=NS)
+                         if c.get("calledElement") in set(executable or known))
         raise BpmnError("the main file has no process to start: it has none, or a call "
-                        "activity calls every one")
+                        "activity calls every one"
+                        + (f" (called by {', '.join(f'`{c}`' for c in callers)})"
+                           if callers else ""))
     if len(candidates) > 1:
         raise BpmnError(
             "several executable processes and none calls the others: "
@@ -157,19 +161,32 @@ def _main_process(main_tree: Any, called: set[str], process_id: str | None,
     return candidates[0]
 
 
-def _subprocesses(parser: Any, spec: Any, found: dict[str, Any]) -> dict[str, Any]:
-    """The specs `spec` calls or embeds, recursively; a called process must be deployed."""
+def _subprocesses(parser: Any, spec: Any, found: dict[str, Any],
+                  path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The specs `spec` calls or embeds, recursively; a called process must be deployed.
+
+    A process that calls itself, directly or through others, is refused: each call
+    opens one more nested instance, so the execution would step for ever.
+    """
+    path = (*path, spec.name)
     for task_spec in spec.task_specs.values():
-        if not isinstance(task_spec, SubWorkflowTask) or task_spec.spec in found:
+        if not isinstance(task_spec, SubWorkflowTask):
             continue
         called = task_spec.spec
+        if called in path:
+            raise BpmnError(f"call activity `{task_spec.bpmn_id}` calls process `{called}`, "
+                            f"which is already running it ({' → '.join((*path, called))}): "
+                            "the execution would never end; remove the cycle (loop with a "
+                            "gateway instead)")
+        if called in found:
+            continue
         if parser.get_process_parser(called) is None:
             kind = "call activity" if isinstance(task_spec, CallActivity) else "subprocess"
             raise BpmnError(f"{kind} `{task_spec.bpmn_id}` calls process `{called}`, which is in "
                             "no deployed file: deploy both files together (`fleet workflow "
                             "deploy MAIN.bpmn OTHER.bpmn --name NAME`, or a list as `file:`)")
         found[called] = parser.get_spec(called)
-        _subprocesses(parser, found[called], found)
+        _subprocesses(parser, found[called], found, path)
     return found
 
 

@@ -189,7 +189,9 @@ def check(source: str, mode: Literal["eval", "exec"] = "eval") -> ast.AST:
         if depth > MAX_DEPTH:
             raise SandboxError(f"nested deeper than {MAX_DEPTH}{_where(node)}")
         if not isinstance(node, allowed):
-            raise SandboxError(f"{type(node).__name__} is not allowed{_where(node)}")
+            hint = _INSTEAD.get(type(node).__name__, "")
+            raise SandboxError(f"{type(node).__name__} is not allowed{_where(node)}"
+                               + (f": {hint}" if hint else ""))
         if isinstance(node, ast.Name):
             if node.id.startswith("_"):
                 raise SandboxError(f"name {node.id!r} is not allowed{_where(node)}")
@@ -277,6 +279,24 @@ def _refuse_unstorable_variables(module: ast.Module, assigned: set[str]) -> None
 
 
 _CONSTANT_ONLY = (ast.Constant, ast.BinOp, ast.UnaryOp, *_BINARY, *_UNARY)
+
+
+# What to write instead of syntax the interpreter does not run, where there is a way.
+_INSTEAD = {
+    "ListComp": "build the list with a for loop and .append()",
+    "SetComp": "build the list with a for loop and .append()",
+    "DictComp": "build the dict with a for loop (d[k] = v)",
+    "GeneratorExp": "build a list with a for loop and .append()",
+    "Delete": "assign None, or build a new dict without the key",
+    "While": "use a for loop over range(n), or a loop drawn with a gateway",
+    "Lambda": "write the expression where it is used",
+    "FunctionDef": "write the code inline; scripts cannot define functions",
+    "Import": "scripts cannot import; the helpers now(), days(n), hours(n) and "
+              "parse_datetime(s) are there without one",
+    "ImportFrom": "scripts cannot import; the helpers now(), days(n), hours(n) and "
+                  "parse_datetime(s) are there without one",
+    "Try": "let the node fail (the execution records the error), or test the value first",
+}
 
 
 def _fold_constants(tree: ast.AST, source: str) -> None:

@@ -46,6 +46,7 @@ from workers.engine.specs import SPECS, LoadedSpec
 from workers.engine.values import Refused, check_storable
 from workers.errors import is_transient
 from workers.log import get_logger
+from workers.settings import get_settings
 
 log = get_logger(__name__)
 R = TypeVar("R", bound="StepResult | None")
@@ -116,6 +117,9 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
     if execution.state_version != expected_version:
         return StepResult("noop", reason=f"stale step {expected_version}, "
                                          f"execution is at {execution.state_version}")
+    budget = get_settings().max_execution_steps
+    if budget and execution.state_version >= budget:
+        return _runaway(session, execution, budget, now)
     attempt = _Attempt(execution.current_node_id)
     return _saved_or_failed(session, execution, attempt, now,
                             lambda: _advance(session, execution, attempt, now))
@@ -212,6 +216,17 @@ def _complete(session: Session, execution: WorkflowExecution, attempt: _Attempt,
         return _node_failed(session, execution, task, node_id, exc, now)
     return _persist(session, execution, workflow, task, StepResult("completed", node_id=node_id),
                     now)
+
+
+def _runaway(session: Session, execution: WorkflowExecution, budget: int,
+             now: dt.datetime) -> StepResult:
+    """An execution that keeps stepping without end fails, visibly, instead of for ever."""
+    node_id = execution.current_node_id or "-"
+    error = (f"ran {execution.state_version} steps without ending: a loop or a call that never "
+             f"ends? (FLEET_MAX_EXECUTION_STEPS={budget})")
+    log.warning("execution.failed", execution_id=str(execution.id), error=error)
+    executions.fail(session, execution, node_id=node_id, node_type="Budget", error=error, now=now)
+    return StepResult("failed", node_id=node_id, reason=error)
 
 
 def _cannot_run(session: Session, execution: WorkflowExecution, exc: Exception,
