@@ -3,7 +3,8 @@
 Servers: DATABASE_URL / CELERY_BROKER_URL when set; otherwise embedded PostgreSQL
 and Valkey are started in a temporary folder and stopped at the end. Either way
 the session gets a database of its own (created, migrated by Alembic, dropped)
-and a broker key prefix of its own, so concurrent sessions never meet.
+and a broker namespace of its own (a key prefix on Redis, a vhost on RabbitMQ), so
+concurrent sessions never meet.
 
 This runs in `pytest_configure`, before test modules are imported, because the
 Celery app reads the settings when it is first imported.
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+import urllib.parse
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +33,36 @@ from workers.broker import delete_prefixed_keys
 
 def _sqlalchemy(url: str) -> str:
     return to_sqlalchemy_url(url)
+
+
+_SESSION_VHOSTS: list[str] = []  # the RabbitMQ vhost pytest_configure made, to delete at the end
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _session_vhost(broker_url: str, tag: str) -> str:
+    """On RabbitMQ, the URL of a vhost of the session's own (other brokers: unchanged).
+
+    Queue names are fixed (workers/queues.py), so two sessions on one vhost would
+    consume each other's messages; a vhost keeps them apart as the key prefix does on
+    Redis. Made with `rabbitmqctl` (the broker's machine); without it the URL's vhost
+    is used as is and the session must be alone on it.
+    """
+    parts = urllib.parse.urlsplit(broker_url)
+    if parts.scheme not in ("amqp", "amqps", "pyamqp"):
+        return broker_url
+    if shutil.which("rabbitmqctl") is None:
+        warnings.warn("rabbitmqctl not found: the tests share the broker URL's vhost",
+                      stacklevel=1)
+        return broker_url
+    vhost = f"fleet-test-{tag}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, urllib.parse.unquote(parts.username or "guest"),
+                 ".*", ".*", ".*")
+    _SESSION_VHOSTS.append(vhost)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,6 +83,7 @@ def pytest_configure(config: pytest.Config) -> None:
     SERVERS.admin_url = database_url
     SERVERS.database = f"fleet_test_{tag}"
     SERVERS.database_url = create_database(database_url, SERVERS.database)
+    broker_url = _session_vhost(broker_url, tag)
     SERVERS.broker_url = broker_url
 
     os.environ["DATABASE_URL"] = SERVERS.database_url
@@ -77,8 +112,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     try:
         drop_database(SERVERS.admin_url, SERVERS.database)
     finally:
+        for vhost in _SESSION_VHOSTS:
+            _rabbitmqctl("delete_vhost", vhost)
         if SERVERS.embedded is not None:
-            SERVERS.embedded.stop()  # type: ignore[attr-defined]
+            SERVERS.embedded.discard()  # type: ignore[attr-defined]
         if os.environ.get("FLEET_TEST_KEEP_LOGS"):
             print(f"\ntest logs kept in {SERVERS.home}")
         else:

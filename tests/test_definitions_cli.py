@@ -47,23 +47,23 @@ def test_apply_creates_updates_and_versions(engine: Engine, tmp_path: Path) -> N
     path = _definitions(tmp_path, tag)
     first = fleet("apply", str(path))
     assert first.returncode == 0, first.stderr
-    assert f"created   trigger trig-{tag}" in first.stderr
-    assert "unchanged" in fleet("apply", str(path)).stderr
+    assert f"created   trigger trig-{tag}" in first.stdout
+    assert "unchanged" in fleet("apply", str(path)).stdout
     _definitions(tmp_path, tag, MINIMAL.replace('id="end"', 'id="finish"')
                  .replace('targetRef="end"', 'targetRef="finish"'))
-    assert f"updated   workflow flow-{tag} 2.0.0" in fleet("apply", str(path)).stderr
+    assert f"updated   workflow flow-{tag} 2.0.0" in fleet("apply", str(path)).stdout
     assert _count(engine, "SELECT count(*) FROM workflow_versions v JOIN workflows w "
                   "ON w.id = v.workflow_id WHERE w.name = :n", n=f"flow-{tag}") == 2
     assert _count(engine, "SELECT cooldown_seconds FROM triggers WHERE name = :n",
                   n=f"trig-{tag}") == 86400
-    listed = fleet("trigger", "list").stderr
+    listed = fleet("trigger", "list").stdout
     assert f"trig-{tag}" in listed
     assert fleet("trigger", "disable", f"trig-{tag}").returncode == 0
     assert _count(engine, "SELECT count(*) FROM triggers WHERE name = :n AND NOT enabled",
                   n=f"trig-{tag}") == 1
-    assert f"pro-{tag}" in fleet("segment", "list").stderr
+    assert f"pro-{tag}" in fleet("segment", "list").stdout
     shown = fleet("segment", "show", f"pro-{tag}")
-    assert shown.returncode == 0 and "(dynamic, ttl 600s, refreshed never): 0 members" in shown.stderr
+    assert shown.returncode == 0 and "(dynamic, ttl 10m, refreshed never): 0 members" in shown.stdout
 
 
 @pytest.mark.parametrize(("bpmn", "condition", "message"), [
@@ -94,15 +94,15 @@ def test_emit_file_and_dlq(engine: Engine, celery_worker: WorkerProcess, tmp_pat
     path.write_text("\n".join(lines) + "\n")
     result = fleet("emit", "--file", str(path))
     assert result.returncode == 0, result.stderr
-    assert "sent 7 events (1 lines were not JSON" in result.stderr
+    assert "sent 7 events (1 lines were not JSON" in result.stdout
     wait_for(lambda: _count(engine, "SELECT count(*) FROM lifecycle_events WHERE event_type = :t",
                             t=etype) == 5, message="5 events")
     wait_for(lambda: _count(engine, "SELECT count(*) FROM dead_letters WHERE "
                             "raw_payload = CAST('{broken' AS bytea) OR "
                             "payload->>'event_type' = 'BAD'") == 2, message="2 dead letters")
-    assert "{broken" in fleet("dlq", "list").stderr
+    assert "{broken" in fleet("dlq", "list").stdout
     single = fleet("emit", etype, "--user", "one@example.com", "--data", '{"k": 1}')
-    assert single.returncode == 0 and single.stderr.startswith("sent ")
+    assert single.returncode == 0 and single.stdout.startswith("sent ")
     bad = fleet("emit", "Not A Type", "--user", "one@example.com")
     assert bad.returncode == 2 and "invalid event" in bad.stderr
 
@@ -115,13 +115,13 @@ def test_static_segments_status_and_funnel(engine: Engine, tmp_path: Path) -> No
         conn.execute(text("INSERT INTO users (email, current_lifecycle_stage) "
                           "VALUES (:e, 'Revenue')"), {"e": f"{tag}@example.com"})
     added = fleet("segment", "add", f"vip-{tag}", f"{tag}@example.com", "nobody@example.com")
-    assert "added 1 of 2 users (1 unknown)" in added.stderr
-    assert "1 members" in fleet("segment", "show", f"vip-{tag}").stderr
-    assert "removed 1 of 1" in fleet("segment", "remove", f"vip-{tag}", f"{tag}@example.com").stderr
+    assert "added 1 of 2 users (1 unknown)" in added.stdout
+    assert "1 members" in fleet("segment", "show", f"vip-{tag}").stdout
+    assert "removed 1 of 1" in fleet("segment", "remove", f"vip-{tag}", f"{tag}@example.com").stdout
 
     status = fleet("status")
     assert status.returncode == 0, status.stderr
-    assert "lifecycle_events" in status.stderr and "dead letters pending" in status.stderr
+    assert "lifecycle_events" in status.stdout and "dead letters pending" in status.stdout
 
     today = __import__("datetime").date.today().isoformat()
     assert fleet("metrics", "backfill", "--from", today, "--to", today).returncode == 0
@@ -180,3 +180,38 @@ def test_deploy_and_apply_several_files(engine: Engine, tmp_path: Path) -> None:
         applied.stdout + applied.stderr)  # same files, the status becomes active
     assert _count(engine, "SELECT count(*) FROM workflow_versions v JOIN workflows w "
                   "ON w.id = v.workflow_id WHERE w.name = :n", n=name) == 1
+
+
+def test_apply_reports_every_problem_of_every_definition(tmp_path: Path) -> None:
+    (tmp_path / "flow.bpmn").write_text(MINIMAL)
+    (tmp_path / "bad.yaml").write_text(
+        "workflows:\n  - {name: w, file: missing.bpmn}\n"
+        "segments:\n  - {name: s, ttl: 3 fortnights}\n"
+        "triggers:\n  - {name: t, event_type: User.Signed, colour: red}\n"
+        "  - {name: u, event_type: a.b, cooldown: forever}\n")
+    result = fleet("apply", str(tmp_path / "bad.yaml"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    for problem in ("workflow w (", "segment s: expected a duration",
+                    "trigger t: event_type: 'User.Signed' is not an event type",
+                    "trigger t: colour: Extra inputs", "trigger u: expected a duration"):
+        assert f"bad.yaml: {problem}" in output, output
+    (tmp_path / "syntax.yaml").write_text("triggers:\n  - name: x\n    event_type: [a\n")
+    result = fleet("apply", str(tmp_path / "syntax.yaml"))
+    assert result.returncode == 2
+    assert "syntax.yaml:4:1: invalid YAML" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("data", ["[1,2]", "123", "{bad"])
+def test_emit_refuses_data_that_is_not_an_object(data: str) -> None:
+    result = fleet("emit", "cli.bad_data", "--user", "ada@example.com", "--data", data)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert output.count("\n") <= 2 and "invalid --data" in output, output
+
+
+def test_emit_refuses_an_unknown_user_id() -> None:
+    unknown = str(uuid.uuid4())
+    result = fleet("emit", "cli.unknown_user", "--user", unknown)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"no user with id {unknown}" in result.stderr

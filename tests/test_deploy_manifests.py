@@ -3,8 +3,9 @@
 Every queue of workers/queues.py has exactly one worker in compose and in Kubernetes,
 every command they run exists in this project (Celery app, `fleet` commands, modules),
 grace periods outlast the longest task of each queue, there is exactly one beat, and
-KEDA scales every worker Deployment on its queue's Redis list. One test starts a real
-worker to prove the liveness heartbeat file (workers/heartbeat.py).
+KEDA scales every worker Deployment on its queue's Redis list, and every worker's
+counters reach Prometheus through an exporter that shares its metrics folder. One test
+starts a real worker to prove the liveness heartbeat file (workers/heartbeat.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ OVERLAY = DEPLOY / "k8s" / "overlays" / "example"
 COMPOSE = DEPLOY / "compose.yaml"
 # Programs the manifests run that are not this project's (images of their own).
 EXTERNAL_PROGRAMS = {"postgres", "redis-server", "redis-cli", "pg_isready", "pgbackrest", "ls"}
+# Images whose entrypoint takes the manifest's arguments (no program of ours to check).
+THIRD_PARTY_IMAGES = ("danihodovic/celery-exporter", "prom/prometheus")
+METRICS_DIR = "/var/lib/fleet/metrics"
+
+
+def _third_party(image: str) -> bool:
+    return any(name in image for name in THIRD_PARTY_IMAGES)
 
 
 # --------------------------------------------------------------------------- loading
@@ -266,6 +274,8 @@ def _all_commands() -> Iterator[tuple[str, list[str]]]:
             if doc.get("kind") not in ("Deployment", "Job", "CronJob", "StatefulSet"):
                 continue
             for container in _containers(doc):
+                if _third_party(container.get("image", "")):
+                    continue
                 where = f"{path.relative_to(ROOT)}:{doc['metadata']['name']}/{container['name']}"
                 if "patches" in path.parts and not _argv(container):
                     continue  # a patch of other fields keeps the base's command
@@ -276,6 +286,8 @@ def _all_commands() -> Iterator[tuple[str, list[str]]]:
                         yield f"{where} {probe}", list(exec_["command"])
     for name, service in _compose()["services"].items():
         where = f"compose:{name}"
+        if _third_party(service.get("image", "")):
+            continue
         if service.get("command"):
             yield where, _compose_argv(service)
         test = service.get("healthcheck", {}).get("test")
@@ -546,6 +558,9 @@ def test_the_fleet_gets_its_urls_and_least_privilege() -> None:
         for container in _containers(obj, init=False):
             argv = _argv(container)
             env = {e["name"]: e for e in container.get("env", [])}
+            if _third_party(container["image"]):
+                assert "CE_BROKER_URL" in env, obj["metadata"]["name"]
+                continue
             assert "CELERY_BROKER_URL" in env, obj["metadata"]["name"]
             if _is_celery(argv, "flower"):
                 assert "FLOWER_BASIC_AUTH" in env
@@ -636,3 +651,95 @@ def test_workers_get_the_prefetch_their_queue_needs() -> None:
         text = path.read_text()
         options = " ".join(f'"{o}"' for o in worker_options("events"))
         assert options.replace('" "', '", "') in text, path
+
+
+# --------------------------------------------------------------------------- tests: monitoring
+
+
+def test_the_compose_file_says_it_needs_compose_v2() -> None:
+    assert "Needs Docker Compose v2" in COMPOSE.read_text()
+
+
+def _mounts(volumes: list[str]) -> dict[str, str]:
+    """Compose short volume syntax: mount path -> volume name (with :ro kept on the name)."""
+    mounts = {}
+    for volume in volumes:
+        source, target, *mode = volume.split(":")
+        mounts[target] = source + (":ro" if mode == ["ro"] else "")
+    return mounts
+
+
+def test_every_compose_worker_shares_its_own_metrics_volume_with_one_exporter() -> None:
+    """Multiprocess files are named by PID: one writer container per folder, one reader."""
+    services = _compose()["services"]
+    exporters = {name: s for name, s in services.items()
+                 if _compose_argv(s)[:2] == ["fleet", "exporter"]}
+    volumes: list[str] = []
+    for queue, (name, service) in _compose_workers().items():
+        assert service["environment"]["FLEET_METRICS_DIR"] == METRICS_DIR, name
+        volume = _mounts(service["volumes"])[METRICS_DIR]
+        volumes.append(volume)
+        readers = [e for e, s in exporters.items()
+                   if _mounts(s.get("volumes", [])).get(METRICS_DIR) == volume + ":ro"]
+        assert readers == [f"exporter-{queue}"], (queue, readers)
+        assert exporters[readers[0]]["environment"]["FLEET_METRICS_DIR"] == METRICS_DIR
+    assert len(set(volumes)) == len(QUEUE_NAMES) == len(exporters)
+    assert set(volumes) <= set(_compose()["volumes"])
+
+
+def test_prometheus_scrapes_every_exporter_and_celery_exporter_in_compose() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for group in job["static_configs"]
+               for t in group["targets"]}
+    services = _compose()["services"]
+    expected = {f"{name}:9808" for name, s in services.items()
+                if _compose_argv(s)[:2] == ["fleet", "exporter"]
+                or "celery-exporter" in s.get("image", "")}
+    assert targets == expected and len(expected) == len(QUEUE_NAMES) + 1
+    exporter = services["celery-exporter"]
+    assert "global_keyprefix=${FLEET_BROKER_KEY_PREFIX:-}" in " ".join(exporter["command"])
+    assert exporter["environment"]["CE_BROKER_URL"] == services["beat"]["environment"][
+        "CELERY_BROKER_URL"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+
+
+def test_every_worker_pod_has_an_exporter_sidecar_on_its_metrics_folder() -> None:
+    config = _by_kind("ConfigMap") or {}
+    literals = (BASE / "kustomization.yaml").read_text()
+    assert f"FLEET_METRICS_DIR={METRICS_DIR}" in literals, config
+    for queue, (deployment, worker) in _k8s_workers().items():
+        containers = {c["name"]: c for c in _containers(deployment, init=False)}
+        exporter = containers["exporter"]
+        assert _argv(exporter)[:2] == ["fleet", "exporter"], queue
+        volumes = {v["name"]: v for v in _pod_spec(deployment)["volumes"]}
+        for container, read_only in ((worker, False), (exporter, True)):
+            mount = {m["mountPath"]: m for m in container["volumeMounts"]}[METRICS_DIR]
+            assert "emptyDir" in volumes[mount["name"]], queue  # of this pod only
+            assert mount.get("readOnly", False) is read_only, (queue, container["name"])
+        assert {p["name"]: p["containerPort"] for p in exporter["ports"]} == {"metrics": 9808}
+
+
+def test_service_monitors_reach_the_worker_exporters_and_celery_exporter() -> None:
+    services = _by_kind("Service")
+    (monitor,) = _by_kind("ServiceMonitor").values()
+    selector = monitor["spec"]["selector"]
+    components = set(selector["matchExpressions"][0]["values"])
+    selected = {name for name, svc in services.items()
+                if svc["metadata"]["labels"].get("app.kubernetes.io/component") in components}
+    assert selected == {"fleet-worker-metrics", "fleet-celery-exporter"}
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    workers = services["fleet-worker-metrics"]
+    assert workers["spec"]["clusterIP"] == "None"  # every pod a target
+    assert workers["spec"]["selector"]["app.kubernetes.io/component"] == "worker"
+    (exporter,) = _containers(_by_kind("Deployment")["fleet-celery-exporter"])
+    assert "danihodovic/celery-exporter" in exporter["image"]
+    assert any(a.startswith("--broker-transport-option=global_keyprefix=") for a in exporter["args"])
+
+
+def test_flower_gets_the_rabbitmq_management_api_from_the_settings() -> None:
+    flower = _compose()["services"]["flower"]
+    assert flower["environment"]["FLOWER_BROKER_API"] == "${FLEET_FLOWER_BROKER_API:-}"
+    (container,) = _containers(_by_kind("Deployment")["fleet-flower"])
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["FLOWER_BROKER_API"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "flower-broker-api" and ref["optional"] is True

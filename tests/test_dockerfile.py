@@ -9,6 +9,7 @@ from there, in an interpreter without the dev extra's packages.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -239,7 +240,9 @@ def test_the_image_tree_runs_every_command_the_manifests_give_it(image_tree: Pat
         elif argv[0] in ("python", "python3") and argv[1] == "-m":
             modules.add(argv[2])
         elif argv[0] == "fleet":
-            fleet_paths.append([a for a in argv[1:] if not a.startswith("-")])
+            # the command path: the words before the first option (options take values)
+            fleet_paths.append(list(itertools.takewhile(lambda a: not a.startswith("-"),
+                                                        argv[1:])))
     assert "workers.celery_app" in modules and ["migrate"] in fleet_paths
     done = _run(image_tree, hook, "-c", PROBE, json.dumps([sorted(modules), fleet_paths, DEV_EXTRA_MODULES]))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -258,8 +261,6 @@ EMBEDDED = "using embedded servers (DATABASE_URL / CELERY_BROKER_URL unset)"
     ("image", ("dev",), True, "fleet dev needs the dev extra: {} (workers.dev is not installed)"),
     ("image", ("services", "status"), True, EMBEDDED + " needs the dev extra: {} "
      "(workers.dev is not installed)"),
-    ("image", ("migrate",), False, EMBEDDED + " needs the dev extra: {} "
-     "(workers.dev is not installed)"),
     # A source install without the extra: the packages are there, their libraries are not.
     ("source", ("services", "start"), True, EMBEDDED + " needs the dev extra: {} "
      "(psutil is not installed)"),
@@ -276,3 +277,12 @@ def test_development_commands_say_what_to_install(image_tree: Path, hook: Path, 
     lines = [text for text in (done.stdout + done.stderr).splitlines() if text.strip()]
     assert lines == [line.format("pip install 'lifecycle-fleet[dev]'")], lines
     assert done.returncode == 1
+
+
+def test_the_image_without_urls_says_which_is_missing(image_tree: Path, hook: Path) -> None:
+    """No URL and no dev extra: one line naming the URL, exit 2, nothing started."""
+    done = _run(image_tree, hook, "-m", "workers.cli.main", "migrate", urls=False)
+    lines = [text for text in (done.stdout + done.stderr).splitlines() if text.strip()]
+    assert len(lines) == 1 and lines[0].startswith("DATABASE_URL is not set and no embedded "
+                                                   "servers run under"), lines
+    assert done.returncode == 2

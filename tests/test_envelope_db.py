@@ -164,7 +164,7 @@ def test_one_user_per_email_and_the_cli_finds_it(engine: Engine, triggers: Trigg
     added = subprocess.run(
         [sys.executable, "-m", "workers.cli.main", "segment", "add", f"variants-{tag}", variants[3]],
         cwd=ROOT, env=dict(os.environ, COLUMNS="250"), capture_output=True, text=True, timeout=120)
-    assert "added 1 of 1 users" in added.stderr, added.stderr
+    assert "added 1 of 1 users" in added.stdout, added.stdout + added.stderr
 
 
 def test_a_reused_event_id_with_other_content_is_dead_lettered_and_creates_no_user(

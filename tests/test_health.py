@@ -120,8 +120,8 @@ def test_each_check_fails_on_its_own(scratch: tuple[str, Engine],
     assert lines(result)["dead letters"] == "ok"
     status = fleet("status", DATABASE_URL=url)
     assert status.returncode == 0, status.stderr
-    assert "oldest due timer:" in status.stderr and "s late" in status.stderr
-    assert "executions: running 1" in status.stderr
+    assert "oldest due timer:" in status.stdout and "s late" in status.stdout
+    assert "executions: running 1" in status.stdout
     with engine.begin() as conn:
         conn.execute(text("UPDATE workflow_executions SET wake_at = NULL"))
     assert lines(health(DATABASE_URL=url))["stalled"] == "ok"
@@ -134,7 +134,7 @@ def test_each_check_fails_on_its_own(scratch: tuple[str, Engine],
     assert lines(result)["stalled"] == "FAIL" and "1 executions (max 0)" in result.stdout
     assert health("--max-stalled", "1", DATABASE_URL=url).exit_code == 0
     status = fleet("status", DATABASE_URL=url)
-    assert status.returncode == 0 and "stalled executions: 1" in status.stderr, status.stderr
+    assert status.returncode == 0 and "stalled executions: 1" in status.stdout, status.stderr
     assert _stalled_gauge(engine) == 1
     with engine.begin() as conn:  # ended (e.g. cancelled): no longer counted
         conn.execute(text("UPDATE workflow_executions SET status = 'cancelled'"))
@@ -172,7 +172,7 @@ def test_status_shows_queues_and_workers(scratch: tuple[str, Engine],
     url, _ = scratch
     result = fleet("status", DATABASE_URL=url)
     assert result.returncode == 0, result.stderr
-    out = result.stderr
+    out = result.stdout
     for queue in ("events", "workflows", "actions", "segments", "maintenance"):
         assert queue in out
     assert celery_worker.hostname in out

@@ -496,7 +496,7 @@ def test_emit_file_keeps_the_good_lines_of_a_batch(
     emitted = subprocess.run([sys.executable, "-m", "workers.cli.main", "emit", "--file", str(path)],
                              cwd=ROOT, env=dict(os.environ, COLUMNS="250"), capture_output=True,
                              text=True, timeout=120)
-    assert "sent 100 events" in emitted.stderr, emitted.stderr
+    assert "sent 100 events" in emitted.stdout, emitted.stdout + emitted.stderr
     wait_for(lambda: _one(engine, "SELECT count(*) FROM lifecycle_events WHERE event_type = :t",
                           t=etype) == 97, timeout=60, message="97 good lines")
     bad = [lines[i]["event_id"] for i in (10, 50, 90)]

@@ -16,6 +16,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
+import typer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine, text
 
@@ -342,3 +343,42 @@ def test_task_results_map_to_counters() -> None:
     assert get("fleet_task_retries_total", {"task": "actions.run"}) == 1
     assert get("fleet_tasks_dead_lettered_total", {"task": "workflows.step"}) == 1
     assert get("fleet_tasks_dead_lettered_total", {"task": "bench.noop"}) is None
+
+
+def test_new_users_enter_the_stage_they_were_created_in(engine: Engine) -> None:
+    """A signup writes no history row, yet it is an entry into Acquisition."""
+    day = dt.date(2020, 4, 20)
+    noon = dt.datetime(2020, 4, 20, 12, tzinfo=dt.UTC)
+    tag = uuid.uuid4().hex[:8]
+    with engine.begin() as conn:
+        def user(name: str, stage: str, created: dt.datetime) -> uuid.UUID:
+            return conn.execute(text(
+                "INSERT INTO users (email, current_lifecycle_stage, created_at) "
+                "VALUES (:e, :s, :c) RETURNING id"),
+                {"e": f"{name}-{tag}@x.io", "s": stage, "c": created}).scalar_one()
+
+        user("stays", "Acquisition", noon)
+        moved = user("moved", "Activation", noon)  # entered Acquisition, then Activation
+        user("yesterday", "Acquisition", noon - dt.timedelta(days=1))  # not this day's entry
+        conn.execute(text("INSERT INTO user_lifecycle_history (user_id, from_stage, to_stage, "
+                          "transitioned_at) VALUES (:u, 'Acquisition', 'Activation', :w)"),
+                     {"u": moved, "w": noon + dt.timedelta(hours=1)})
+    with session_scope() as session:
+        aggregate_day(session, day)
+    with engine.connect() as conn:
+        entries = {stage: value for stage, value in conn.execute(text(
+            "SELECT lifecycle_stage, metric_value FROM metrics_daily WHERE metric_date = :d "
+            "AND metric_name = 'stage_entries'"), {"d": day})}
+    assert entries == {"Acquisition": 2, "Activation": 1}
+
+
+def test_metric_days_read_words_and_offsets() -> None:
+    from workers.cli.metrics import parse_day
+
+    today = dt.date(2026, 11, 22)
+    assert parse_day("today", today) == today
+    assert parse_day("yesterday", today) == dt.date(2026, 11, 21)
+    assert parse_day("-7d", today) == dt.date(2026, 11, 15)
+    assert parse_day("2026-01-02", today) == dt.date(2026, 1, 2)
+    with pytest.raises(typer.BadParameter, match="today, yesterday or -Nd"):
+        parse_day("last week", today)

@@ -12,6 +12,8 @@ loads neither the database layer nor the metrics.
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 
 import beat_schedule
@@ -48,10 +50,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         transport_options["confirm_publish"] = True
     return {
         "broker_url": settings.broker_url,
-        # Celery prefers the CELERY_BROKER_URL variable over `broker_url`; these two it
-        # does not, so an app made for another broker (chaos runs) really uses that one.
-        "broker_read_url": settings.broker_url,
-        "broker_write_url": settings.broker_url,
+        **_pinned_broker(settings.broker_url),
         "broker_transport": transport_for(settings.broker_url or ""),  # a full Redis: back off
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
@@ -85,6 +84,21 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "beat_schedule": beat_schedule.beat_schedule(settings),
         "beat_scheduler": "workers.beat:LockedScheduler",  # exactly one beat acts
     }
+
+
+def _pinned_broker(broker_url: str | None) -> dict[str, object]:
+    """`broker_read_url`/`broker_write_url`, only for an app made for another broker than
+    the CELERY_BROKER_URL variable (chaos runs, tests).
+
+    Celery prefers that variable over `broker_url` but not over these two, so such an app
+    really uses its own broker. Celery 5.6's `celery report` and `inspect conf` (Flower's
+    config page) censor `broker_url` but print these two with the password, so they are
+    set only when they change which broker is used.
+    """
+    variable = os.environ.get("CELERY_BROKER_URL")
+    if not variable or variable == broker_url:
+        return {}
+    return {"broker_read_url": broker_url, "broker_write_url": broker_url}
 
 
 def create_app(settings: Settings | None = None) -> Celery:

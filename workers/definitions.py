@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -47,6 +48,7 @@ from sqlalchemy.orm import Session
 from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, WorkflowVersion
 from workers.engine.bpmn import BpmnError
 from workers.engine.validate import ValidatedWorkflow, validate_bpmn
+from workers.event_types import EVENT_TYPE_RULE, is_event_type
 from workers.operators.registry import operator_names
 from workers.rules.conditions import (
     MAX_COST,
@@ -140,6 +142,14 @@ class TriggerDef(_Strict):
     # Start variables mapped from the event and the user (workers/rules/triggers.py).
     variables: dict[str, Any] = {}
 
+    @field_validator("event_type")
+    @classmethod
+    def _is_event_type(cls, value: str) -> str:
+        if not is_event_type(value):
+            raise ValueError(f"{value!r} is not an event type ({EVENT_TYPE_RULE}): no event "
+                             "could ever match it")
+        return value
+
     @property
     def cooldown_seconds(self) -> int | None:
         return _seconds(self.cooldown)
@@ -195,12 +205,13 @@ class ApplyReport:
 
 
 def load(path: Path) -> tuple[Definitions, dict[str, WorkflowSource]]:
-    """Parse and validate a definitions file; returns it and each workflow's BPMN files."""
-    try:
-        doc = Definitions.model_validate(yaml.safe_load(path.read_text()) or {})
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise DefinitionError(f"{path}: {exc}") from None
+    """Parse and validate a definitions file; returns it and each workflow's BPMN files.
+
+    Every problem of every definition is collected, so one run names them all; each
+    line starts with the file's name.
+    """
     problems: list[str] = []
+    doc = _parse(_read_yaml(path), problems)
     sources: dict[str, WorkflowSource] = {}
     for wf in doc.workflows:
         files = [path.parent / file for file in wf.files]
@@ -210,26 +221,83 @@ def load(path: Path) -> tuple[Definitions, dict[str, WorkflowSource]]:
         except (OSError, BpmnError, DefinitionError) as exc:
             problems.append(f"workflow {wf.name} ({', '.join(map(str, files))}): {exc}")
     for seg in doc.segments:
-        try:
-            parse(seg.conditions, allow_event=False, max_cost=MAX_COST)
-            _ = seg.ttl_seconds
-        except (ConditionError, ValueError) as exc:
-            problems.append(f"segment {seg.name}: {exc}")
+        problems += _problems(f"segment {seg.name}",
+                              partial(parse, seg.conditions, allow_event=False, max_cost=MAX_COST),
+                              partial(_seconds, seg.ttl))
     for trig in doc.triggers:
-        try:
-            parse(trig.conditions, max_cost=MAX_COST)
-            _ = trig.cooldown_seconds
-            compile_start_variables(trig.variables)
-        except (ConditionError, ValueError) as exc:
-            problems.append(f"trigger {trig.name}: {exc}")
+        problems += _problems(f"trigger {trig.name}",
+                              partial(parse, trig.conditions, max_cost=MAX_COST),
+                              partial(_seconds, trig.cooldown),
+                              partial(compile_start_variables, trig.variables))
     for kind, items in (("workflow", doc.workflows), ("segment", doc.segments),
                         ("trigger", doc.triggers)):
         names = [i.name for i in items]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"{kind} {dup}: defined twice")
     if problems:
-        raise DefinitionError("\n".join(problems))
+        raise DefinitionError("\n".join(f"{path}: {problem}" for problem in problems))
     return doc, sources
+
+
+def _read_yaml(path: Path) -> object:
+    """The file's YAML; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise DefinitionError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise DefinitionError(f"{path}: invalid YAML: {exc}") from None
+
+
+_SECTIONS: dict[str, tuple[str, type[_Strict]]] = {
+    "workflows": ("workflow", WorkflowDef), "segments": ("segment", SegmentDef),
+    "triggers": ("trigger", TriggerDef)}
+
+
+def _parse(raw: object, problems: list[str]) -> Definitions:
+    """The definitions that are valid on their own; each invalid one adds its problems."""
+    if raw is None:
+        return Definitions()
+    if not isinstance(raw, dict):
+        problems.append(f"expected a mapping with {', '.join(_SECTIONS)}, got "
+                        f"{type(raw).__name__}")
+        return Definitions()
+    problems += [f"unknown section {key!r} (expected {', '.join(_SECTIONS)})"
+                 for key in raw if key not in _SECTIONS]
+    valid: dict[str, list[Any]] = {}
+    for section, (kind, model) in _SECTIONS.items():
+        items = raw.get(section) or []
+        if not isinstance(items, list):
+            problems.append(f"{section}: expected a list, got {type(items).__name__}")
+            continue
+        valid[section] = []
+        for index, item in enumerate(items):
+            name = item.get("name") if isinstance(item, dict) else None
+            label = f"{kind} {name}" if isinstance(name, str) and name else f"{kind} #{index + 1}"
+            try:
+                valid[section].append(model.model_validate(item))
+            except ValidationError as exc:
+                problems += [f"{label}: {_field(error['loc'])}"
+                             f"{error['msg'].removeprefix('Value error, ')}"
+                             for error in exc.errors()]
+    return Definitions(**valid)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    return f"{'.'.join(map(str, loc))}: " if loc else ""
+
+
+def _problems(label: str, *checks: Callable[[], object]) -> list[str]:
+    """Run every check; one line for each that fails."""
+    found = []
+    for check in checks:
+        try:
+            check()
+        except (ConditionError, ValueError) as exc:
+            found.append(f"{label}: {exc}")
+    return found
 
 
 def _next_version(current: str) -> str:
@@ -238,7 +306,11 @@ def _next_version(current: str) -> str:
 
 
 def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSource]) -> ApplyReport:
-    """Create or update every definition by name, in the caller's transaction."""
+    """Create or update every definition by name, in the caller's transaction.
+
+    References to segments and workflows in neither the document nor the database are
+    all reported in one DefinitionError, after which the caller must roll back.
+    """
     changes: list[Change] = []
     now = dt.datetime.now(dt.UTC)
     workflow_ids: dict[str, Any] = {}
@@ -252,26 +324,30 @@ def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSour
             "ttl_seconds": seg.ttl_seconds, "lifecycle_stages": seg.stages}
         changes.append(_upsert(session, UserSegment, seg.name, values, now, "segment"))
     segment_names = {seg.name for seg in doc.segments}
+    problems: list[str] = []
     for kind, name, conditions in (
             [("segment", s.name, s.conditions) for s in doc.segments]
             + [("trigger", t.name, t.conditions) for t in doc.triggers]):
         for ref in segment_refs(parse(conditions)):
             if ref not in segment_names and session.execute(select(UserSegment.id).where(
                     (UserSegment.name == ref) | (cast(UserSegment.id, Text) == ref))).first() is None:
-                raise DefinitionError(f"{kind} {name}: in_segment names no segment: {ref!r}")
+                problems.append(f"{kind} {name}: in_segment names no segment: {ref!r}")
     for trig in doc.triggers:
         workflow_id = None
         if trig.workflow is not None:
             workflow_id = workflow_ids.get(trig.workflow) or session.execute(
                 select(Workflow.id).where(Workflow.name == trig.workflow)).scalar_one_or_none()
             if workflow_id is None:
-                raise DefinitionError(f"trigger {trig.name}: no workflow named {trig.workflow!r}")
+                problems.append(f"trigger {trig.name}: no workflow named {trig.workflow!r}")
+                continue
         values = {"event_type": trig.event_type, "conditions": trig.conditions,
                   "workflow_id": workflow_id, "enabled": trig.enabled, "reentry": trig.reentry,
                   "max_runs_per_user": trig.max_runs_per_user,
                   "cooldown_seconds": trig.cooldown_seconds,
                   "start_variables": trig.variables}
         changes.append(_upsert(session, Trigger, trig.name, values, now, "trigger"))
+    if problems:  # the caller's transaction rolls back what was written
+        raise DefinitionError("\n".join(problems))
     return ApplyReport.of(changes)
 
 

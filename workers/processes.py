@@ -16,11 +16,15 @@ def celery_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *args]
 
 
-def flower_command(port: int, address: str = "127.0.0.1",
-                   basic_auth: str | None = None) -> tuple[list[str], dict[str, str]]:
+def flower_command(port: int, address: str = "127.0.0.1", basic_auth: str | None = None,
+                   broker_api: str | None = None) -> tuple[list[str], dict[str, str]]:
     """Flower's argv and the environment it adds, on the fleet's broker."""
     argv = celery_argv("flower", f"--port={port}", f"--address={address}")
     env: dict[str, str] = {}
+    if broker_api:
+        # Flower's --broker_api (RabbitMQ's management API, for the Broker page), given
+        # through the environment: the URL carries a password, the argv is public (ps).
+        env["FLOWER_BROKER_API"] = broker_api
     if basic_auth:
         # Flower then refuses cross-site requests (another Origin, Sec-Fetch-Site).
         argv.append(f"--basic-auth={basic_auth}")

@@ -8,6 +8,7 @@ server packages.
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,3 +35,10 @@ def read_state(home: Path) -> ServiceState | None:
         return ServiceState(**json.loads((home / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def listening(port: int) -> bool:
+    """True if something accepts connections on 127.0.0.1:port (a recorded server still runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0

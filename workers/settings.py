@@ -27,12 +27,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None,
         validation_alias="DATABASE_URL",
-        description="PostgreSQL URL. Unset: the embedded server under FLEET_HOME is used.",
+        description="PostgreSQL URL. Unset: the embedded server running under FLEET_HOME, if any.",
     )
     broker_url: str | None = Field(
         default=None,
         validation_alias="CELERY_BROKER_URL",
-        description="Broker URL (redis:// or amqp://). Unset: the embedded Valkey server is used.",
+        description="Broker URL (redis:// or amqp://). Unset: the embedded Valkey running under "
+        "FLEET_HOME, if any.",
     )
     home: Path = Field(
         default=Path(".fleet"),
@@ -107,6 +108,11 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = Field(
         default=None, description="user:password[,user2:password2] for Flower, if set."
     )
+    flower_broker_api: str | None = Field(
+        default=None,
+        description="RabbitMQ management API URL for Flower's Broker page "
+        "(http://user:password@host:15672/api/); unset: no Broker page on RabbitMQ.",
+    )
     metrics_port: int = Field(default=9808, description="Port `fleet exporter` serves /metrics on.")
     metrics_dir: Path | None = Field(
         default=None,
@@ -127,7 +133,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _embedded_fallback(self) -> Settings:
         # Unset URLs mean "the embedded servers": take their recorded ports, so
-        # `celery`, `flower` or a test started beside `fleet services start` find them.
+        # `celery`, `flower` or a test started beside `fleet services start` or `fleet dev`
+        # find them. Reading the record starts nothing (only `fleet dev`, `fleet demo` and
+        # `fleet services` do); a set URL is never replaced.
         if self.database_url is None or self.broker_url is None:
             state = read_state(self.home)
             if state is not None:

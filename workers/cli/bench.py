@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from workers.cli.context import console, dev_extra, ensure_servers
+from workers.cli.context import dev_extra, ensure_servers, err, out
 
 app = typer.Typer(help="Benchmarks (figures, not pass/fail).", no_args_is_help=True)
 
@@ -63,7 +63,7 @@ def soak(
 
     def show(s: SoakSample) -> None:
         workers = sum(v for k, v in s.rss_mb.items() if k.startswith("worker-"))
-        console.print(f"{s.second:>6.0f}s sent {s.sent:>7} · {s.accepted_per_s:>6.1f}/s · queued "
+        err.print(f"{s.second:>6.0f}s sent {s.sent:>7} · {s.accepted_per_s:>6.1f}/s · queued "
                       f"{sum(s.queued.values()):>5} · p99 {s.p99_latency_ms or 0:>6.1f} ms · "
                       f"RSS {workers:>6.1f} MiB", soft_wrap=True)
 
@@ -86,7 +86,7 @@ def _report(result: dict[str, object], as_json: bool) -> None:
     table = Table("figure", "value")
     for key, value in result.items():
         table.add_row(key, str(value))
-    console.print(table)
+    out.print(table)
     if as_json:
         print(json.dumps(result))
 

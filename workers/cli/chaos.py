@@ -8,7 +8,7 @@ from enum import StrEnum
 import typer
 from rich.table import Table
 
-from workers.cli.context import console, dev_extra, ensure_servers
+from workers.cli.context import dev_extra, ensure_servers, out
 
 
 class Scenario(StrEnum):
@@ -52,11 +52,11 @@ def chaos(
     for key, value in result.figures.items():
         table.add_row(key, str(value))
     table.add_row("seconds", str(result.seconds))
-    console.print(table)
+    out.print(table)
     for violation in inv.violations:
-        console.print(f"[red]violated:[/red] {violation}")
+        out.print(f"[red]violated:[/red] {violation}")
     if inv.ok:
-        console.print("[green]every invariant holds[/green]")
+        out.print("[green]every invariant holds[/green]")
     if as_json:
         print(json.dumps(result.as_dict(), default=str))
     if not inv.ok:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, select, update
 
 from db.models import Trigger, User, UserSegment, UserSegmentMembership, Workflow
 from db.session import session_scope
-from workers.cli.context import console, ensure_servers
+from workers.cli.context import ensure_servers, err, out
+from workers.cli.output import as_yaml, duration, print_json, utc
 from workers.events.envelope import normalise_email
 from workers.rules.segments import set_static_members
 
@@ -32,11 +34,18 @@ def apply(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     from workers.definitions import apply as apply_definitions
 
     try:
-        doc, xml = load(file)
-        with session_scope() as session:
-            report = apply_definitions(session, doc, xml)
+        doc, xml = load(file)  # every problem of the file itself, each line naming it
+        try:
+            with session_scope() as session:
+                report = apply_definitions(session, doc, xml)
+        except DefinitionError as exc:  # references to nothing, in the file or the database
+            raise DefinitionError("\n".join(f"{file}: {line}" for line in str(exc).splitlines())
+                                  ) from None
     except DefinitionError as exc:
-        console.print(f"[red]nothing applied:[/]\n{exc}")
+        problems = str(exc).splitlines()
+        err.print(f"[red]nothing applied[/] ({len(problems)} "
+                  f"problem{'s' if len(problems) > 1 else ''}):")
+        err.print("\n".join(problems), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     print_report(report)
 
@@ -46,23 +55,35 @@ def print_report(report: ApplyReport) -> None:
     for verb, items in (("created", report.created), ("updated", report.updated),
                         ("unchanged", report.unchanged)):
         for item in items:
-            console.print(f"{verb:9} {item}")
+            out.print(f"{verb:9} {item}", markup=False, highlight=False)
 
 
 @trigger_app.command("list")
-def trigger_list() -> None:
-    """Every trigger with its event type, workflow and re-entry rules."""
+def trigger_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Every trigger with its event type, workflow, conditions and re-entry rules."""
     ensure_servers()
-    table = Table("name", "event type", "workflow", "enabled", "reentry", "max runs", "cooldown s")
     with session_scope() as session:
-        rows = session.execute(
-            select(Trigger, Workflow.name).outerjoin(Workflow, Workflow.id == Trigger.workflow_id)
-            .order_by(Trigger.name)).all()
-        for trigger, workflow in rows:
-            table.add_row(trigger.name, trigger.event_type, workflow or "-",
-                          "yes" if trigger.enabled else "no", trigger.reentry,
-                          str(trigger.max_runs_per_user or "-"), str(trigger.cooldown_seconds or "-"))
-    console.print(table)
+        rows: list[dict[str, Any]] = [
+            {"name": trigger.name, "event_type": trigger.event_type, "workflow": workflow,
+             "enabled": trigger.enabled, "reentry": trigger.reentry,
+             "max_runs_per_user": trigger.max_runs_per_user,
+             "cooldown_seconds": trigger.cooldown_seconds,
+             "cooldown": duration(trigger.cooldown_seconds) if trigger.cooldown_seconds else None,
+             "conditions": trigger.conditions}
+            for trigger, workflow in session.execute(
+                select(Trigger, Workflow.name)
+                .outerjoin(Workflow, Workflow.id == Trigger.workflow_id).order_by(Trigger.name))]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "event type", "workflow", "enabled", "reentry", "max runs", "cooldown",
+                  "conditions")
+    for row in rows:
+        table.add_row(row["name"], row["event_type"], row["workflow"] or "-",
+                      "yes" if row["enabled"] else "no", row["reentry"],
+                      str(row["max_runs_per_user"] or "-"), row["cooldown"] or "-",
+                      escape(as_yaml(row["conditions"])))
+    out.print(table)
 
 
 def _set_enabled(name: str, enabled: bool) -> None:
@@ -72,10 +93,10 @@ def _set_enabled(name: str, enabled: bool) -> None:
             update(Trigger).where(Trigger.name == name)
             .values(enabled=enabled, updated_at=func.now()).returning(Trigger.id)).first()
     if changed is None:
-        console.print(f"[red]no trigger named {name!r}[/]")
+        err.print(f"[red]no trigger named {escape(repr(name))}[/]")
         raise typer.Exit(1)
-    console.print(f"trigger {name} {'enabled' if enabled else 'disabled'} "
-                  "(workers pick it up within a few seconds)")
+    out.print(f"trigger {name} {'enabled' if enabled else 'disabled'} "
+              "(workers pick it up within a few seconds)")
 
 
 @trigger_app.command("disable")
@@ -90,29 +111,41 @@ def trigger_enable(name: str) -> None:
     _set_enabled(name, True)
 
 
+def _segment_json(seg: UserSegment, members: int) -> dict[str, Any]:
+    return {"name": seg.name, "kind": seg.kind, "ttl_seconds": seg.ttl_seconds,
+            "ttl": duration(seg.ttl_seconds), "refreshed_at": utc(seg.refreshed_at),
+            "members": members, "conditions": seg.conditions}
+
+
 @segment_app.command("list")
-def segment_list() -> None:
-    """Every segment with its kind, TTL and cached member count."""
+def segment_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Every segment with its kind, TTL, cached member count and conditions."""
     ensure_servers()
-    table = Table("name", "kind", "ttl s", "cached members", "conditions")
     with session_scope() as session:
         counts = dict(session.execute(
             select(UserSegmentMembership.segment_id, func.count())
             .group_by(UserSegmentMembership.segment_id)).all())
-        for seg in session.execute(select(UserSegment).order_by(UserSegment.name)).scalars():
-            table.add_row(seg.name, seg.kind, str(seg.ttl_seconds), str(counts.get(seg.id, 0)),
-                          str(seg.conditions)[:60])
-    console.print(table)
+        rows = [_segment_json(seg, counts.get(seg.id, 0))
+                for seg in session.execute(select(UserSegment).order_by(UserSegment.name)).scalars()]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "kind", "ttl", "cached members", "conditions")
+    for row in rows:
+        table.add_row(row["name"], row["kind"], row["ttl"], str(row["members"]),
+                      escape(as_yaml(row["conditions"])))
+    out.print(table)
 
 
 @segment_app.command("show")
-def segment_show(name: str, sample: int = typer.Option(10, help="members to list")) -> None:
-    """A segment's definition, cached member count and a sample of members."""
+def segment_show(name: str, sample: int = typer.Option(10, help="members to list"),
+                 as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """A segment's definition, valid member count and a sample of members."""
     ensure_servers()
     with session_scope() as session:
         seg = session.execute(select(UserSegment).where(UserSegment.name == name)).scalar_one_or_none()
         if seg is None:
-            console.print(f"[red]no segment named {name!r}[/]")
+            err.print(f"[red]no segment named {escape(repr(name))}[/]")
             raise typer.Exit(1)
         valid = (UserSegmentMembership.segment_id == seg.id) & (
             UserSegmentMembership.valid_until.is_(None)
@@ -121,11 +154,16 @@ def segment_show(name: str, sample: int = typer.Option(10, help="members to list
         emails = session.execute(
             select(User.email).join(UserSegmentMembership, UserSegmentMembership.user_id == User.id)
             .where(valid).order_by(User.email).limit(sample)).scalars().all()
-        console.print(f"{seg.name} ({seg.kind}, ttl {seg.ttl_seconds}s, refreshed "
-                      f"{seg.refreshed_at or 'never'}): {count} members")
-        console.print(f"conditions: {seg.conditions}")
-        for email in emails:
-            console.print(f"  {email}")
+        data = {**_segment_json(seg, count), "sample": list(emails)}
+    if as_json:
+        print_json(data)
+        return
+    lines = [f"{data['name']} ({data['kind']}, ttl {data['ttl']}, refreshed "
+             f"{data['refreshed_at'] or 'never'}): {count} members",
+             "conditions:" + ("\n  " if "\n" in (text := as_yaml(data["conditions"])) else " ")
+             + text.replace("\n", "\n  ")]
+    lines += [f"  {email}" for email in emails]
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 def _static_members(name: str, emails: list[str], add: bool) -> None:
@@ -133,13 +171,13 @@ def _static_members(name: str, emails: list[str], add: bool) -> None:
     with session_scope() as session:
         seg = session.execute(select(UserSegment).where(UserSegment.name == name)).scalar_one_or_none()
         if seg is None or seg.kind != "static":
-            console.print(f"[red]no static segment named {name!r}[/]")
+            err.print(f"[red]no static segment named {escape(repr(name))}[/]")
             raise typer.Exit(1)
         normalised = [normalise_email(e) for e in emails]  # as ingest stores them
         ids = session.execute(select(User.id).where(User.email.in_(normalised))).scalars().all()
         set_static_members(session, seg.id, list(ids), add=add)
-    console.print(f"{'added' if add else 'removed'} {len(ids)} of {len(emails)} users "
-                  f"({len(emails) - len(ids)} unknown)")
+    out.print(f"{'added' if add else 'removed'} {len(ids)} of {len(emails)} users "
+              f"({len(emails) - len(ids)} unknown)")
 
 
 @segment_app.command("add")

@@ -23,7 +23,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from workers.cli.context import console, dev_extra, embedded_services, ensure_servers
+from workers.cli.context import (
+    dev_extra,
+    embedded_services,
+    ensure_servers,
+    err,
+    out,
+    starts_embedded,
+)
 from workers.tools.demo.run import PROGRAM
 
 
@@ -34,11 +41,11 @@ class RichReporter:
         self.progress = Progress(
             SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(bar_width=36),
             MofNCompleteColumn(), TaskProgressColumn(), TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(), console=console)
+            TimeElapsedColumn(), console=err)
         self.events = self.progress.add_task("events sent", total=events, note="")
         self.days = self.progress.add_task("phases", total=phases, note="")
         self.line = Text("", style="dim")
-        self.live = Live(Group(self.progress, self.line), console=console,
+        self.live = Live(Group(self.progress, self.line), console=err,
                          refresh_per_second=8, transient=False)
         self.started = time.monotonic()
         self.count = 0
@@ -49,8 +56,8 @@ class RichReporter:
 
     def __exit__(self, *exc: object) -> None:
         self.live.__exit__(*exc)  # type: ignore[arg-type]
-        if not console.is_terminal:
-            console.print()  # the last status line has no newline of its own
+        if not err.is_terminal:
+            err.print()  # the last status line has no newline of its own
 
     def phase(self, name: str, index: int, total: int) -> None:
         self.progress.update(self.days, completed=index, description=name)
@@ -109,30 +116,29 @@ def demo(
         from workers.dev.supervisor import start_fleet
 
     t0 = time.monotonic()
-    own_servers = not (os.environ.get("DATABASE_URL") and os.environ.get("CELERY_BROKER_URL")) \
-        and not all(info["running"] for info in embedded_services().status().values())
-    settings = ensure_servers()
+    own_servers = starts_embedded()
+    settings = ensure_servers(start=True)
     supervisor = None
     try:
         upgrade(settings.sqlalchemy_url)
         flower_port = _flower_port(settings.flower_port)
         concurrency = concurrency or max(1, min(4, (os.cpu_count() or 2) // 2))
-        with console.status("starting a worker per queue, the beat and Flower…"):
+        with err.status("starting a worker per queue, the beat and Flower…"):
             supervisor = start_fleet(settings, concurrency, 120.0, flower_port)
         flower = f"http://127.0.0.1:{flower_port}/"
-        console.print(f"[bold green]fleet ready[/] in {time.monotonic() - t0:.1f}s · "
+        err.print(f"[bold green]fleet ready[/] in {time.monotonic() - t0:.1f}s · "
                       f"flower {flower} · logs {supervisor.log_dir}/")
 
         applied = run.apply_program(program)
-        console.print(f"applied {program.name}: {len(applied.created)} created, "
+        err.print(f"applied {program.name}: {len(applied.created)} created, "
                       f"{len(applied.updated)} updated, {len(applied.unchanged)} unchanged")
 
         now = dt.datetime.now(dt.UTC)
         tag = f"demo-{now:%y%m%d-%H%M%S}"
-        with console.status("generating the synthetic stream…"):
+        with err.status("generating the synthetic stream…"):
             stream = generate(users, days, seed, end=now.replace(second=0, microsecond=0),
                               tag=tag)
-        console.print(
+        err.print(
             f"stream: {stream.users:,} users ({stream.referred} referred by others) over "
             f"{days} simulated days, {stream.good:,} events + {stream.bad} bad inputs, seed {seed}; "
             + ", ".join(f"{n} {p}" for p, n in stream.personas.items()))
@@ -145,14 +151,14 @@ def demo(
             reporter.finish()
         day_times = sorted(v for k, v in result.phase_seconds.items() if k.startswith("day "))
         if day_times:
-            console.print(f"a simulated day took {day_times[0]:.1f}–{day_times[-1]:.1f}s "
+            err.print(f"a simulated day took {day_times[0]:.1f}–{day_times[-1]:.1f}s "
                           f"(median {day_times[len(day_times) // 2]:.1f}s) until the fleet "
                           "caught up")
         if result.unsettled:
-            console.print(f"[yellow]did not settle within the time limit:[/] "
+            err.print(f"[yellow]did not settle within the time limit:[/] "
                           f"{', '.join(result.unsettled)}")
         if not result.drained:
-            console.print(f"[yellow]not drained after {timeout:.0f}s:[/] the summary shows "
+            err.print(f"[yellow]not drained after {timeout:.0f}s:[/] the summary shows "
                           "executions still active")
 
         with session_scope() as session:
@@ -166,35 +172,35 @@ def demo(
         if day_times:
             meta["a simulated day"] = f"{day_times[len(day_times) // 2]:.1f}s (median)"
         path = write_report(report or settings.home.resolve() / "demo-report.html", summary, meta)
-        console.print(f"report    {path}")
-        console.print(f"[bold]demo finished[/] in {elapsed:.1f}s "
+        err.print(f"report    {path}")
+        err.print(f"[bold]demo finished[/] in {elapsed:.1f}s "
                       f"(streaming and draining {result.seconds:.1f}s)")
 
         if keep_running:
-            console.print(f"the fleet keeps running: flower {flower} · Ctrl-C stops it")
+            err.print(f"the fleet keeps running: flower {flower} · Ctrl-C stops it")
             reason = supervisor.run_until_signal()
-            console.print(f"stopping ({reason})…")
+            err.print(f"stopping ({reason})…")
     finally:
         if supervisor is not None:
             supervisor.stop()
         if own_servers:
             embedded_services().stop()
-    console.print("fleet stopped" + (" (embedded servers too)" if own_servers else ""))
+    err.print("fleet stopped" + (" (embedded servers too)" if own_servers else ""))
 
 
 def print_summary(summary: Any, result: Any, flower: str) -> None:
     from db.models import ACTIVE_EXECUTION_STATUSES, LIFECYCLE_STAGES
 
-    console.rule("summary")
-    console.print(
+    out.rule("summary")
+    out.print(
         f"events    {result.sent:,} sent by the producer ({result.good:,} good, {result.bad} bad); "
         f"{summary.events:,} recorded for the run's users (workflows' own events included)")
-    console.print(f"triggers  {summary.evaluated:,} evaluated, {summary.matched:,} matched")
+    out.print(f"triggers  {summary.evaluated:,} evaluated, {summary.matched:,} matched")
     triggers = Table("trigger", "event", "evaluated", "matched", "started", box=None)
     for t in summary.triggers:
         triggers.add_row(t.name, t.event_type, f"{t.evaluated:,}", f"{t.matched:,}",
                          f"{t.started:,}")
-    console.print(triggers)
+    out.print(triggers)
 
     executions = Table("workflow", "completed", "failed", "active", "outcomes", box=None)
     for wf in summary.workflows:
@@ -203,25 +209,25 @@ def print_summary(summary: Any, result: Any, flower: str) -> None:
                              sorted(wf.outcomes.items(), key=lambda kv: -kv[1]))
         executions.add_row(wf.name, f"{wf.statuses.get('completed', 0):,}",
                            f"{wf.statuses.get('failed', 0):,}", f"{active:,}", outcomes)
-    console.print(executions)
+    out.print(executions)
     for wf in summary.workflows:
         for reason, n in wf.failures.items():
-            console.print(f"  [red]{wf.name}: {n} failed[/] {reason}")
+            out.print(f"  [red]{wf.name}: {n} failed[/] {reason}")
 
     reached = summary.reached
     stages = Table("stage", "users now", "reached", box=None)
     for stage in LIFECYCLE_STAGES:
         stages.add_row(stage, f"{summary.stages[stage]:,}", f"{reached[stage]:,}")
-    console.print(stages)
-    console.print(f"users     {summary.users:,}; {summary.stage_moves:,} stage moves")
+    out.print(stages)
+    out.print(f"users     {summary.users:,}; {summary.stage_moves:,} stage moves")
     by_template = ", ".join(f"{template} {n:,}" for (_, template), n in
                             summary.messages_by_template.items())
-    console.print(f"messages  {summary.messages:,} written to message_log ({by_template})")
-    console.print(f"dead      {summary.dead_letters} inputs dead-lettered "
+    out.print(f"messages  {summary.messages:,} written to message_log ({by_template})")
+    out.print(f"dead      {summary.dead_letters} inputs dead-lettered "
                   f"(fleet dlq list shows them)")
     for reason in summary.dead_letter_reasons:
-        console.print(f"          · {reason[:110]}")
+        out.print(f"          · {reason[:110]}")
     if summary.waiting_timers or summary.waiting_messages or summary.in_flight:
-        console.print(f"[yellow]still active[/]: {summary.in_flight} stepping, "
+        out.print(f"[yellow]still active[/]: {summary.in_flight} stepping, "
                       f"{summary.waiting_timers} on timers, {summary.waiting_messages} on events")
-    console.print(f"flower    {flower}")
+    out.print(f"flower    {flower}")

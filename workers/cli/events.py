@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from workers.cli.context import console, ensure_servers
+from workers.cli.context import ensure_servers, err, out
 from workers.events.envelope import InvalidEvent
 
 BATCH = 100
@@ -24,6 +26,7 @@ def emit(
                               help="JSON lines, one event envelope per line"),
 ) -> None:
     """Publish one event, or every line of a JSON-lines file in batches of 100."""
+    payload = None if file is not None else _data_object(data)
     ensure_servers()
     # After ensure_servers(): the Celery app reads the broker's URL from the settings when
     # first imported, and an embedded broker's URL is known only now.
@@ -34,13 +37,56 @@ def emit(
         return
     if not event_type or not user:
         raise typer.BadParameter("give EVENT_TYPE and --user, or --file")
+    known = _user_id_known(user)
+    if known is False:
+        err.print(f"[red]no user with id {escape(user)}[/]: events for unknown ids are "
+                      "dead-lettered (give the user's email to create one)")
+        raise typer.Exit(2)
     try:
-        payload = json.loads(data)
         sent = send_event(event_type, user=user, data=payload, event_id=event_id)
-    except (ValueError, InvalidEvent) as exc:
-        console.print(f"[red]invalid event:[/] {exc}")
+    except InvalidEvent as exc:
+        err.print(f"[red]invalid event:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
-    console.print(f"sent {sent}")
+    out.print(f"sent {sent}", markup=False, highlight=False)
+    if known is None:
+        err.print(f"could not check user id {escape(user)} (database unreachable): "
+                      "if no user has it, the event will be dead-lettered")
+
+
+def _data_object(data: str) -> dict[str, Any]:
+    """--data as a JSON object, or one line saying why not (exit 2)."""
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        err.print(f"[red]invalid --data:[/] not JSON ({escape(str(exc))})")
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        err.print(f"[red]invalid --data:[/] expected a JSON object like "
+                      f'\'{{"plan": "pro"}}\', got {type(value).__name__}')
+        raise typer.Exit(2)
+    return value
+
+
+def _user_id_known(user: str) -> bool | None:
+    """Whether a user with this UUID exists (None: an email, or the database is unreachable).
+
+    An email creates its user; an unknown UUID cannot, so its event is dead-lettered.
+    """
+    try:
+        user_id = uuid.UUID(user)
+    except ValueError:
+        return True
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.models import User
+    from db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            return session.execute(select(User.id).where(User.id == user_id)).first() is not None
+    except SQLAlchemyError:
+        return None
 
 
 def _emit_file(path: Path, send_events: Any) -> None:
@@ -49,7 +95,7 @@ def _emit_file(path: Path, send_events: Any) -> None:
     sent = unparsable = 0
     batch: list[Any] = []
     columns = (TextColumn("emitting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=err) as progress:
         task = progress.add_task("emit", total=len(lines))
         for line in lines:
             if not line.strip():
@@ -66,4 +112,4 @@ def _emit_file(path: Path, send_events: Any) -> None:
             progress.advance(task)
         if batch:
             sent += send_events(batch, validate=False)
-    console.print(f"sent {sent} events ({unparsable} lines were not JSON and will be dead-lettered)")
+    out.print(f"sent {sent} events ({unparsable} lines were not JSON and will be dead-lettered)")

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
 
 import typer
 
 from db.migrate import upgrade
 from workers.cli import dlq, metrics, monitor, services
-from workers.cli.context import console, dev_extra, ensure_servers
+from workers.cli.context import (
+    dev_extra,
+    embedded_services,
+    ensure_servers,
+    err,
+    starts_embedded,
+)
 from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.events import emit
 from workers.cli.status import status
@@ -32,13 +40,27 @@ app.command()(monitor.health)
 app.command()(monitor.flower)
 app.command()(monitor.exporter)
 
+PACKAGE = "lifecycle-fleet"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fleet {importlib.metadata.version(PACKAGE)}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the installed version and exit.")) -> None:
+    """Lifecycle fleet: Celery workers for customer-lifecycle operations."""
+
 
 @app.command()
 def migrate() -> None:
-    """Apply the Alembic migrations to DATABASE_URL (or to the embedded database)."""
-    settings = ensure_servers()
+    """Apply the Alembic migrations to DATABASE_URL (or to the running embedded database)."""
+    settings = ensure_servers(broker=False)
     upgrade(settings.sqlalchemy_url)
-    console.print("database migrated to head")
+    err.print("database migrated to head")
 
 
 @app.command()
@@ -48,8 +70,9 @@ def dev(
 ) -> None:
     """Run the whole fleet in the foreground: a worker per queue, beat and Flower.
 
-    Uses DATABASE_URL / CELERY_BROKER_URL when set, else embedded servers under
-    FLEET_HOME. Ctrl-C stops every process with a warm shutdown.
+    Uses DATABASE_URL / CELERY_BROKER_URL when set, else the embedded servers under
+    FLEET_HOME, started if they are not running. Ctrl-C stops every process with a
+    warm shutdown, and the embedded servers if this command started them.
     """
     import time
 
@@ -57,23 +80,38 @@ def dev(
         from workers.dev.supervisor import start_fleet
 
     t0 = time.monotonic()
-    settings = ensure_servers()
-    upgrade(settings.sqlalchemy_url)
-    supervisor = start_fleet(settings, concurrency, ready_timeout)
+    urls_set = bool(os.environ.get("DATABASE_URL") and os.environ.get("CELERY_BROKER_URL"))
+    own_servers = starts_embedded()
+    supervisor = None
     try:
+        settings = ensure_servers(start=True)
+        err.print("migrating the database…")
+        upgrade(settings.sqlalchemy_url)
+        err.print(f"starting a worker per queue ({', '.join(QUEUE_NAMES)}), the beat and "
+                  "Flower…", markup=False, highlight=False)
+        supervisor = start_fleet(settings, concurrency, ready_timeout)
         elapsed = time.monotonic() - t0
-        console.print(f"[bold green]fleet ready[/] in {elapsed:.1f}s")
-        console.print(f"  database  {settings.database_url}")
-        console.print(f"  broker    {settings.broker_url}")
-        console.print(f"  flower    http://127.0.0.1:{settings.flower_port}/")
-        console.print(f"  workers   {', '.join(QUEUE_NAMES)} (+ beat)")
-        console.print(f"  logs      {supervisor.log_dir}/")
-        console.print("Ctrl-C stops the fleet.")
+        err.print(f"[bold green]fleet ready[/] in {elapsed:.1f}s")
+        err.print(f"  database  {settings.database_url}")
+        err.print(f"  broker    {settings.broker_url}")
+        err.print(f"  flower    http://127.0.0.1:{settings.flower_port}/")
+        err.print(f"  workers   {', '.join(QUEUE_NAMES)} (+ beat)")
+        err.print(f"  logs      {supervisor.log_dir}/")
+        err.print("Ctrl-C stops the fleet" + (" and the embedded servers." if own_servers else "."))
         reason = supervisor.run_until_signal()
-        console.print(f"stopping ({reason})…")
+        err.print(f"stopping ({reason})…")
     finally:
-        supervisor.stop()
-    console.print("fleet stopped")
+        if supervisor is not None:
+            supervisor.stop()
+        if own_servers:
+            embedded_services().stop()
+    if own_servers:
+        err.print("fleet stopped (embedded servers too; their data stays for the next start)")
+    elif urls_set:
+        err.print("fleet stopped")
+    else:
+        err.print("fleet stopped; the embedded servers it found running keep running "
+                  "(fleet services stop stops them)")
 
 
 def _add_tool_commands() -> None:

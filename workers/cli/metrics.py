@@ -11,7 +11,8 @@ from sqlalchemy import text
 
 from db.models import LIFECYCLE_STAGES
 from db.session import get_engine, session_scope
-from workers.cli.context import console, ensure_servers
+from workers.cli.context import ensure_servers, err, out
+from workers.cli.output import print_json
 from workers.reports.funnel import funnel_counts, write_funnel
 from workers.reports.metrics import aggregate_day
 from workers.retention import run_retention
@@ -19,18 +20,35 @@ from workers.retention import run_retention
 app = typer.Typer(help="Daily lifecycle metrics.", no_args_is_help=True)
 
 
+DAY_HELP = "a date: YYYY-MM-DD, today, yesterday or -Nd (N days ago, UTC)"
+
+
+def parse_day(value: str, today: dt.date | None = None) -> dt.date:
+    """`2026-11-22`, `today`, `yesterday` or `-7d`, as a UTC date."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    word = value.strip().lower()
+    if word in ("today", "yesterday"):
+        return today - dt.timedelta(days=word == "yesterday")
+    if word.startswith("-") and word.endswith("d") and word[1:-1].isdigit():
+        return today - dt.timedelta(days=int(word[1:-1]))
+    try:
+        return dt.date.fromisoformat(word)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not {DAY_HELP}") from None
+
+
 @app.command()
 def backfill(
-    from_: dt.datetime = typer.Option(..., "--from", formats=["%Y-%m-%d"], help="first day"),
-    to: dt.datetime = typer.Option(..., "--to", formats=["%Y-%m-%d"], help="last day"),
+    from_: str = typer.Option(..., "--from", help=f"first day: {DAY_HELP}"),
+    to: str = typer.Option(..., "--to", help=f"last day: {DAY_HELP}"),
 ) -> None:
     """Recompute every day of a range (one transaction per day; safe to rerun)."""
+    day, last = parse_day(from_), parse_day(to)
     ensure_servers()
-    day = from_.date()
-    while day <= to.date():
+    while day <= last:
         with session_scope() as session:
             result = aggregate_day(session, day)
-        console.print(f"{day}  {result.rows} figures, {result.written} written, "
+        out.print(f"{day}  {result.rows} figures, {result.written} written, "
                       f"{result.removed} removed")
         day += dt.timedelta(days=1)
 
@@ -38,6 +56,7 @@ def backfill(
 @app.command()
 def show(days: int = typer.Option(30, help="how many days back"),
          chart: Path = typer.Option(None, help="also write the AARRR funnel to this HTML file"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON: one object per day"),
          ) -> None:
     """Users per stage at the end of each day, and stage entries."""
     ensure_servers()
@@ -47,20 +66,30 @@ def show(days: int = typer.Option(30, help="how many days back"),
             "SELECT metric_date, lifecycle_stage, metric_name, metric_value FROM metrics_daily "
             "WHERE metric_date >= :since AND metric_name IN ('users_in_stage', 'stage_entries') "
             "AND dimensions = '{}'::jsonb ORDER BY metric_date"), {"since": since}).all()
-    table = Table("date", *(f"{s} users/+in" for s in LIFECYCLE_STAGES))
     by_day: dict[dt.date, dict[tuple[str, str], float]] = {}
     for row in rows:
         by_day.setdefault(row.metric_date, {})[(row.lifecycle_stage, row.metric_name)] = \
             float(row.metric_value)
-    for day, figures in by_day.items():
-        table.add_row(str(day), *(
-            f"{figures.get((s, 'users_in_stage'), 0):.0f}/+{figures.get((s, 'stage_entries'), 0):.0f}"
-            for s in LIFECYCLE_STAGES))
-    console.print(table)
+    if not by_day:
+        err.print(f"no metrics since {since} yet: the beat computes each day after midnight "
+                  "UTC; compute past days now with "
+                  f"`fleet metrics backfill --from {since} --to today`")
+    if as_json:
+        print_json([{"date": day, "stages": {
+            s: {"users_in_stage": figures.get((s, "users_in_stage"), 0),
+                "stage_entries": figures.get((s, "stage_entries"), 0)} for s in LIFECYCLE_STAGES}}
+            for day, figures in by_day.items()])
+    elif by_day:
+        table = Table("date", *(f"{s} users/+in" for s in LIFECYCLE_STAGES))
+        for day, figures in by_day.items():
+            table.add_row(str(day), *(
+                f"{figures.get((s, 'users_in_stage'), 0):.0f}/+"
+                f"{figures.get((s, 'stage_entries'), 0):.0f}" for s in LIFECYCLE_STAGES))
+        out.print(table)
     if chart is not None:
         with session_scope() as session:
             write_funnel(chart, *funnel_counts(session))
-        console.print(f"funnel written to {chart}")
+        err.print(f"funnel written to {chart}")
 
 
 retention_app = typer.Typer(help="Retention of old data (the seed's policy).",
@@ -75,7 +104,7 @@ def retention_run(dry_run: bool = typer.Option(False, "--dry-run",
     report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",
                            dry_run=dry_run)
     verb = "would" if dry_run else "did"
-    console.print(f"{verb} archive: {', '.join(report.archived) or 'nothing'}")
-    console.print(f"{verb} drop: {', '.join(report.dropped) or 'nothing'}")
+    out.print(f"{verb} archive: {', '.join(report.archived) or 'nothing'}")
+    out.print(f"{verb} drop: {', '.join(report.dropped) or 'nothing'}")
     for table, count in report.deleted.items():
-        console.print(f"{verb} delete {count} rows of {table}")
+        out.print(f"{verb} delete {count} rows of {table}")

@@ -8,7 +8,8 @@ import sys
 import typer
 from prometheus_client import start_http_server
 
-from workers.cli.context import console, ensure_servers
+from workers.cli.context import ensure_servers, err
+from workers.cli.output import print_json
 from workers.health import MAX_DEAD_LETTERS, MAX_STALLED, MAX_TIMER_LAG, run_checks
 from workers.metrics import exporter_registry, metrics_dir
 from workers.processes import flower_command
@@ -30,9 +31,10 @@ def flower(
     """
     settings = ensure_servers()
     port = port or settings.flower_port
-    argv, env = flower_command(port, address, settings.flower_basic_auth)
+    argv, env = flower_command(port, address, settings.flower_basic_auth,
+                               settings.flower_broker_api)
     auth = "basic auth" if settings.flower_basic_auth else "no auth: read only"
-    console.print(f"flower    http://{address}:{port}/ ({auth})")
+    err.print(f"flower    http://{address}:{port}/ ({auth})")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, {**os.environ, **env})
@@ -52,7 +54,7 @@ def exporter(
     settings = get_settings()
     port = port or settings.metrics_port
     server, thread = start_http_server(port, addr=address, registry=exporter_registry(settings))
-    console.print(f"metrics   http://{address}:{port}/metrics (counters from "
+    err.print(f"metrics   http://{address}:{port}/metrics (counters from "
                   f"{metrics_dir(settings)})", soft_wrap=True)
     try:
         thread.join()
@@ -70,6 +72,7 @@ def health(
     max_dead_letters: int = typer.Option(MAX_DEAD_LETTERS, help="Pending dead letters allowed."),
     max_stalled: int = typer.Option(MAX_STALLED, help="Stalled executions allowed."),
     timeout: float = typer.Option(1.0, help="Seconds to wait for workers to answer."),
+    as_json: bool = typer.Option(False, "--json", help="print JSON: one object per check"),
 ) -> None:
     """Check the fleet for probes: one line per check; exit 1 if one fails.
 
@@ -91,7 +94,11 @@ def health(
     checks = run_checks(settings, app=app, queues=queues, worker_timeout=timeout,
                         max_timer_lag=max_timer_lag, max_dead_letters=max_dead_letters,
                         max_stalled=max_stalled)
-    for check in checks:
-        typer.echo(check.line())
+    if as_json:
+        print_json([{"name": c.name, "ok": c.ok, "status": c.label, "detail": c.detail}
+                    for c in checks])
+    else:
+        for check in checks:
+            typer.echo(check.line())
     if any(check.ok is False for check in checks):
         raise typer.Exit(1)

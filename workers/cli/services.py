@@ -7,7 +7,7 @@ import shlex
 import typer
 from rich.table import Table
 
-from workers.cli.context import console, embedded_services, ensure_servers
+from workers.cli.context import embedded_services, ensure_servers, err, out
 
 app = typer.Typer(help="Manage the embedded PostgreSQL and Redis-compatible servers.",
                   no_args_is_help=True)
@@ -16,16 +16,19 @@ app = typer.Typer(help="Manage the embedded PostgreSQL and Redis-compatible serv
 @app.command()
 def start() -> None:
     """Start the embedded servers (or reuse running ones) and print their URLs."""
-    state = embedded_services().start()
-    console.print(f"PostgreSQL  {state.database_url}")
-    console.print(f"Redis       {state.broker_url}")
+    services = embedded_services()
+    if note := services.outside_note():
+        err.print(note, markup=False, highlight=False)
+    state = services.start()
+    out.print(f"PostgreSQL  {state.database_url}")
+    out.print(f"Redis       {state.broker_url}")
 
 
 @app.command()
 def stop() -> None:
     """Stop the embedded servers; their data stays for the next start."""
     embedded_services().stop()
-    console.print("embedded servers stopped")
+    err.print("embedded servers stopped")
 
 
 @app.command()
@@ -36,14 +39,15 @@ def status() -> None:
     for name, info in report.items():
         table.add_row(name, "yes" if info["running"] else "no", str(info["pid"] or "-"),
                       str(info["url"] or "-"), str(info["data"]))
-    console.print(table)
+    out.print(table)
     if not all(info["running"] for info in report.values()):
         raise typer.Exit(1)
 
 
 @app.command()
 def env() -> None:
-    """Print `export DATABASE_URL=... CELERY_BROKER_URL=...` (eval it in another shell)."""
-    settings = ensure_servers()
+    """Print `export DATABASE_URL=... CELERY_BROKER_URL=...` (eval it in another shell),
+    starting the embedded servers for the URLs that are unset if they are not running."""
+    settings = ensure_servers(start=True)
     print(f"export DATABASE_URL={shlex.quote(str(settings.database_url))} "
           f"CELERY_BROKER_URL={shlex.quote(str(settings.broker_url))}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -22,13 +23,16 @@ from db.models import (
     WorkflowExecution,
 )
 from db.session import session_scope
-from workers.cli.context import console, ensure_servers
+from workers.cli.context import ensure_servers, err, out
 from workers.cli.definitions import print_report
+from workers.cli.ids import resolve_id
+from workers.cli.output import id_column, print_json, utc
 from workers.engine import control, executions
 from workers.events.envelope import normalise_email
 
 workflow_app = typer.Typer(help="BPMN workflow definitions.", no_args_is_help=True)
 execution_app = typer.Typer(help="Workflow executions.", no_args_is_help=True)
+ID_ARGUMENT = typer.Argument(..., help="the execution's id or a unique prefix of it (4+ hex)")
 
 
 @workflow_app.command("deploy")
@@ -58,7 +62,7 @@ def deploy(
                                      stages=[s.strip() for s in stages.split(",") if s.strip()],
                                      activate=activate)
     except DefinitionError as exc:
-        console.print(f"[red]not deployed:[/] {exc}")
+        err.print(f"[red]not deployed:[/] {exc}")
         raise typer.Exit(2) from None
     print_report(report)
 
@@ -67,106 +71,159 @@ def deploy(
 def set_status(name: str, status: str = typer.Argument(..., help="/".join(WORKFLOW_STATUSES))) -> None:
     """Set a workflow's status (only active workflows are started by triggers)."""
     if status not in WORKFLOW_STATUSES:
-        console.print(f"[red]status must be one of {', '.join(WORKFLOW_STATUSES)}[/]")
+        err.print(f"[red]status must be one of {', '.join(WORKFLOW_STATUSES)}[/]")
         raise typer.Exit(2)
     ensure_servers()
     with session_scope() as session:
         changed = session.execute(update(Workflow).where(Workflow.name == name)
                                   .values(status=status, updated_at=func.now())).rowcount  # type: ignore[attr-defined]
     if not changed:
-        console.print(f"[red]no workflow named {name!r}[/]")
+        err.print(f"[red]no workflow named {name!r}[/]")
         raise typer.Exit(1)
-    console.print(f"{name}: {status}")
+    out.print(f"{name}: {status}", markup=False, highlight=False)
 
 
 @workflow_app.command("list")
-def workflow_list() -> None:
+def workflow_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Workflows with version, status and executions by status."""
     ensure_servers()
-    table = Table("name", "version", "status", "stages", "executions")
     with session_scope() as session:
         counts: dict[uuid.UUID, dict[str, int]] = {}
         for wid, status, n in session.execute(
                 select(WorkflowExecution.workflow_id, WorkflowExecution.status, func.count())
                 .group_by(WorkflowExecution.workflow_id, WorkflowExecution.status)):
             counts.setdefault(wid, {})[status] = n
-        for wf in session.execute(select(Workflow).order_by(Workflow.name)).scalars():
-            by_status = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(wf.id, {}).items()))
-            table.add_row(wf.name, wf.version, wf.status, ",".join(wf.lifecycle_stages or []),
-                          by_status or "-")
-    console.print(table)
+        rows: list[dict[str, Any]] = [{"id": wf.id, "name": wf.name, "version": wf.version, "status": wf.status,
+                 "stages": list(wf.lifecycle_stages or []),
+                 "executions": dict(sorted(counts.get(wf.id, {}).items()))}
+                for wf in session.execute(select(Workflow).order_by(Workflow.name)).scalars()]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "version", "status", "stages", "executions")
+    for row in rows:
+        by_status = ", ".join(f"{k} {v}" for k, v in row["executions"].items())
+        table.add_row(row["name"], row["version"], row["status"], ",".join(row["stages"]),
+                      by_status or "-")
+    out.print(table)
+
+
+def _execution_json(session: Session, row: WorkflowExecution, steps: int) -> dict[str, Any]:
+    wf = session.get(Workflow, row.workflow_id)
+    history = session.execute(select(ExecutionStep).where(ExecutionStep.execution_id == row.id)
+                              .order_by(ExecutionStep.seq.desc()).limit(steps)).scalars().all()
+    return {
+        "id": row.id, "workflow": wf.name if wf else None, "workflow_id": row.workflow_id,
+        "workflow_version": row.workflow_version, "user_id": row.user_id,
+        "status": row.status, "paused_at": utc(row.paused_at), "stalled_at": utc(row.stalled_at),
+        "node": row.current_node_id, "state_version": row.state_version,
+        "started_at": utc(row.started_at), "completed_at": utc(row.completed_at),
+        "wake_at": utc(row.wake_at), "awaiting_events": list(row.awaiting_events or []),
+        "awaiting_tasks": list(row.awaiting_tasks or []),
+        "pending_messages": [{"event_type": m.event_type, "event_id": m.event_id,
+                              "received_at": utc(m.received_at)}
+                             for m in executions.pending_messages(session, row.id)],
+        "error": row.error_message, "variables": row.variables or {},
+        "steps": [{"seq": s.seq, "node_id": s.node_id, "node_type": s.node_type,
+                   "outcome": s.outcome, "attempt": s.attempt,
+                   "started_at": utc(s.started_at), "finished_at": utc(s.finished_at),
+                   "duration_seconds": ((s.finished_at - s.started_at).total_seconds()
+                                        if s.finished_at else None),
+                   "error": s.error_message} for s in reversed(history)],
+    }
 
 
 @execution_app.command("show")
-def show(execution_id: uuid.UUID, steps: int = typer.Option(50, help="history rows to show")) -> None:
+def show(execution_id: str = ID_ARGUMENT,
+         steps: int = typer.Option(50, help="history rows to show"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Status, current node, waits, variables and step history of one execution."""
     ensure_servers()
     with session_scope() as session:
-        row = session.get(WorkflowExecution, execution_id)
-        if row is None:
-            console.print(f"[red]no execution {execution_id}[/]")
-            raise typer.Exit(1)
-        wf = session.get(Workflow, row.workflow_id)
-        status = row.status + (" (paused)" if row.paused_at else "")
-        console.print(f"execution {row.id}\n  workflow  {wf.name if wf else row.workflow_id} "
-                      f"v{row.workflow_version}\n  status    {status}\n"
-                      f"  node      {row.current_node_id or '-'}\n  version   {row.state_version}\n"
-                      f"  started   {row.started_at}\n  finished  {row.completed_at or '-'}")
-        if row.wake_at:
-            console.print(f"  wakes at  {row.wake_at}")
-        if row.awaiting_events:
-            console.print(f"  waits for {', '.join(row.awaiting_events)}")
-        for message in executions.pending_messages(session, row.id):  # not caught (yet)
-            console.print(f"  pending   {message.event_type} {message.event_id} "
-                          f"(received {message.received_at}, not caught)")
-        if row.awaiting_tasks:
-            console.print(f"  awaits    {', '.join(row.awaiting_tasks)} "
-                          f"(fleet execution complete {row.id} NODE [--data JSON])")
-        if row.stalled_at:
-            console.print(f"  [red]stalled   since {row.stalled_at}: {row.error_message}[/]\n"
-                          f"  (fleet execution retry {row.id} once fixed, or cancel it)")
-        elif row.error_message:
-            console.print(f"  [red]error     {row.error_message}[/]")
-        console.print("variables:")
-        console.print_json(json.dumps(row.variables or {}, default=str))
-        table = Table("seq", "node", "type", "outcome", "attempt", "started", "ms", "error")
-        history = session.execute(select(ExecutionStep).where(ExecutionStep.execution_id == row.id)
-                                  .order_by(ExecutionStep.seq.desc()).limit(steps)).scalars().all()
-        for s in reversed(history):
-            ms = ((s.finished_at - s.started_at).total_seconds() * 1000) if s.finished_at else None
-            table.add_row(str(s.seq), s.node_id, s.node_type, s.outcome, str(s.attempt),
-                          s.started_at.strftime("%Y-%m-%d %H:%M:%S"),
-                          f"{ms:.1f}" if ms is not None else "-", s.error_message or "")
-        console.print(table)
+        row = session.get(WorkflowExecution, resolve_id(session, WorkflowExecution, execution_id))
+        assert row is not None
+        data = _execution_json(session, row, steps)
+    if as_json:
+        print_json(data)
+        return
+    status = data["status"] + (" (paused)" if data["paused_at"] else "")
+    lines = [f"execution {data['id']}",
+             f"  workflow  {data['workflow'] or data['workflow_id']} v{data['workflow_version']}",
+             f"  user      {data['user_id'] or '-'}", f"  status    {status}",
+             f"  node      {data['node'] or '-'}", f"  version   {data['state_version']}",
+             f"  started   {data['started_at']}", f"  finished  {data['completed_at'] or '-'}"]
+    if data["wake_at"]:
+        lines.append(f"  wakes at  {data['wake_at']}")
+    if data["awaiting_events"]:
+        lines.append(f"  waits for {', '.join(data['awaiting_events'])}")
+    for message in data["pending_messages"]:  # not caught (yet)
+        lines.append(f"  pending   {message['event_type']} {message['event_id']} "
+                     f"(received {message['received_at']}, not caught)")
+    if data["awaiting_tasks"]:
+        lines.append(f"  awaits    {', '.join(data['awaiting_tasks'])} "
+                     f"(fleet execution complete {data['id']} NODE [--data JSON])")
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    if data["stalled_at"]:
+        out.print(f"  [red]stalled   since {data['stalled_at']}: {escape(data['error'] or '')}[/]\n"
+                  f"  (fleet execution retry {data['id']} once fixed, or cancel it)",
+                  soft_wrap=True)
+    elif data["error"]:
+        out.print(f"  [red]error     {escape(data['error'])}[/]", soft_wrap=True)
+    out.print("variables:")
+    out.print_json(json.dumps(data["variables"], default=str))
+    table = Table("seq", "node", "type", "outcome", "attempt", "started", "s", "error")
+    for s in data["steps"]:
+        seconds = s["duration_seconds"]
+        table.add_row(str(s["seq"]), s["node_id"], s["node_type"], s["outcome"], str(s["attempt"]),
+                      s["started_at"][:19].replace("T", " "),
+                      f"{seconds:.3f}" if seconds is not None else "-", escape(s["error"] or ""))
+    out.print(table)
 
 
 @execution_app.command("list")
 def execution_list(
     workflow: str | None = typer.Option(None, help="workflow name"),
     status: str | None = typer.Option(None, help="/".join(ExecutionStatus)),
+    user: str | None = typer.Option(None, help="only this user's (email or id)"),
     limit: int = typer.Option(20),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (whole error messages)"),
 ) -> None:
-    """The latest executions, optionally of one workflow or status."""
+    """The latest executions, optionally of one workflow, status or user."""
     ensure_servers()
-    table = Table("id", "workflow", "status", "node", "started", "error")
     with session_scope() as session:
-        query = (select(WorkflowExecution, Workflow.name)
+        query = (select(WorkflowExecution, Workflow.name, User.email)
                  .join(Workflow, Workflow.id == WorkflowExecution.workflow_id)
+                 .outerjoin(User, User.id == WorkflowExecution.user_id)
                  .order_by(WorkflowExecution.started_at.desc()).limit(limit))
         if workflow:
             query = query.where(Workflow.name == workflow)
         if status:
             query = query.where(WorkflowExecution.status == status)
-        for row, name in session.execute(query):
-            marks = (" (paused)" if row.paused_at else "") + (" (stalled)" if row.stalled_at else "")
-            table.add_row(str(row.id), name, row.status + marks,
-                          row.current_node_id or "-", str(row.started_at)[:19],
-                          (row.error_message or "")[:60])
-    console.print(table)
+        if user:
+            query = query.where(WorkflowExecution.user_id == _user_id(session, user))
+        rows: list[dict[str, Any]] = [{"id": row.id, "workflow": name, "workflow_version": row.workflow_version,
+                 "user_id": row.user_id, "user_email": email, "status": row.status,
+                 "paused": row.paused_at is not None, "stalled": row.stalled_at is not None,
+                 "node": row.current_node_id, "started_at": utc(row.started_at),
+                 "completed_at": utc(row.completed_at), "error": row.error_message}
+                for row, name, email in session.execute(query)]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(id_column(), "workflow", "user", "status", "node", "started", "error")
+    for row in rows:
+        marks = (" (paused)" if row["paused"] else "") + (" (stalled)" if row["stalled"] else "")
+        error = row["error"] or ""
+        table.add_row(str(row["id"]), row["workflow"], row["user_email"] or str(row["user_id"] or "-"),
+                      row["status"] + marks, row["node"] or "-",
+                      row["started_at"][:19].replace("T", " "),
+                      escape(error[:60] + ("…" if len(error) > 60 else "")))
+    out.print(table)
 
 
-def _control(execution_id: uuid.UUID, action: Callable[[Session, uuid.UUID], int | None],
-             done: str) -> None:
+def _control(execution_id: str, action: Callable[[Session, uuid.UUID], int | None],
+             done: str) -> uuid.UUID:
+    """Run a control action on the execution an id (or prefix) names; returns its whole id."""
     ensure_servers()
     # After ensure_servers(): the Celery app reads the broker's URL from the settings when
     # first imported, and an embedded broker's URL is known only now.
@@ -174,53 +231,56 @@ def _control(execution_id: uuid.UUID, action: Callable[[Session, uuid.UUID], int
 
     try:
         with session_scope() as session:
-            version = action(session, execution_id)
+            whole = resolve_id(session, WorkflowExecution, execution_id)
+            version = action(session, whole)
     except control.ControlError as exc:
-        console.print(f"[red]{exc}[/]")
+        err.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from None
     if version is not None:
-        send_step(execution_id, version)
-    console.print(f"{execution_id}: {done}")
+        send_step(whole, version)
+    out.print(f"{whole}: {done}", markup=False, highlight=False)
+    return whole
 
 
 @execution_app.command("cancel")
-def cancel(execution_id: uuid.UUID) -> None:
+def cancel(execution_id: str = ID_ARGUMENT) -> None:
     """Stop an execution for good; pending timers and waits are dropped."""
     _control(execution_id, control.cancel, "cancelled")
 
 
 @execution_app.command("pause")
-def pause(execution_id: uuid.UUID) -> None:
+def pause(execution_id: str = ID_ARGUMENT) -> None:
     """Hold an execution: no step runs and no timer wakes it until it is resumed."""
     _control(execution_id, control.pause, "paused")
 
 
 @execution_app.command("resume")
-def resume(execution_id: uuid.UUID) -> None:
+def resume(execution_id: str = ID_ARGUMENT) -> None:
     """Continue a paused execution where it stopped."""
     _control(execution_id, control.resume, "resumed")
 
 
 @execution_app.command("retry")
-def retry(execution_id: uuid.UUID) -> None:
+def retry(execution_id: str = ID_ARGUMENT) -> None:
     """Run a failed execution again from the node that failed, or a stalled one where it stopped."""
     _control(execution_id, control.retry, "retrying where it stopped")
 
 
 @execution_app.command("complete")
 def complete(
-    execution_id: uuid.UUID,
+    execution_id: str = ID_ARGUMENT,
     node: str = typer.Argument(..., help="the user or manual task's node id (see `show`)"),
     data: str = typer.Option("{}", help="a JSON object merged into the task's data"),
 ) -> None:
     """Complete a user or manual task the execution waits for; the workflow goes on."""
     values = _data_object(data)
-    _control(execution_id, lambda session, eid: control.complete(session, eid, node, values),
-             f"{node} completed")
+    whole = _control(execution_id,
+                     lambda session, eid: control.complete(session, eid, node, values),
+                     f"{node} completed")
     with session_scope() as session:
-        row = session.get(WorkflowExecution, execution_id)
+        row = session.get(WorkflowExecution, whole)
         if row is not None and row.status == ExecutionStatus.FAILED:
-            console.print(f"[red]the execution failed: {row.error_message}[/]")
+            err.print(f"[red]the execution failed: {row.error_message}[/]")
             raise typer.Exit(1)
 
 
@@ -229,10 +289,10 @@ def _data_object(data: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
     except ValueError as exc:
-        console.print(f"[red]--data is not JSON: {exc}[/]")
+        err.print(f"[red]--data is not JSON: {exc}[/]")
         raise typer.Exit(2) from None
     if not isinstance(value, dict):
-        console.print(f"[red]--data must be a JSON object, not {type(value).__name__}[/]")
+        err.print(f"[red]--data must be a JSON object, not {type(value).__name__}[/]")
         raise typer.Exit(2)
     return value
 
@@ -247,7 +307,7 @@ def _user_id(session: Session, user: str) -> uuid.UUID:
         User.id == by_id if by_id is not None else User.email == normalise_email(user))
     ).scalar_one_or_none()
     if found is None:
-        console.print(f"[red]no user with email or id {user!r}[/]")
+        err.print(f"[red]no user with email or id {user!r}[/]")
         raise typer.Exit(1)
     return found
 
@@ -273,7 +333,7 @@ def start(
             execution_id = control.start(session, workflow, _user_id(session, user),
                                          variables, key=key)
     except control.ControlError as exc:
-        console.print(f"[red]{exc}[/]")
+        err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     send_step(execution_id, 0)
     typer.echo(execution_id)

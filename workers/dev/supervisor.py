@@ -3,6 +3,7 @@
 Children run in their own sessions so a terminal's Ctrl-C reaches only the
 supervisor, which then asks each child for a warm shutdown (SIGTERM: finish the
 current task, ack it, exit) and kills what is still alive after the grace period.
+Their output goes to size-capped, rotating files in the log folder (logfile.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from workers.dev.logfile import BACKUPS, MAX_BYTES, RotatingLog, copy_to_log
 from workers.processes import celery_argv, flower_command
 from workers.queues import QUEUE_NAMES, worker_options
 from workers.settings import Settings
@@ -35,7 +38,10 @@ class Supervisor:
     specs: list[ProcessSpec]
     log_dir: Path
     env: dict[str, str]
+    log_max_bytes: int = MAX_BYTES
+    log_backups: int = BACKUPS
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    pumps: dict[str, threading.Thread] = field(default_factory=dict)
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -43,12 +49,18 @@ class Supervisor:
             self._spawn(spec)
 
     def _spawn(self, spec: ProcessSpec) -> None:
-        log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - owned by the child
-        self.procs[spec.name] = subprocess.Popen(
-            spec.argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **spec.env},
-            start_new_session=True,
+        log = RotatingLog(self.log_dir / f"{spec.name}.log", self.log_max_bytes, self.log_backups)
+        proc = subprocess.Popen(
+            spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**self.env, **spec.env}, start_new_session=True,
         )
-        log.close()
+        assert proc.stdout is not None
+        self.procs[spec.name] = proc
+        self.pumps[spec.name] = copy_to_log(proc.stdout, log)
+
+    def _reaped(self, name: str) -> None:
+        """After the process ended: its last output is in the log file."""
+        self.pumps[name].join(timeout=5)
 
     def restart(self, name: str) -> None:
         """Start `name` again (after it died or was killed) with the same command."""
@@ -65,6 +77,7 @@ class Supervisor:
         except ProcessLookupError:
             pass
         proc.wait()
+        self._reaped(name)
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]
@@ -90,12 +103,13 @@ class Supervisor:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for proc in self.procs.values():
+        for name, proc in self.procs.items():
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            self._reaped(name)
 
     def run_until_signal(self) -> str:
         """Block until SIGINT/SIGTERM or until a child dies; returns why it stopped."""

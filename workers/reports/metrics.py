@@ -8,7 +8,7 @@ rerun or a backfill is always safe.
 | metric | stage | dimensions |
 |---|---|---|
 | users_in_stage (at end of day) | the stage | {} |
-| stage_entries, stage_exits (user_lifecycle_history) | the stage | {} |
+| stage_entries (user_lifecycle_history, and new users into the stage they were created in), stage_exits | the stage | {} |
 | events | the user's stage when recorded ('Unknown' without one) | {"event_type"} |
 | triggers_evaluated, triggers_matched | All | {"trigger"} |
 | executions_started, executions_completed, executions_failed | All | {"workflow"} |
@@ -46,8 +46,20 @@ computed(lifecycle_stage, metric_name, metric_value, dimensions) AS (
         FROM users u, day WHERE u.created_at < day.e
     ) at_end GROUP BY stage
   UNION ALL
-    SELECT h.to_stage, 'stage_entries', count(*), '{{}}' FROM user_lifecycle_history h, day
-     WHERE h.transitioned_at >= day.s AND h.transitioned_at < day.e GROUP BY h.to_stage
+    SELECT entries.stage, 'stage_entries', count(*), '{{}}' FROM (
+        SELECT h.to_stage AS stage FROM user_lifecycle_history h, day
+         WHERE h.transitioned_at >= day.s AND h.transitioned_at < day.e
+      UNION ALL
+        -- A new user enters the stage they were created in (no history row says so):
+        -- the first move's from_stage, else the stage they are still in.
+        SELECT CASE WHEN first_move.found THEN first_move.from_stage
+                    ELSE u.current_lifecycle_stage END
+          FROM users u CROSS JOIN day
+          LEFT JOIN LATERAL (
+            SELECT h.from_stage, true AS found FROM user_lifecycle_history h
+             WHERE h.user_id = u.id ORDER BY h.transitioned_at LIMIT 1) first_move ON true
+         WHERE u.created_at >= day.s AND u.created_at < day.e
+    ) entries WHERE entries.stage IS NOT NULL GROUP BY entries.stage
   UNION ALL
     SELECT h.from_stage, 'stage_exits', count(*), '{{}}' FROM user_lifecycle_history h, day
      WHERE h.transitioned_at >= day.s AND h.transitioned_at < day.e AND h.from_stage IS NOT NULL

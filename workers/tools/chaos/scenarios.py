@@ -330,6 +330,7 @@ def own_postgres() -> Iterator[tuple[Any, int, str]]:
             yield server, port, f"postgresql://postgres@127.0.0.1:{port}/postgres"
         finally:
             server.stop_postgres("immediate")
+            server.discard()  # its files may live outside the home folder (run as root)
 
 
 def pg_stop(events: int = 1500, rate: float = 25, users: int = 300,
