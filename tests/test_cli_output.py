@@ -209,3 +209,23 @@ def test_dlq_show_gives_the_whole_reason_and_the_raw_payload(engine: Engine) -> 
         result = fleet("dlq", "show", refused)
         assert result.returncode == 2 and result.stdout == "", result.stderr
     assert fleet("dlq", "replay", str(text_id), "--payload", "{nope").returncode == 2
+
+
+def test_a_huge_condition_is_shown_cut_in_tables_and_whole_in_json(engine: Engine) -> None:
+    """A segment with in-lists of 200,000 values: laying all of it out as YAML in a table
+    took minutes; the table shows the start, --json the whole."""
+    name = f"huge-{uuid.uuid4().hex[:8]}"
+    conditions = {"field": "user.attributes.plan", "op": "in",
+                  "value": [f"plan-{i}" for i in range(200_000)]}
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO user_segments (name, conditions, kind) "
+                          "VALUES (:n, CAST(:c AS jsonb), 'dynamic')"),
+                     {"n": name, "c": json.dumps(conditions)})
+    listed = fleet("segment", "list")
+    assert listed.returncode == 0, listed.stderr
+    table = " ".join(listed.stdout.split())  # cells wrap at 80 columns
+    assert name in table and "plan-0" in table and "plan-199999" not in table
+    assert "characters;" in table
+    shown = [s for s in as_json("segment", "list") if s["name"] == name]
+    assert shown[0]["conditions"]["value"][-1] == "plan-199999"
+    assert "characters; --json shows all" in fleet("segment", "show", name).stdout

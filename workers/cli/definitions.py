@@ -82,7 +82,7 @@ def trigger_list(as_json: bool = typer.Option(False, "--json", help="print JSON"
         table.add_row(row["name"], row["event_type"], row["workflow"] or "-",
                       "yes" if row["enabled"] else "no", row["reentry"],
                       str(row["max_runs_per_user"] or "-"), row["cooldown"] or "-",
-                      escape(as_yaml(row["conditions"])))
+                      escape(as_yaml(row["conditions"], limit=200)))
     out.print(table)
 
 
@@ -133,7 +133,7 @@ def segment_list(as_json: bool = typer.Option(False, "--json", help="print JSON"
     table = Table("name", "kind", "ttl", "cached members", "conditions")
     for row in rows:
         table.add_row(row["name"], row["kind"], row["ttl"], str(row["members"]),
-                      escape(as_yaml(row["conditions"])))
+                      escape(as_yaml(row["conditions"], limit=200)))
     out.print(table)
 
 

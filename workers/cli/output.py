@@ -54,10 +54,21 @@ def duration(seconds: float | None) -> str:
     return next(f"{whole // size}{unit}" for unit, size in _UNITS if whole % size == 0)
 
 
-def as_yaml(value: Any) -> str:
-    """A definition's value as the YAML a user wrote: one line when short, else block style."""
+YAML_LIMIT = 4000  # characters of a value shown as YAML; longer ones are cut (see --json)
+
+
+def as_yaml(value: Any, limit: int = YAML_LIMIT) -> str:
+    """A definition's value as the YAML a user wrote: one line when short, else block style.
+
+    A value longer than `limit` characters (a condition with in-lists of thousands of
+    values) is shown cut, from its compact JSON: YAML-dumping and laying out all of it
+    would take minutes, and `--json` prints the whole.
+    """
     if value is None:
         return "-"
+    compact = json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+    if len(compact) > limit:
+        return f"{compact[:limit]}… ({len(compact):,} characters; --json shows all)"
     flow: str = yaml.safe_dump(value, default_flow_style=True, sort_keys=False,
                                width=10**6, allow_unicode=True).strip()
     if flow.endswith("\n..."):  # a bare scalar
