@@ -104,8 +104,8 @@ def test_fleet_execution_start_runs_a_workflow_with_its_data(
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
-    (("--data", "{not json"), 2, "--data is not JSON"),
-    (("--data", json.dumps([1, 2])), 2, "--data must be a JSON object, not list"),
+    (("--data", "{not json"), 2, "invalid --data: not JSON"),
+    (("--data", json.dumps([1, 2])), 2, "invalid --data: expected a JSON object"),
     (("--user", "nobody-here@example.com"), 1, "no user with email or id"),
     (("--user", str(uuid.UUID(int=0))), 1, "no user with email or id"),
     (("--data", '{"user": 1}'), 1, "start variables may not be named user"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -113,3 +114,17 @@ def ensure_servers(*, start: bool = False, broker: bool = True) -> Settings:
     get_settings.cache_clear()
     reset_engine()
     return get_settings()
+
+
+def json_object_option(text: str, option: str = "--data") -> dict[str, Any]:
+    """An option's value as a JSON object, or one line saying why not and exit 2."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        err.print(f"invalid {option}: not JSON ({exc})", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        err.print(f"invalid {option}: expected a JSON object like '{{\"plan\": \"pro\"}}', "
+                  f"not {type(value).__name__}", markup=False, highlight=False)
+        raise typer.Exit(2)
+    return value

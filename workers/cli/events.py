@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from workers.cli.context import ensure_servers, err, out
+from workers.cli.context import ensure_servers, err, json_object_option, out
 from workers.events.envelope import InvalidEvent
 
 BATCH = 100
@@ -26,7 +26,7 @@ def emit(
                               help="JSON lines, one event envelope per line"),
 ) -> None:
     """Publish one event, or every line of a JSON-lines file in batches of 100."""
-    payload = None if file is not None else _data_object(data)
+    payload = None if file is not None else json_object_option(data)
     ensure_servers()
     # After ensure_servers(): the Celery app reads the broker's URL from the settings when
     # first imported, and an embedded broker's URL is known only now.
@@ -51,20 +51,6 @@ def emit(
     if known is None:
         err.print(f"could not check user id {escape(user)} (database unreachable): "
                       "if no user has it, the event will be dead-lettered")
-
-
-def _data_object(data: str) -> dict[str, Any]:
-    """--data as a JSON object, or one line saying why not (exit 2)."""
-    try:
-        value = json.loads(data)
-    except ValueError as exc:
-        err.print(f"[red]invalid --data:[/] not JSON ({escape(str(exc))})")
-        raise typer.Exit(2) from None
-    if not isinstance(value, dict):
-        err.print(f"[red]invalid --data:[/] expected a JSON object like "
-                      f'\'{{"plan": "pro"}}\', got {type(value).__name__}')
-        raise typer.Exit(2)
-    return value
 
 
 def _user_id_known(user: str) -> bool | None:

@@ -23,7 +23,7 @@ from db.models import (
     WorkflowExecution,
 )
 from db.session import session_scope
-from workers.cli.context import ensure_servers, err, out
+from workers.cli.context import ensure_servers, err, json_object_option, out
 from workers.cli.definitions import print_report
 from workers.cli.ids import resolve_id
 from workers.cli.output import id_column, print_json, utc
@@ -273,7 +273,7 @@ def complete(
     data: str = typer.Option("{}", help="a JSON object merged into the task's data"),
 ) -> None:
     """Complete a user or manual task the execution waits for; the workflow goes on."""
-    values = _data_object(data)
+    values = json_object_option(data)
     whole = _control(execution_id,
                      lambda session, eid: control.complete(session, eid, node, values),
                      f"{node} completed")
@@ -282,19 +282,6 @@ def complete(
         if row is not None and row.status == ExecutionStatus.FAILED:
             err.print(f"[red]the execution failed: {row.error_message}[/]")
             raise typer.Exit(1)
-
-
-def _data_object(data: str) -> dict[str, Any]:
-    """The `--data` option's JSON object; anything else exits 2 with one line."""
-    try:
-        value = json.loads(data)
-    except ValueError as exc:
-        err.print(f"[red]--data is not JSON: {exc}[/]")
-        raise typer.Exit(2) from None
-    if not isinstance(value, dict):
-        err.print(f"[red]--data must be a JSON object, not {type(value).__name__}[/]")
-        raise typer.Exit(2)
-    return value
 
 
 def _user_id(session: Session, user: str) -> uuid.UUID:
@@ -322,7 +309,7 @@ def start(
 ) -> None:
     """Start one execution by hand; prints its id. Its variables: those of --data, and `user`
     (added by the first step, as for a trigger's start)."""
-    variables = _data_object(data)
+    variables = json_object_option(data)
     ensure_servers()
     # After ensure_servers(): the Celery app reads the broker's URL from the settings when
     # first imported, and an embedded broker's URL is known only now.
