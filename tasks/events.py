@@ -7,6 +7,7 @@ from typing import Any
 import structlog
 
 from workers.base_task import FleetTask
+from workers.batches import FleetBatches
 from workers.celery_app import app
 from workers.engine import dispatch
 from workers.events.envelope import with_message_ids
@@ -14,7 +15,6 @@ from workers.events.ingest import IngestResult, ingest
 from workers.events.micro_batch import (
     FLUSH_EVERY,
     FLUSH_INTERVAL,
-    FleetBatches,
     ingest_durably,
     message_event,
 )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
+from dataclasses import asdict
+from typing import Any
 
 import structlog
 
 from workers.base_task import FleetTask
+from workers.batches import FleetBatches
 from workers.broker import queue_depths
 from workers.celery_app import app
-from workers.engine import dispatch, stepper, timers
+from workers.engine import batch, dispatch, timers
 from workers.log import get_logger
 from workers.queues import ACTIONS, WORKFLOWS, TaskNames
 from workers.settings import get_settings
@@ -18,26 +20,31 @@ from workers.settings import get_settings
 log = get_logger(__name__)
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.STEP)
-def step(self: FleetTask, execution_id: str, expected_version: int) -> str:
-    """Run the execution's next node if `expected_version` is current; chain what follows."""
-    structlog.contextvars.bind_contextvars(execution_id=execution_id)
-    result = stepper.step(self.session, uuid.UUID(execution_id), expected_version)
-    if result.next_version is not None:
-        version = result.next_version
-        self.after_commit(lambda: dispatch.send_step(uuid.UUID(execution_id), version))
-    if result.action_key is not None:
-        key = result.action_key
-        self.after_commit(lambda: dispatch.send_action(key))
-    if result.outcome == "noop":
-        log.info("step.noop", reason=result.reason)
-    return result.outcome
+@app.task(base=FleetBatches, bind=True, name=TaskNames.STEP, acks_late=True,
+          flush_every=get_settings().step_batch_size,
+          flush_interval=get_settings().step_batch_wait_ms / 1000)
+def step(self: FleetBatches, requests: list[Any]) -> dict[str, Any]:
+    """`workflows.step(execution_id, expected_version)`: one BPMN node per message.
+
+    The worker buffers step messages and runs each buffer in one transaction
+    (`workers.engine.batch`); a message is acknowledged once its step is committed,
+    re-published or dead-lettered.
+    """
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_name=self.name, messages=len(requests))
+    report = batch.run(requests)
+    if report.split or report.republished or report.dead_lettered:
+        log.warning("steps.batch", **asdict(report))
+    else:
+        log.debug("steps.batch", **asdict(report))
+    return asdict(report)
 
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.WAKE_DUE_TIMERS)
 def wake_due_timers(self: FleetTask, limit: int = 1000) -> int:
     """Beat, every few seconds: step every execution whose timer is due."""
-    due = timers.claim_due_timers(self.session, dt.datetime.now(dt.UTC), limit)
+    grace = timers.SWEEP_GRACE if get_settings().timer_message_horizon else dt.timedelta(0)
+    due = timers.claim_due_timers(self.session, dt.datetime.now(dt.UTC), limit, grace)
     self.after_commit(lambda: dispatch.send_steps(due))
     if due:
         log.info("timers.woken", count=len(due))

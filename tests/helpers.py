@@ -45,6 +45,7 @@ class WorkerProcess:
 
     def __init__(self, queues: str, concurrency: int = 2, **env: str) -> None:
         from workers.celery_app import app
+        from workers.queues import worker_options
 
         self.app = app
         self.hostname = f"test-{uuid.uuid4().hex[:8]}@localhost"
@@ -53,7 +54,7 @@ class WorkerProcess:
             sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             "-Q", queues, "-n", self.hostname, "-c", str(concurrency),
             "--include", "tests.worker_tasks", "--loglevel", "INFO",
-            "--without-mingle", "--without-gossip",
+            "--without-mingle", "--without-gossip", *worker_options(queues),
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,

@@ -644,13 +644,14 @@ def test_a_worker_touches_its_heartbeat_file_from_its_event_loop(tmp_path: Path)
 
 
 def test_workers_get_the_prefetch_their_queue_needs() -> None:
-    """The events worker micro-batches single-event messages: it must hold 100 per process."""
+    """The events and workflows workers micro-batch their messages: each must hold a batch."""
     from workers.queues import worker_options
 
     for path in (COMPOSE, DEPLOY / "k8s" / "base" / "workers.yaml"):
         text = path.read_text()
-        options = " ".join(f'"{o}"' for o in worker_options("events"))
-        assert options.replace('" "', '", "') in text, path
+        for queue in ("events", "workflows"):
+            options = " ".join(f'"{o}"' for o in worker_options(queue))
+            assert options and options.replace('" "', '", "') in text, (path, queue)
 
 
 # --------------------------------------------------------------------------- tests: monitoring

@@ -325,9 +325,9 @@ def test_task_results_map_to_counters() -> None:
     ingest = {"accepted": 5, "duplicates": 2, "rejected": 1, "evaluated": 7, "matched": 3}
     metrics.record("events.ingest", states.SUCCESS, ingest, 0.01)
     metrics.record("events.ingest_batch", states.SUCCESS, {"accepted": 1, "rejected": 0}, 0.01)
-    metrics.record("workflows.step", states.SUCCESS, "waiting", 0.2)
-    metrics.record("workflows.step", states.SUCCESS, "completed", 0.02)
-    metrics.record("workflows.step", states.FAILURE, None, 0.5)
+    batch = {"messages": 3, "outcomes": {"waiting": 1, "completed": 2}, "split": False,
+             "republished": 1, "dead_lettered": 1}
+    metrics.record("workflows.step", states.SUCCESS, batch, 0.3)  # 0.1 s a step
     metrics.record("actions.run", states.RETRY, None, 0.1)
     metrics.record("bench.noop", states.FAILURE, None, 0.1, fleet_task=False)
     get = registry.get_sample_value
@@ -337,9 +337,13 @@ def test_task_results_map_to_counters() -> None:
     assert get("fleet_trigger_evaluations_total") == 7
     assert get("fleet_trigger_matches_total") == 3
     assert get("fleet_workflow_steps_total", {"outcome": "waiting"}) == 1
-    assert get("fleet_workflow_steps_total", {"outcome": "error"}) == 1
-    assert get("fleet_workflow_step_seconds_count", {"outcome": "completed"}) == 1
-    assert get("fleet_workflow_step_seconds_bucket", {"outcome": "waiting", "le": "0.25"}) == 1
+    assert get("fleet_workflow_steps_total", {"outcome": "completed"}) == 2
+    assert get("fleet_workflow_step_seconds_count", {"outcome": "completed"}) == 2
+    assert get("fleet_workflow_step_seconds_bucket", {"outcome": "waiting", "le": "0.05"}) == 0
+    assert get("fleet_workflow_step_seconds_bucket", {"outcome": "waiting", "le": "0.1"}) == 1
+    assert get("fleet_workflow_step_batch_size_count") == 1
+    assert get("fleet_workflow_step_batch_size_sum") == 3
+    assert get("fleet_task_retries_total", {"task": "workflows.step"}) == 1
     assert get("fleet_task_retries_total", {"task": "actions.run"}) == 1
     assert get("fleet_tasks_dead_lettered_total", {"task": "workflows.step"}) == 1
     assert get("fleet_tasks_dead_lettered_total", {"task": "bench.noop"}) is None

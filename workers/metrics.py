@@ -15,7 +15,8 @@ value), so the task modules carry no metrics code:
     fleet_trigger_evaluations_total        ... "evaluated" (when the task returns it)
     fleet_trigger_matches_total            ... "matched" (when the task returns it)
     fleet_workflow_steps_total{outcome}    workflows.step's outcome; "error" when it failed
-    fleet_workflow_step_seconds{outcome}   run time of one workflows.step (histogram)
+    fleet_workflow_step_seconds{outcome}   run time of one step: its share of its batch (histogram)
+    fleet_workflow_step_batch_size         step messages run in one transaction (histogram)
     fleet_task_retries_total{task}         transient errors retried
     fleet_tasks_dead_lettered_total{task}  fleet tasks that failed for good (dead-lettered)
 
@@ -53,6 +54,7 @@ from workers.settings import Settings
 log = get_logger(__name__)
 
 INGEST_TASKS = frozenset({TaskNames.INGEST, TaskNames.INGEST_BATCH})
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -85,6 +87,9 @@ class WorkerMetrics:
         self.step_seconds = Histogram("fleet_workflow_step_seconds",
                                       "Run time of one workflows.step task, by outcome.",
                                       ("outcome",), buckets=STEP_BUCKETS, registry=registry)
+        self.step_batch_size = Histogram(
+            "fleet_workflow_step_batch_size", "Step messages run in one transaction.",
+            buckets=BATCH_BUCKETS, registry=registry)
         self.task_retries = counter("fleet_task_retries",
                                     "Task runs that hit a transient error and were retried.",
                                     ("task",))
@@ -105,8 +110,8 @@ class WorkerMetrics:
                     amount = retval.get(key)
                     if isinstance(amount, int) and amount > 0:
                         metric.inc(amount)
-            elif task == TaskNames.STEP and isinstance(retval, str):
-                self._step(retval, seconds)
+            elif task == TaskNames.STEP and isinstance(retval, dict):
+                self._step_batch(retval, seconds)
         elif state == states.RETRY:
             self.task_retries.labels(task).inc()
         elif state == states.FAILURE and fleet_task:
@@ -119,6 +124,22 @@ class WorkerMetrics:
         self.steps.labels(outcome).inc()
         if seconds is not None:
             self.step_seconds.labels(outcome).observe(seconds)
+
+    def _step_batch(self, report: dict[str, Any], seconds: float | None) -> None:
+        """A buffer of steps (`workers.engine.batch.BatchReport`): each step gets its share."""
+        outcomes = report.get("outcomes") or {}
+        steps = sum(n for n in outcomes.values() if isinstance(n, int))
+        if steps:
+            self.step_batch_size.observe(steps)
+        share = seconds / steps if seconds is not None and steps else None
+        for outcome, count in outcomes.items():
+            for _ in range(count if isinstance(count, int) else 0):
+                self._step(str(outcome), share)
+        for metric, key in ((self.task_retries, "republished"),
+                            (self.tasks_dead_lettered, "dead_lettered")):
+            amount = report.get(key)
+            if isinstance(amount, int) and amount > 0:
+                metric.labels(TaskNames.STEP).inc(amount)
 
 
 _metrics: WorkerMetrics | None = None

@@ -48,13 +48,22 @@ SWEEPS = frozenset({TaskNames.WAKE_DUE_TIMERS, TaskNames.REAP_STUCK})
 
 # Messages a worker of the queue may hold unacknowledged, per pool process. The
 # events worker buffers single-event messages into micro-batches of up to 100
-# (workers/events/micro_batch.py), so it must be allowed to hold that many.
-PREFETCH_MULTIPLIER: dict[str, int] = {EVENTS: 100}
+# (workers/events/micro_batch.py), the workflows worker step messages into batches
+# of up to FLEET_STEP_BATCH_SIZE (workers/engine/batch.py): each must be allowed to
+# hold that many.
+PREFETCH_MULTIPLIER: dict[str, int] = {EVENTS: 100, WORKFLOWS: 50}
 
 
 def worker_options(queues: str) -> list[str]:
-    """Extra `celery worker` options for a worker consuming `queues` (comma-separated)."""
-    multiplier = max((PREFETCH_MULTIPLIER.get(q, 1) for q in queues.split(",")), default=1)
+    """Extra `celery worker` options for a worker consuming `queues` (comma-separated).
+
+    The workflows worker's prefetch follows FLEET_STEP_BATCH_SIZE when it is set larger.
+    """
+    from workers.settings import get_settings  # lazy: a producer imports queues, not settings
+
+    wanted = dict(PREFETCH_MULTIPLIER)
+    wanted[WORKFLOWS] = max(wanted[WORKFLOWS], get_settings().step_batch_size)
+    multiplier = max((wanted.get(q, 1) for q in queues.split(",")), default=1)
     return ["--prefetch-multiplier", str(multiplier)] if multiplier > 1 else []
 
 

@@ -84,6 +84,11 @@ def _when(value: Any) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
+def eta_of(message: Any) -> dt.datetime | None:
+    """The message's ETA (aware), or None when it has none or none Celery could read."""
+    return _when((getattr(message, "headers", None) or {}).get("eta"))
+
+
 def refusal(message: Any, horizon: float, now: dt.datetime | None = None,
             consuming: Collection[str] | None = None) -> tuple[str, str] | None:
     """Why a task message must not run here (source, reason), or None.

@@ -92,6 +92,20 @@ class Settings(BaseSettings):
         description="A step or operator call sent longer ago than this is re-sent by the reaper "
         "(keep it above the longest retry delay).",
     )
+    step_batch_size: int = Field(
+        default=50, ge=1,
+        description="Step messages the workflows worker runs in one transaction at most.",
+    )
+    step_batch_wait_ms: float = Field(
+        default=5.0, gt=0,
+        description="Milliseconds a lone step message waits for others to share its transaction.",
+    )
+    timer_message_horizon: int = Field(
+        default=60, ge=0,
+        description="A timer due within this many seconds is also sent as a delayed step message "
+        "(fires on time); later ones wait for the beat's sweep. 0: sweep only. At most half "
+        "the visibility timeout is used.",
+    )
     max_execution_steps: int = Field(
         default=50_000,
         description="Steps one execution may take before it fails as a runaway (a loop or "
@@ -150,6 +164,12 @@ class Settings(BaseSettings):
         if self.retry_backoff_max >= self.visibility_timeout:
             raise ValueError("FLEET_RETRY_BACKOFF_MAX must be below FLEET_VISIBILITY_TIMEOUT")
         return self
+
+    @property
+    def timer_message_seconds(self) -> float:
+        """The timer-message horizon in use: below half the visibility timeout, since a
+        delayed message is held unacknowledged until due and Redis would deliver it again."""
+        return min(float(self.timer_message_horizon), self.visibility_timeout / 2)
 
     @property
     def operator_retry_chain_seconds(self) -> float:

@@ -6,6 +6,7 @@ commit: docs/architecture.md); a send lost after the commit is re-sent by the re
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -24,21 +25,35 @@ class StartsAndWakes(Protocol):
     def woken(self) -> Sequence[tuple[uuid.UUID, int]]: ...  # (execution, version) to step
 
 
-def send_step(execution_id: uuid.UUID, version: int) -> None:
-    app.send_task(TaskNames.STEP, args=[str(execution_id), version])
+def send_step(execution_id: uuid.UUID, version: int, eta: dt.datetime | None = None) -> None:
+    send_steps([(execution_id, version)], eta)
 
 
-def send_steps(due: Iterable[tuple[uuid.UUID, int]]) -> None:
-    for execution_id, version in due:
-        send_step(execution_id, version)
+def send_steps(due: Iterable[tuple[uuid.UUID, int]], eta: dt.datetime | None = None) -> None:
+    """Publish many steps through one producer (one connection, no pool round per message)."""
+    steps = list(due)
+    if not steps:
+        return
+    with app.producer_or_acquire() as producer:
+        for execution_id, version in steps:
+            app.send_task(TaskNames.STEP, args=[str(execution_id), version], eta=eta,
+                          producer=producer)
 
 
 def send_action(key: str) -> None:
-    app.send_task(TaskNames.RUN_ACTION, args=[key])
+    send_actions([key])
+
+
+def send_actions(keys: Sequence[str]) -> None:
+    if not keys:
+        return
+    with app.producer_or_acquire() as producer:
+        for key in keys:
+            app.send_task(TaskNames.RUN_ACTION, args=[key], producer=producer)
 
 
 def send_ingest_followups(results: Iterable[StartsAndWakes]) -> None:
     """First steps of executions an ingest started, and steps of executions it woke."""
-    for result in results:
-        send_steps((execution_id, 0) for execution_id in result.started)
-        send_steps(result.woken)
+    send_steps(step for result in results
+               for step in [*((execution_id, 0) for execution_id in result.started),
+                            *result.woken])

@@ -170,6 +170,22 @@ def pending_messages(session: Session, execution_id: uuid.UUID,
     return sorted(session.execute(query).scalars(), key=lambda message: message.id)
 
 
+def pending_messages_of(session: Session, execution_ids: Sequence[uuid.UUID]
+                        ) -> dict[uuid.UUID, list[ExecutionMessage]]:
+    """`pending_messages` of many executions in one query: {execution: messages, oldest first}."""
+    if not execution_ids:
+        return {}
+    query = select(ExecutionMessage).from_statement(text(
+        "SELECT m.* FROM unnest(CAST(:ids AS uuid[])) AS x(id) CROSS JOIN LATERAL ("
+        "  SELECT * FROM execution_messages WHERE execution_id = x.id AND consumed_at IS NULL"
+        "  ORDER BY id DESC LIMIT :limit) m ORDER BY m.id"))
+    found: dict[uuid.UUID, list[ExecutionMessage]] = defaultdict(list)
+    for message in session.execute(query, {"ids": list(execution_ids),
+                                           "limit": MAX_PENDING}).scalars():
+        found[message.execution_id].append(message)
+    return dict(found)
+
+
 def consume(message: ExecutionMessage, now: dt.datetime) -> None:
     """The execution's workflow caught this message."""
     message.consumed_at = now
@@ -190,6 +206,30 @@ def lock(session: Session, execution_id: uuid.UUID) -> WorkflowExecution | None:
     """The execution, locked until commit (a running step of it finishes first)."""
     return session.execute(select(WorkflowExecution).where(WorkflowExecution.id == execution_id)
                            .with_for_update()).scalar_one_or_none()
+
+
+def lock_many(session: Session, execution_ids: Sequence[uuid.UUID]
+              ) -> dict[uuid.UUID, WorkflowExecution]:
+    """The executions no other transaction holds, locked until commit, in one statement.
+
+    Rows are locked in id order and held rows are skipped (`SKIP LOCKED`), so two
+    batches that share executions never wait on each other in a cycle.
+    """
+    if not execution_ids:
+        return {}
+    rows = session.execute(select(WorkflowExecution)
+                           .where(WorkflowExecution.id.in_(sorted(set(execution_ids))))
+                           .order_by(WorkflowExecution.id)
+                           .with_for_update(skip_locked=True)).scalars()
+    return {row.id: row for row in rows}
+
+
+def existing(session: Session, execution_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these executions exist (those `lock_many` skipped are held elsewhere)."""
+    if not execution_ids:
+        return set()
+    return set(session.execute(select(WorkflowExecution.id)
+                               .where(WorkflowExecution.id.in_(execution_ids))).scalars())
 
 
 def _history(session: Session, row: WorkflowExecution, node_id: str, node_type: str,
@@ -295,15 +335,16 @@ def retry(row: WorkflowExecution, now: dt.datetime) -> int:
 # --------------------------------------------------------------------------- sweeps
 
 
-def claim_due_timers(session: Session, now: dt.datetime, limit: int) -> Due:
-    """Active, unpaused executions whose `wake_at` is due: clear it and stamp the send."""
+def claim_due_timers(session: Session, now: dt.datetime, limit: int,
+                     due_by: dt.datetime | None = None) -> Due:
+    """Active, unpaused executions whose `wake_at` is `due_by` (now): clear it, stamp the send."""
     rows = session.execute(text(
         "UPDATE workflow_executions e SET wake_at = NULL, step_enqueued_at = :now "
-        "FROM (SELECT id FROM workflow_executions WHERE wake_at <= :now "
+        "FROM (SELECT id FROM workflow_executions WHERE wake_at <= :due_by "
         f"      AND status IN ({_ACTIVE}) AND paused_at IS NULL "
         "      ORDER BY wake_at LIMIT :limit FOR UPDATE SKIP LOCKED) due "
         "WHERE e.id = due.id RETURNING e.id, e.state_version"),
-        {"now": now, "limit": limit}).all()
+        {"now": now, "due_by": due_by or now, "limit": limit}).all()
     return [(r.id, r.state_version) for r in rows]
 
 

@@ -167,11 +167,20 @@ def _assigned_names(tree: ast.AST) -> set[str]:
 
 
 def check(source: str, mode: Literal["eval", "exec"] = "eval") -> ast.AST:
-    """Parse and validate statically; returns the tree. Raises SandboxError."""
+    """Parse and validate statically; returns the tree. Raises SandboxError.
+
+    A workflow runs the same few scripts and conditions on every step, so checked
+    trees are cached per source (they are only read afterwards, never changed).
+    """
     if not isinstance(source, str):
         raise SandboxError("source must be text")
     if len(source) > MAX_SOURCE:
         raise SandboxError(f"source longer than {MAX_SOURCE} characters")
+    return _checked(source, mode)
+
+
+@functools.lru_cache(maxsize=2048)
+def _checked(source: str, mode: Literal["eval", "exec"]) -> ast.AST:
     try:
         tree = ast.parse(source, mode=mode)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:

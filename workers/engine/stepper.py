@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import (
     TERMINAL_EXECUTION_STATUSES,
     ActionDelivery,
+    ExecutionMessage,
     StepOutcome,
     User,
     WorkflowExecution,
@@ -50,7 +53,8 @@ from workers.settings import get_settings
 
 log = get_logger(__name__)
 R = TypeVar("R", bound="StepResult | None")
-Outcome = Literal["noop", "completed", "waiting", "failed", "stalled"]
+Outcome = Literal["noop", "busy", "completed", "waiting", "failed", "stalled"]
+BUSY_RESEND = dt.timedelta(milliseconds=100)  # an execution another worker holds: try again then
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class StepResult:
     outcome: Outcome
     node_id: str | None = None
     next_version: int | None = None  # send workflows.step(id, next_version)
+    send_at: dt.datetime | None = None  # ... not before then (a timer due soon), else at once
     action_key: str | None = None  # send actions.run(action_key)
     reason: str | None = None  # why a step was a no-op, or why the execution stalled
 
@@ -69,15 +74,31 @@ def action_key(execution_id: uuid.UUID, task_id: uuid.UUID) -> str:
     return f"{execution_id}:{task_id}"
 
 
-def _user_variables(session: Session, user_id: uuid.UUID) -> dict[str, Any]:
-    user = session.get(User, user_id)
-    if user is None:
-        return {}
-    return {"id": str(user.id), "email": user.email, "stage": user.current_lifecycle_stage,
-            "attributes": user.attributes or {}}
+@dataclass
+class _Batch:
+    """What a batch's steps read, fetched once for all of its executions.
+
+    The users of executions about to start (their `user` variable) and the messages
+    waiting for any of them (`executions.pending_messages_of`): one query each per
+    batch instead of one per step.
+    """
+
+    users: dict[uuid.UUID, dict[str, Any]]
+    messages: dict[uuid.UUID, list[ExecutionMessage]]
+
+    @classmethod
+    def of(cls, session: Session, rows: Sequence[WorkflowExecution]) -> _Batch:
+        starting = [row.user_id for row in rows if row.engine_state is None]
+        users = {user.id: {"id": str(user.id), "email": user.email,
+                           "stage": user.current_lifecycle_stage,
+                           "attributes": user.attributes or {}}
+                 for user in (session.execute(select(User).where(User.id.in_(starting)))
+                              .scalars() if starting else ())}
+        active = [row.id for row in rows if row.status not in TERMINAL_EXECUTION_STATUSES]
+        return cls(users, executions.pending_messages_of(session, active))
 
 
-def _deliver_messages(session: Session, execution: WorkflowExecution, workflow: Any,
+def _deliver_messages(batch: _Batch, execution: WorkflowExecution, workflow: Any,
                       now: dt.datetime) -> None:
     """Hand the execution's pending events to the waits that catch them, oldest first.
 
@@ -85,12 +106,14 @@ def _deliver_messages(session: Session, execution: WorkflowExecution, workflow: 
     correlation values differ, say) stays pending for a later wait.
     """
     awaited = runner.waits(workflow).messages
-    if not awaited:
+    pending = batch.messages.get(execution.id)
+    if not awaited or not pending:
         return
-    for message in executions.pending_messages(session, execution.id, awaited):
+    for message in [m for m in pending if m.event_type in awaited]:
         caught = runner.deliver(workflow, message.event_type, message.payload)
         if caught:
             executions.consume(message, now)
+            pending.remove(message)
         log.info("execution.message", execution_id=str(execution.id),
                  event_type=message.event_type, event_id=str(message.event_id), caught=caught)
 
@@ -105,11 +128,61 @@ class _Attempt:
 
 def step(session: Session, execution_id: uuid.UUID, expected_version: int,
          now: dt.datetime | None = None) -> StepResult:
-    """Run the execution's next node, if this step message is the current one."""
+    """Run the execution's next node, if this step message is the current one.
+
+    The step's writes run in a savepoint, flushed at once: a value PostgreSQL
+    refuses fails the execution at its node (see the module docstring).
+    """
     now = now or dt.datetime.now(dt.UTC)
     execution = executions.lock(session, execution_id)
     if execution is None:
         return StepResult("noop", reason="no such execution")
+    return _step_locked(session, _Batch.of(session, [execution]), execution, expected_version,
+                        now, isolated=True)
+
+
+def step_many(session: Session, requests: Sequence[tuple[uuid.UUID, int]],
+              now: dt.datetime | None = None) -> list[StepResult]:
+    """Run a batch of step messages in the caller's transaction; one result per request.
+
+    The batch's executions are locked in one statement, in id order, skipping rows
+    another transaction holds: such a message comes back `busy` (the caller sends it
+    again shortly) instead of waiting, so two batches can never deadlock. Each
+    execution's messages run one after the other in version order (a duplicate or
+    stale one is a no-op). Nothing is flushed until every step has run; then one
+    flush writes the batch. Any error raises and leaves the transaction to be
+    rolled back: the caller then runs the messages one by one (`step`), where a
+    value PostgreSQL refuses fails only its own execution.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    results: dict[int, StepResult] = {}
+    with session.no_autoflush:
+        locked = executions.lock_many(session, [execution_id for execution_id, _ in requests])
+        batch = _Batch.of(session, list(locked.values()))
+        by_execution: dict[uuid.UUID, list[tuple[int, int]]] = defaultdict(list)
+        for index, (execution_id, version) in enumerate(requests):
+            by_execution[execution_id].append((version, index))
+        missing = [execution_id for execution_id in by_execution if execution_id not in locked]
+        held = executions.existing(session, missing)
+        for execution_id in sorted(by_execution):
+            execution = locked.get(execution_id)
+            for version, index in sorted(by_execution[execution_id]):
+                if execution is not None:
+                    results[index] = _step_locked(session, batch, execution, version, now,
+                                                  isolated=False)
+                elif execution_id in held:
+                    results[index] = StepResult("busy", next_version=version,
+                                                send_at=now + BUSY_RESEND,
+                                                reason="another worker holds the execution")
+                else:
+                    results[index] = StepResult("noop", reason="no such execution")
+    session.flush()
+    return [results[index] for index in range(len(requests))]
+
+
+def _step_locked(session: Session, batch: _Batch, execution: WorkflowExecution,
+                 expected_version: int, now: dt.datetime, *, isolated: bool) -> StepResult:
+    """One step message of a locked execution (see `step` and `step_many`)."""
     if execution.status in TERMINAL_EXECUTION_STATUSES:
         return StepResult("noop", reason=f"execution is {execution.status}")
     if execution.paused_at is not None:
@@ -121,8 +194,10 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
     if budget and execution.state_version >= budget:
         return _runaway(session, execution, budget, now)
     attempt = _Attempt(execution.current_node_id)
+    if not isolated:
+        return _advance(session, batch, execution, attempt, now)
     return _saved_or_failed(session, execution, attempt, now,
-                            lambda: _advance(session, execution, attempt, now))
+                            lambda: _advance(session, batch, execution, attempt, now))
 
 
 def complete_task(session: Session, execution: WorkflowExecution, node_id: str,
@@ -135,7 +210,8 @@ def complete_task(session: Session, execution: WorkflowExecution, node_id: str,
     """
     attempt = _Attempt(node_id)
     return _saved_or_failed(session, execution, attempt, now,
-                            lambda: _complete(session, execution, attempt, node_id, data, now))
+                            lambda: _complete(session, _Batch.of(session, [execution]),
+                                              execution, attempt, node_id, data, now))
 
 
 def _saved_or_failed(
@@ -168,13 +244,13 @@ def _fail_unsaved(session: Session, execution: WorkflowExecution, attempt: _Atte
     return StepResult("failed", node_id=node_id)
 
 
-def _advance(session: Session, execution: WorkflowExecution, attempt: _Attempt,
+def _advance(session: Session, batch: _Batch, execution: WorkflowExecution, attempt: _Attempt,
              now: dt.datetime) -> StepResult:
     """Load, run one node and write the result (inside the step's savepoint)."""
     try:  # a definition or state that cannot be loaded fails the execution, not the worker
-        workflow = _load(session, execution)
+        workflow = _load(session, batch, execution)
         if execution.awaiting_events:
-            _deliver_messages(session, execution, workflow, now)
+            _deliver_messages(batch, execution, workflow, now)
         task = runner.next_node(workflow)
     except Exception as exc:
         if _is_infrastructure(exc):
@@ -192,14 +268,14 @@ def _advance(session: Session, execution: WorkflowExecution, attempt: _Attempt,
             return structured
         result = StepResult("completed", node_id=node_id)
 
-    return _persist(session, execution, workflow, task, result, now)
+    return _persist(session, batch, execution, workflow, task, result, now)
 
 
-def _complete(session: Session, execution: WorkflowExecution, attempt: _Attempt, node_id: str,
-              data: dict[str, Any], now: dt.datetime) -> StepResult | None:
+def _complete(session: Session, batch: _Batch, execution: WorkflowExecution, attempt: _Attempt,
+              node_id: str, data: dict[str, Any], now: dt.datetime) -> StepResult | None:
     """Load, run the human task with its data and write the result (inside a savepoint)."""
     try:
-        workflow = _load(session, execution)
+        workflow = _load(session, batch, execution)
         task = runner.human_task(workflow, node_id)
     except Exception as exc:
         if _is_infrastructure(exc):
@@ -214,8 +290,8 @@ def _complete(session: Session, execution: WorkflowExecution, attempt: _Attempt,
         if _is_infrastructure(exc) or isinstance(exc, state.Unstorable):
             raise
         return _node_failed(session, execution, task, node_id, exc, now)
-    return _persist(session, execution, workflow, task, StepResult("completed", node_id=node_id),
-                    now)
+    return _persist(session, batch, execution, workflow, task,
+                    StepResult("completed", node_id=node_id), now)
 
 
 def _runaway(session: Session, execution: WorkflowExecution, budget: int,
@@ -239,14 +315,14 @@ def _cannot_run(session: Session, execution: WorkflowExecution, exc: Exception,
     return StepResult("failed", node_id=node_id)
 
 
-def _load(session: Session, execution: WorkflowExecution) -> Any:
+def _load(session: Session, batch: _Batch, execution: WorkflowExecution) -> Any:
     """The execution's workflow: restored from its state, or new with its start variables."""
     loaded: LoadedSpec = SPECS.get(session, execution.workflow_id,
                                    execution.workflow_version or "")
     if execution.engine_state is not None:
         return state.load(execution.engine_state, loaded)
     variables = dict(execution.variables or {})
-    variables.setdefault("user", _user_variables(session, execution.user_id))
+    variables.setdefault("user", batch.users.get(execution.user_id, {}))
     return state.new_workflow(loaded, variables)
 
 
@@ -330,11 +406,11 @@ def _is_infrastructure(exc: BaseException) -> bool:
     return is_transient(exc)
 
 
-def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task: Any,
-             result: StepResult, now: dt.datetime) -> StepResult:
+def _persist(session: Session, batch: _Batch, execution: WorkflowExecution, workflow: Any,
+             task: Any, result: StepResult, now: dt.datetime) -> StepResult:
     """Save state and waits after a node ran (or none was ready); decide the next step."""
     if result.node_id is not None:  # a wait the node began may catch a pending message
-        _deliver_messages(session, execution, workflow, now)
+        _deliver_messages(batch, execution, workflow, now)
     has_next = runner.next_node(workflow) is not None  # also runs control tasks left over
     completed = workflow.is_completed()
     waits = runner.waits(workflow) if not completed else runner.Waits(None, ())
@@ -346,7 +422,9 @@ def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task
         executions.save_waits(execution, engine_state=state.dump(workflow),
                               wake_at=waits.wake_at, awaiting=waits.messages, tasks=tasks,
                               completed=completed, in_flight=has_next, now=now)
-        return StepResult("waiting", next_version=execution.state_version if has_next else None)
+        if has_next:
+            return StepResult("waiting", next_version=execution.state_version)
+        return _timer_step(StepResult("waiting"), execution.state_version, waits, now)
 
     engine_state, variables = _saved(workflow, task)
     version = executions.advance(session, execution, node_id=result.node_id,
@@ -356,8 +434,26 @@ def _persist(session: Session, execution: WorkflowExecution, workflow: Any, task
                                  completed=completed, in_flight=has_next, now=now)
     if stalled:
         return _stall(session, execution, workflow, result.node_id, now)
-    return StepResult("completed", node_id=result.node_id,
-                      next_version=version if has_next else None)
+    if has_next:
+        return StepResult("completed", node_id=result.node_id, next_version=version)
+    return _timer_step(StepResult("completed", node_id=result.node_id), version, waits, now)
+
+
+def _timer_step(result: StepResult, version: int, waits: runner.Waits,
+                now: dt.datetime) -> StepResult:
+    """A timer due within the horizon is also sent as a step message delayed until then.
+
+    `wake_at` stays the durable record and the beat's sweep the recovery path: a
+    delayed message that is lost, early or a duplicate changes nothing (an early one
+    finds no node ready and schedules itself again; the version check drops the rest).
+    Timers further ahead live in PostgreSQL only (`FLEET_TIMER_MESSAGE_HORIZON`).
+    """
+    horizon = get_settings().timer_message_seconds
+    if waits.wake_at is None or horizon <= 0:
+        return result
+    if waits.wake_at - now > dt.timedelta(seconds=horizon):
+        return result
+    return replace(result, next_version=version, send_at=waits.wake_at)
 
 
 def _stall(session: Session, execution: WorkflowExecution, workflow: Any, node_id: str | None,

@@ -1,8 +1,10 @@
 """Durable timers and the stuck-step reaper: PostgreSQL says what is due, the beat sends it.
 
-Timer waits are a `wake_at` on the execution (docs/architecture.md, decision 4), never a Celery
-countdown. Both sweeps claim rows with `FOR UPDATE SKIP LOCKED`, so a second beat
-or an overlapping run claims other rows, and stamp `step_enqueued_at` so a lost
+Timer waits are a `wake_at` on the execution (docs/architecture.md, decision 4); one due
+within the horizon is also sent as a delayed step message by the step that began it
+(`stepper._timer_step`), and the sweep is then the recovery path. Both sweeps claim
+rows with `FOR UPDATE SKIP LOCKED`, so a second beat or an overlapping run claims
+other rows, and stamp `step_enqueued_at` so a lost
 send is seen by the next reaper pass. The step's expected version turns any
 duplicate into a no-op. The reaper is bounded: an execution it keeps re-sending
 without progress fails (`FLEET_STUCK_STEP_MAX_RESENDS`). This module decides what
@@ -25,9 +27,19 @@ log = get_logger(__name__)
 REAPER_NODE_TYPE = "Reaper"  # execution_steps.node_type of the reaper's re-sends
 
 
-def claim_due_timers(session: Session, now: dt.datetime, limit: int = 1000) -> Due:
-    """Executions whose timer is due: clear `wake_at` and return (id, version) to step."""
-    return executions.claim_due_timers(session, now, limit)
+SWEEP_GRACE = dt.timedelta(seconds=1)  # a delayed step message is late by more than this
+
+
+def claim_due_timers(session: Session, now: dt.datetime, limit: int = 1000,
+                     grace: dt.timedelta = dt.timedelta(0)) -> Due:
+    """Executions whose timer is due: clear `wake_at` and return (id, version) to step.
+
+    With timer messages on (`FLEET_TIMER_MESSAGE_HORIZON`) a timer due soon fires by
+    its delayed step message; the sweep then claims only timers overdue by `grace`
+    (the message was lost, or the timer was too far ahead to get one), so that it
+    does not race every message that is a few milliseconds behind.
+    """
+    return executions.claim_due_timers(session, now, limit, due_by=now - grace)
 
 
 def claim_stuck(session: Session, now: dt.datetime, older_than: dt.timedelta,

@@ -21,21 +21,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery_batches import Batches
-
 from db.session import session_scope
 from workers.events.envelope import with_message_ids
 from workers.events.ingest import IngestResult, ingest
 from workers.log import get_logger
-from workers.rejected import GuardedStrategy
 from workers.retry_policy import GiveUp, RetryPolicy
 from workers.rules.triggers import process_triggers
 
 log = get_logger(__name__)
-
-
-class FleetBatches(GuardedStrategy, Batches):
-    """celery-batches' task, refusing expired, far-ETA and misrouted messages like FleetTask."""
 
 
 FLUSH_EVERY = 100  # messages per transaction at most
