@@ -34,16 +34,22 @@ def workflows(
     executions: int = typer.Option(1000, help="concurrent executions of the 10-node workflow "
                                    "(and concurrent hop chains of 10 tasks)"),
     loop_iterations: int = typer.Option(200, help="iterations of the loop workflow"),
+    timer_executions: int = typer.Option(1000, help="executions started at once, each waiting "
+                                         "on a PT1S timer"),
+    inprocess_workflows: int = typer.Option(1000, help="workflows run in this process by plain "
+                                            "SpiffWorkflow and node by node"),
     concurrency: int = typer.Option(2, help="worker pool processes"),
     as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
 ) -> None:
-    """Raw Celery chain hops/s, persisted steps/s, step latency, loop step time and state size."""
+    """Raw Celery chain hops/s, persisted steps/s and batch sizes, step and first-node latency,
+    loop step time and state size, timer lateness, plain SpiffWorkflow in-process nodes/s."""
     with dev_extra("fleet bench workflows"):
         from workers.tools.bench.workflows import as_dict, run
     ensure_servers()
 
     result = as_dict(run(executions=executions, loop_iterations=loop_iterations,
-                         concurrency=concurrency))
+                         concurrency=concurrency, timer_executions=timer_executions,
+                         inprocess_workflows=inprocess_workflows))
     _report(result, as_json)
 
 

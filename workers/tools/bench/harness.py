@@ -2,13 +2,14 @@
 
 The database is created on the configured server (DATABASE_URL or the embedded
 one), migrated, and dropped at the end, so a benchmark never touches real data.
+A benchmark that needs what a fleet runs beside the measured worker (another
+queue's worker, the beat) starts it here too, with the same settings.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from db.config import to_sqlalchemy_url
 from db.migrate import upgrade
 from workers.broker import delete_prefixed_keys
 from workers.celery_app import create_app
+from workers.processes import celery_argv
 from workers.queues import worker_options
 from workers.settings import Settings
 
@@ -57,6 +59,7 @@ class BenchEnvironment:
         })
         self.hostname = f"bench-{self.tag}@localhost"
         self.worker: subprocess.Popen[bytes] | None = None
+        self.extras: dict[str, subprocess.Popen[bytes]] = {}  # other workers, the beat
         self.engine: Engine
         self.app: Celery
 
@@ -76,19 +79,47 @@ class BenchEnvironment:
         return Settings.model_validate({**values, "DATABASE_URL": self.env["DATABASE_URL"],
                                         "CELERY_BROKER_URL": self.env["CELERY_BROKER_URL"]})
 
-    def start_worker(self) -> None:
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"worker-{self.tag}.log", "ab")  # noqa: SIM115
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
-             self.queues, "-n", self.hostname, "-c", str(self.concurrency),
-             *worker_options(self.queues), "--include", "tasks.bench",  # only bench workers
-             "--without-mingle", "--without-gossip", "--loglevel", "WARNING"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        log = open(self.log_dir / f"{name}-{self.tag}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         log.close()
+        return proc
+
+    def start_worker(self) -> None:
+        self.worker = self._spawn("worker", celery_argv(
+            "worker", "-Q", self.queues, "-n", self.hostname, "-c", str(self.concurrency),
+            *worker_options(self.queues), "--include", "tasks.bench",  # only bench workers
+            "--without-mingle", "--without-gossip", "--loglevel", "WARNING"))
         self.wait(lambda: bool(self.app.control.ping(destination=[self.hostname], timeout=0.5)),
                   60)
+
+    def start_queue_worker(self, queue: str, concurrency: int = 1) -> None:
+        """A fleet worker on `queue` alone, beside the measured one (not CPU-metered)."""
+        hostname = f"bench-{queue}-{self.tag}@localhost"
+        self.extras[f"worker-{queue}"] = self._spawn(f"worker-{queue}", celery_argv(
+            "worker", "-Q", queue, "-n", hostname, "-c", str(concurrency),
+            *worker_options(queue), "--without-mingle", "--without-gossip",
+            "--loglevel", "WARNING"))
+        self.wait(lambda: bool(self.app.control.ping(destination=[hostname], timeout=0.5)), 60)
+
+    def start_beat(self) -> None:
+        """The fleet's own `celery beat`: its schedule and its locked scheduler, as deployed."""
+        self.extras["beat"] = self._spawn("beat", celery_argv(
+            "beat", "--schedule", str(self._beat_schedule()), "--loglevel", "WARNING"))
+        self.wait(lambda: any(self.log_dir.glob(f"{self._beat_schedule().name}*")), 60)
+
+    def _beat_schedule(self) -> Path:
+        return self.log_dir / f"celerybeat-schedule-{self.tag}"
+
+    def stop_extras(self) -> None:
+        """Stop the other workers and the beat (warm shutdown, then kill); drop beat's file."""
+        for proc in self.extras.values():
+            _stop(proc)
+        self.extras.clear()
+        for path in self.log_dir.glob(f"{self._beat_schedule().name}*"):
+            path.unlink()
 
     def pause_consumer(self, queue: str) -> None:
         self.app.control.cancel_consumer(queue, destination=[self.hostname], reply=True)
@@ -123,18 +154,27 @@ class BenchEnvironment:
         while not predicate():
             if self.worker is not None and self.worker.poll() is not None:
                 raise RuntimeError(f"bench worker exited; see {self.log_dir}")
+            if dead := [name for name, proc in self.extras.items() if proc.poll() is not None]:
+                raise RuntimeError(f"bench {', '.join(dead)} exited; see {self.log_dir}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"benchmark step did not finish within {timeout}s")
             time.sleep(0.02)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
-            try:
-                self.worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
+        self.stop_extras()
+        if self.worker is not None:
+            _stop(self.worker)
         self.engine.dispose()
         delete_prefixed_keys(self.env["CELERY_BROKER_URL"], self.env["FLEET_BROKER_KEY_PREFIX"])
         drop_database(self.admin_url, self.database)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -9,6 +9,9 @@ the `workflows` queue:
     executions, each as long as (b)'s executions have nodes;
 (b) persisted steps/s of a linear 10-node workflow (start, 8 script tasks, end)
     across 1,000 concurrent executions: `execution_steps` rows / elapsed time;
+    with the batch sizes seen in that run: the rows one batch writes share one
+    `started_at` (the batch's start), so a batch is the (b) rows of one
+    `started_at` (one step per batch: size 1);
 (c) step latency p50/p99, from `execution_steps`: the time from the previous
     step's finish (just before its commit and the send of this step) to this
     step's finish, i.e. write + commit + send + queue wait + run; also the run
@@ -16,11 +19,40 @@ the `workflows` queue:
     state dump, not the write and commit). Under (b)'s backlog the queue wait is about
     executions / steps-per-s, so the same figures are also taken without a
     backlog, from the single loop execution of (d);
+(e) enqueue -> first node at half the maximum rate: executions of (b)'s workflow
+    are started (committed, nothing sent), then their first steps are sent from
+    this process at half (b)'s execution rate (steps/s / nodes per execution / 2),
+    for 10 s or 500 executions, whichever is fewer; latency = the `finished_at` of
+    the execution's first step row (seq 1) - the wall time just before its send
+    (one machine, one clock);
 (d) the `body` node's run time at iteration 1 and at iteration N of a loop
     workflow (one execution run by the worker), and the engine state's size
     after those iterations (the same workflow stepped in this process against
     the scratch database, reading `engine_state` after each step): flat figures
-    mean the state does not grow with history.
+    mean the state does not grow with history;
+(f) timer lateness p50/p99: 1,000 executions of start -> a `PT1S` timer catch
+    event (`wait`) -> a script task -> end, whose first steps are sent at half of
+    the execution rate (b) sustained (steps/s / 4 nodes / 2), or faster if that
+    would take over 45 s: the timers come due while the worker is busy with other
+    executions' steps (under load, not behind a backlog). Lateness = `wait`'s step `finished_at` - (`start`'s step
+    `finished_at` + 1 s): the timer begins when the start step reaches the catch
+    event, a little before that step stamps `finished_at` (the rest of the node's
+    run and the state dump, ~1 ms, which this figure leaves out, so it reads that
+    much low; the write and commit come after the stamp), and ends when the woken
+    node has run. The timers are woken as
+    a fleet wakes them: the real `celery beat` with the fleet's schedule (its
+    `workflows.wake_due_timers` sweep, every few seconds) and a second worker
+    consuming `maintenance`, both started for this part only, plus whatever the
+    step path itself schedules;
+(g) the engine's own upper bound, in this process and without a database: the
+    same linear workflow parsed once by the fleet's parser (`parse_bpmn`), then
+    1,000 workflows run to completion by plain SpiffWorkflow `do_engine_steps()`
+    (drawn nodes/s), and the same 1,000 run node by node the fleet's way
+    (`runner.next_node`, `run_node`, `next_node` again for what follows), first
+    engine only, then with `state.load` before and `state.dump` after every node
+    (ms per node). All three use the fleet's sandbox script engine
+    (`workers.engine.state._SCRIPT_ENGINE`), so script evaluation costs the same
+    as in a step; `ratio_steps_to_spiff_plain` = (b)'s steps/s / plain nodes/s.
 
 (a) and (b) are drain rates: the first message of every chain / execution is sent
 while the worker's consumer is paused; the clock starts when it is resumed and
@@ -75,9 +107,34 @@ total += i</bpmn:script></bpmn:scriptTask>
   </bpmn:process>
 </bpmn:definitions>
 """
+TIMER_BPMN = """<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+                  id="bench-timer-definitions" targetNamespace="http://lifecycle-fleet/bench">
+  <bpmn:process id="bench_timer" isExecutable="true">
+    <bpmn:startEvent id="start"><bpmn:outgoing>f1</bpmn:outgoing></bpmn:startEvent>
+    <bpmn:sequenceFlow id="f1" sourceRef="start" targetRef="wait"/>
+    <bpmn:intermediateCatchEvent id="wait"><bpmn:incoming>f1</bpmn:incoming>
+      <bpmn:outgoing>f2</bpmn:outgoing>
+      <bpmn:timerEventDefinition><bpmn:timeDuration>"PT1S"</bpmn:timeDuration></bpmn:timerEventDefinition>
+    </bpmn:intermediateCatchEvent>
+    <bpmn:sequenceFlow id="f2" sourceRef="wait" targetRef="after"/>
+    <bpmn:scriptTask id="after"><bpmn:incoming>f2</bpmn:incoming><bpmn:outgoing>f3</bpmn:outgoing>
+      <bpmn:script>woke = True</bpmn:script></bpmn:scriptTask>
+    <bpmn:sequenceFlow id="f3" sourceRef="after" targetRef="end"/>
+    <bpmn:endEvent id="end"><bpmn:incoming>f3</bpmn:incoming></bpmn:endEvent>
+  </bpmn:process>
+</bpmn:definitions>
+"""
+TIMER_SECONDS = 1.0  # the catch event's PT1S
 SCRIPT_TASKS = 8  # + start and end: 10 nodes
 LINEAR = "bench-linear"
 LOOP = "bench-loop"
+TIMER = "bench-timer"
+TIMER_NODES = 4  # start, wait, the script task, end
+TIMER_SPREAD_MAX = 45.0  # seconds over which the timer executions start, at most
+PACED_SECONDS = 10.0  # (e) sends first steps for this long, or
+PACED_MAX = 500  # this many executions, whichever is fewer
+SWEEPS = "celery beat (the fleet's schedule) + a maintenance worker"
 DONE_QUEUE = MAINTENANCE  # the bench worker does not consume it: finished chains pile up there
 
 
@@ -118,6 +175,24 @@ class WorkflowsBenchResult:
     hops_elapsed_s: float
     steps_elapsed_s: float
     worker_concurrency: int
+    batch_size_mean: float
+    batch_size_p50: float
+    batch_size_max: int
+    batches: int
+    first_node_latency_p50_ms: float
+    first_node_latency_p99_ms: float
+    paced_starts_per_s: float
+    paced_executions: int
+    timer_lateness_p50_ms: float
+    timer_lateness_p99_ms: float
+    timer_executions: int
+    timer_sweeps: str
+    spiff_plain_nodes_per_s: float
+    inprocess_engine_ms_per_node: float
+    inprocess_engine_and_state_ms_per_node: float
+    ratio_steps_to_spiff_plain: float
+    inprocess_workflows: int
+    inprocess_script_engine: str
 
 
 def linear_bpmn(script_tasks: int = SCRIPT_TASKS) -> str:
@@ -159,6 +234,7 @@ def seed(env: BenchEnvironment, users: int) -> list[uuid.UUID]:
     with Session(env.engine) as session, session.begin():
         deploy_workflow(session, LINEAR, linear_bpmn(), stages=[], activate=True)
         deploy_workflow(session, LOOP, LOOP_BPMN, stages=[], activate=True)
+        deploy_workflow(session, TIMER, TIMER_BPMN, stages=[], activate=True)
     return ids
 
 
@@ -394,12 +470,161 @@ def loop_state_sizes(env: BenchEnvironment, user: uuid.UUID, iterations: int) ->
     return sizes
 
 
+_BATCH_SQL = text("""
+WITH b AS (SELECT count(*) AS n FROM execution_steps WHERE execution_id = ANY(:ids)
+           GROUP BY started_at)
+SELECT count(*), avg(n), percentile_cont(0.5) WITHIN GROUP (ORDER BY n), max(n) FROM b
+""")
+
+
+def batch_sizes(env: BenchEnvironment, executions: list[uuid.UUID]) -> tuple[int, float, float, int]:
+    """(batches, mean, p50, max size): the executions' step rows grouped by `started_at`."""
+    with env.engine.connect() as conn:
+        batches, mean, p50, largest = conn.execute(_BATCH_SQL, {"ids": list(executions)}).one()
+    return int(batches), round(float(mean), 2), float(p50), int(largest)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """As PostgreSQL's percentile_cont: linear between the closest ranks."""
+    ordered = sorted(values)
+    rank = q * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def send_paced(env: BenchEnvironment, executions: list[uuid.UUID],
+               rate: float) -> dict[uuid.UUID, float]:
+    """Send the executions' first steps at `rate` per second; {execution: wall time sent}."""
+    sent: dict[uuid.UUID, float] = {}
+    begin = time.perf_counter()
+    for i, execution_id in enumerate(executions):
+        pause = begin + i / rate - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        sent[execution_id] = time.time()  # the workers stamp finished_at from this clock too
+        env.app.send_task(TaskNames.STEP, args=[str(execution_id), 0], queue=WORKFLOWS)
+    return sent
+
+
+def paced_first_nodes(env: BenchEnvironment, executions: list[uuid.UUID], rate: float,
+                      timeout: float) -> tuple[float, float, float]:
+    """(p50, p99 ms, achieved starts/s): first steps sent at `rate`, send -> seq 1 finished."""
+    sent = send_paced(env, executions, rate)
+    span = max(sent.values()) - min(sent.values())
+    wait_completed(env, executions, timeout)
+    with env.engine.connect() as conn:
+        rows = conn.execute(text("SELECT execution_id, finished_at FROM execution_steps "
+                                 "WHERE execution_id = ANY(:ids) AND seq = 1"),
+                            {"ids": list(executions)}).all()
+    if len(rows) != len(executions):
+        raise RuntimeError(f"{len(rows)} first steps for {len(executions)} paced executions")
+    ms = [1000 * (row.finished_at.timestamp() - sent[row.execution_id]) for row in rows]
+    achieved = (len(executions) - 1) / span if span > 0 else 0.0
+    return round(_percentile(ms, 0.5), 2), round(_percentile(ms, 0.99), 2), round(achieved, 1)
+
+
+_TIMER_SQL = text("""
+WITH t AS (
+  SELECT w.finished_at - s.finished_at - make_interval(secs => :timer) AS late
+  FROM execution_steps w
+  JOIN execution_steps s ON s.execution_id = w.execution_id AND s.node_id = 'start'
+  WHERE w.execution_id = ANY(:ids) AND w.node_id = 'wait'
+)
+SELECT count(*),
+       1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY late)),
+       1000 * extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY late))
+FROM t
+""")
+
+
+def _purge(env: BenchEnvironment, queue: str) -> None:
+    with env.app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(queue)
+
+
+def timer_lateness(env: BenchEnvironment, users: list[uuid.UUID], rate: float,
+                   timeout: float) -> tuple[float, float]:
+    """(p50, p99 ms) lateness of a PT1S timer in executions started at `rate`/s (see (f)).
+
+    The beat and the maintenance worker run only here: the finished hop chains are
+    counted on `maintenance` (dropped first, so the sweeper does not run them).
+    """
+    _purge(env, DONE_QUEUE)
+    env.start_queue_worker(MAINTENANCE)
+    env.start_beat()
+    try:
+        ids = start_executions(env, TIMER, users)
+        send_paced(env, ids, rate)
+        wait_completed(env, ids, timeout)
+    finally:
+        env.stop_extras()
+    with env.engine.connect() as conn:
+        woken, p50, p99 = conn.execute(_TIMER_SQL, {"ids": ids, "timer": TIMER_SECONDS}).one()
+    if woken != len(ids):
+        raise RuntimeError(f"{woken} timer nodes ran for {len(ids)} executions")
+    return round(float(p50), 2), round(float(p99), 2)
+
+
+def inprocess_rates(workflows: int) -> tuple[float, float, float]:
+    """(plain SpiffWorkflow nodes/s, engine ms/node, engine + state load/dump ms/node), see (g)."""
+    from SpiffWorkflow.bpmn.workflow import BpmnWorkflow
+    from SpiffWorkflow.util.task import TaskState
+
+    from workers.engine import runner, state
+    from workers.engine.bpmn import parse_bpmn
+    from workers.engine.specs import LoadedSpec
+
+    parsed = parse_bpmn(linear_bpmn())
+    loaded = LoadedSpec(uuid.uuid4(), "bench", parsed.process_id, parsed.spec,
+                        parsed.subprocess_specs)
+    started = time.perf_counter()
+    done = []
+    for _ in range(workflows):
+        workflow = BpmnWorkflow(loaded.spec, loaded.subprocess_specs,
+                                script_engine=state._SCRIPT_ENGINE)
+        workflow.do_engine_steps()
+        done.append(workflow)
+    plain_elapsed = time.perf_counter() - started
+    if not all(w.is_completed() for w in done):
+        raise RuntimeError("plain SpiffWorkflow did not complete the linear workflow")
+    plain_nodes = sum(1 for w in done for t in w.get_tasks(state=TaskState.COMPLETED)
+                      if runner.is_node(t))
+
+    def node_by_node(persist: bool) -> float:
+        """ms per node, run as the steps run them (with the state saved and restored or not)."""
+        nodes = 0
+        began = time.perf_counter()
+        for _ in range(workflows):
+            workflow = state.new_workflow(loaded, {})
+            task = runner.next_node(workflow)
+            while task is not None:
+                runner.run_node(workflow, task)
+                nodes += 1
+                has_next = runner.next_node(workflow) is not None
+                if persist:
+                    saved = state.dump(workflow)
+                    if has_next:
+                        workflow = state.load(saved, loaded)
+                task = runner.next_node(workflow) if has_next else None
+            if not workflow.is_completed():
+                raise RuntimeError("the linear workflow did not complete node by node")
+        return 1000 * (time.perf_counter() - began) / nodes
+
+    engine_ms = node_by_node(persist=False)
+    with_state_ms = node_by_node(persist=True)
+    return plain_nodes / plain_elapsed, engine_ms, with_state_ms
+
+
 def run(executions: int = 1000, loop_iterations: int = 200, concurrency: int = 2,
-        timeout: float = 600) -> WorkflowsBenchResult:
+        timeout: float = 600, timer_executions: int = 1000,
+        inprocess_workflows: int = 1000) -> WorkflowsBenchResult:
     nodes = SCRIPT_TASKS + 2
     warm = 4 * concurrency
     with BenchEnvironment(queues=WORKFLOWS, concurrency=concurrency) as env:
-        users = seed(env, executions + warm + 2)
+        users = seed(env, executions + warm + 2 + PACED_MAX + timer_executions)
+        paced_users = users[warm + executions:warm + executions + PACED_MAX]
+        timer_users = users[warm + executions + PACED_MAX:-2]
         env.start_worker()
 
         # Warm up: imports, parsed specs and connection pools in every pool process.
@@ -417,6 +642,12 @@ def run(executions: int = 1000, loop_iterations: int = 200, concurrency: int = 2
         step_cpu = _per_unit_ms(meter.used, step_count)
         steps_elapsed = step_count / steps
         loaded = latencies(env, ids)
+        batches = batch_sizes(env, ids)
+
+        paced_rate = steps / nodes / 2
+        paced_count = max(2, min(PACED_MAX, int(paced_rate * PACED_SECONDS)))
+        paced_ids = start_executions(env, LINEAR, paced_users[:paced_count])
+        first_node = paced_first_nodes(env, paced_ids, paced_rate, timeout)
 
         loop_id = start_executions(env, LOOP, [users[-2]], {"iterations": loop_iterations})[0]
         send_steps(env, [loop_id])
@@ -429,6 +660,10 @@ def run(executions: int = 1000, loop_iterations: int = 200, concurrency: int = 2
             "SELECT count(*) FROM execution_steps WHERE execution_id = :id"), {"id": loop_id}))
 
         sizes = loop_state_sizes(env, users[-1], loop_iterations)
+        # Last on the broker: it starts the maintenance worker, which drains DONE_QUEUE.
+        timer_rate = max(steps / TIMER_NODES / 2, len(timer_users) / TIMER_SPREAD_MAX)
+        timers = timer_lateness(env, timer_users, timer_rate, timeout)
+    plain_rate, engine_ms, with_state_ms = inprocess_rates(inprocess_workflows)
     return WorkflowsBenchResult(
         hops_per_s=round(hops, 1),
         steps_per_s=round(steps, 1),
@@ -467,6 +702,24 @@ def run(executions: int = 1000, loop_iterations: int = 200, concurrency: int = 2
         hops_elapsed_s=round(hops_elapsed, 1),
         steps_elapsed_s=round(steps_elapsed, 1),
         worker_concurrency=concurrency,
+        batch_size_mean=batches[1],
+        batch_size_p50=batches[2],
+        batch_size_max=batches[3],
+        batches=batches[0],
+        first_node_latency_p50_ms=first_node[0],
+        first_node_latency_p99_ms=first_node[1],
+        paced_starts_per_s=first_node[2],
+        paced_executions=paced_count,
+        timer_lateness_p50_ms=timers[0],
+        timer_lateness_p99_ms=timers[1],
+        timer_executions=timer_executions,
+        timer_sweeps=SWEEPS,
+        spiff_plain_nodes_per_s=round(plain_rate, 1),
+        inprocess_engine_ms_per_node=round(engine_ms, 3),
+        inprocess_engine_and_state_ms_per_node=round(with_state_ms, 3),
+        ratio_steps_to_spiff_plain=round(steps / plain_rate, 4),
+        inprocess_workflows=inprocess_workflows,
+        inprocess_script_engine="workers.engine.state._SCRIPT_ENGINE (the fleet's sandbox)",
     )
 
 
