@@ -116,14 +116,27 @@ class QueueProbe:
             try:
                 if self._channel is None:
                     self._channel = self._connection.channel()
-                out[queue] = int(self._channel.queue_declare(queue=queue, passive=True)
-                                 .message_count)
-            except Exception:  # no such queue yet (Redis: an empty list), or the broker blinked
+                if hasattr(self._channel, "_size"):  # Redis: the list's length, no declare
+                    out[queue] = int(self._channel._size(queue))
+                else:
+                    out[queue] = int(self._channel.queue_declare(queue=queue, passive=True)
+                                     .message_count)
+            except Exception:  # no such queue yet (RabbitMQ), or the broker blinked
                 out[queue] = 0
-                self._channel = None
+                self._drop_channel()
         return out
 
+    def _drop_channel(self) -> None:
+        """Close a channel a failed declare left behind (on Redis each holds a connection)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            try:
+                channel.close()
+            except Exception:  # noqa: S110 - it is being dropped because it failed
+                pass
+
     def close(self) -> None:
+        self._drop_channel()
         try:
             self._connection.release()
         except Exception:  # noqa: S110 - closing a broker connection at exit
