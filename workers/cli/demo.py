@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,10 @@ def _flower_port(preferred: int) -> int:
     return preferred if port_is_free(preferred) else free_port()
 
 
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def demo(
     users: int = typer.Option(
         1000, help="Users who sign up over the simulated period (about 22 workflow steps "
@@ -116,6 +121,9 @@ def demo(
         from workers.dev.supervisor import start_fleet
 
     t0 = time.monotonic()
+    # A SIGTERM (`timeout`, a CI runner) stops the fleet it started, as Ctrl-C does;
+    # Python's default would end this process and leave every worker running.
+    signal.signal(signal.SIGTERM, _raise_exit)
     own_servers = starts_embedded()
     settings = ensure_servers(start=True)
     supervisor = None
