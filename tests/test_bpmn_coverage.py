@@ -35,6 +35,7 @@ from tests.workflow_helpers import (
     wait_waiting,
     wake_timers_until,
 )
+from workers.engine import control, dispatch
 from workers.engine.bpmn import BpmnError
 from workers.engine.validate import validate_bpmn
 from workers.operators.registry import operator_names
@@ -178,11 +179,17 @@ def test_event_based_gateway_timer_fires_first(celery_worker: WorkerProcess) -> 
 ])
 def test_event_based_gateway_takes_one_way_when_the_step_runs_late(
         celery_worker: WorkerProcess, occurred: str, winner: list[str]) -> None:
-    """The event reaches the execution after its timer is due, before the beat wakes it."""
+    """The event reaches the execution after its timer is due, before its step runs.
+
+    The execution is paused while it waits, so that neither its delayed timer message
+    nor the beat steps it when the timer is due: its step runs late, on resume.
+    """
     user_id = new_user()
-    execution_id = start(deploy("event_gateway.bpmn"), {"wait": "PT1S"}, user_id=user_id)
+    execution_id = start(deploy("event_gateway.bpmn"), {"wait": "PT3S"}, user_id=user_id)
     wake_at = wait_waiting(execution_id).wake_at
     assert wake_at is not None
+    with session_scope() as session:
+        control.pause(session, execution_id)
     wait_for(lambda: dt.datetime.now(dt.UTC) > wake_at + dt.timedelta(seconds=0.2),
              message="the timer to be due")
     when = dt.datetime.now(dt.UTC) if occurred.startswith("after") else (
@@ -192,6 +199,9 @@ def test_event_based_gateway_takes_one_way_when_the_step_runs_late(
     # decided by occurred_at, not by which task the worker happened to run first.
     wait_for(lambda: _query("SELECT 1 FROM execution_messages WHERE execution_id = :e",
                             e=execution_id), message="the event to reach the execution")
+    with session_scope() as session:
+        version = control.resume(session, execution_id)
+    dispatch.send_step(execution_id, version)
     variables = _completed(execution_id, wake=True)
     assert nodes(execution_id) == ["start", "race", *winner]  # never both ways
     assert variables["outcome"] == ("timed out" if occurred.startswith("after") else "ordered")
