@@ -165,6 +165,9 @@ class Workflow(Base):
     created_by: Mapped[uuid.UUID | None]
     created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
     updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    # --- not in the seed ---
+    # Goal, holdout and caps from `fleet apply` (workers/sends/config.py WorkflowSettings).
+    settings: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
 class WorkflowExecution(Base):
@@ -531,7 +534,7 @@ class ActionDelivery(Base):
 
     __tablename__ = "action_deliveries"
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'succeeded', 'failed')",
+        CheckConstraint("status IN ('pending', 'deferred', 'succeeded', 'failed')",
                         name="chk_action_delivery_status"),
         Index("idx_action_deliveries_execution", "execution_id"),
         Index("idx_action_deliveries_pending", "created_at",
@@ -551,6 +554,92 @@ class ActionDelivery(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     finished_at: Mapped[dt.datetime | None]
+    # A message's gateway outcome (SEND_OUTCOMES); NULL for operators that send nothing.
+    send_outcome: Mapped[str | None] = mapped_column(String(20))
+    # A deferred send (status 'deferred') runs again at this time, when the window opens.
+    run_after: Mapped[dt.datetime | None]
+
+
+SEND_OUTCOMES = ("sent", "suppressed", "capped", "deferred", "held_out")
+
+
+class Send(Base):
+    """One message the send gateway decided: its outcome, and what caps count."""
+
+    __tablename__ = "sends"
+    __table_args__ = (
+        CheckConstraint(f"outcome IN ({', '.join(repr(o) for o in SEND_OUTCOMES)})",
+                        name="chk_sends_outcome"),
+        Index("idx_sends_user_sent", "user_id", "sent_at",
+              postgresql_where=text("outcome = 'sent' AND NOT transactional")),
+        Index("idx_sends_execution", "execution_id"),
+        Index("idx_sends_decided", "decided_at"),
+    )
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)  # the delivery's key
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE"))
+    workflow_id: Mapped[uuid.UUID]
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(50))
+    outcome: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    transactional: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    decided_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    sent_at: Mapped[dt.datetime | None]
+    deferred_until: Mapped[dt.datetime | None]
+    deferrals: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+
+class ProgramSetting(Base):
+    """Program-wide settings applied by `fleet apply` (name `messaging`: the send policy)."""
+
+    __tablename__ = "program_settings"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class UserConsent(Base):
+    """A user's latest subscribe/unsubscribe for a channel ('all': every channel)."""
+
+    __tablename__ = "user_consents"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                               primary_key=True)
+    channel: Mapped[str] = mapped_column(String(50), primary_key=True)
+    subscribed: Mapped[bool] = mapped_column(Boolean)
+    changed_at: Mapped[dt.datetime]  # the event's occurred_at: a late older event loses
+    event_id: Mapped[uuid.UUID | None]
+
+
+class Suppression(Base):
+    """The global suppression list: nothing is sent to `address` on `channel` ('*': any)."""
+
+    __tablename__ = "suppressions"
+
+    address: Mapped[str] = mapped_column(String(255), primary_key=True)  # lowercased
+    channel: Mapped[str] = mapped_column(String(50), primary_key=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class ExecutionGoal(Base):
+    """A workflow's goal reached by one execution: recorded once, with the event."""
+
+    __tablename__ = "execution_goals"
+    __table_args__ = (Index("idx_execution_goals_workflow", "workflow_id", "reached_at"),)
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE"), primary_key=True)
+    workflow_id: Mapped[uuid.UUID]
+    user_id: Mapped[uuid.UUID]
+    event_id: Mapped[uuid.UUID]
+    event_type: Mapped[str] = mapped_column(String(100))
+    reached_at: Mapped[dt.datetime]  # the goal event's occurred_at
+    recorded_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
 class MessageLog(Base):
