@@ -45,9 +45,15 @@ class ActionTask(FleetTask):
 
 
 @app.task(base=ActionTask, bind=True, name=TaskNames.RUN_ACTION)
-def run(self: ActionTask, key: str) -> str:
-    """Run the operator of one action delivery, then step its execution."""
+def run(self: ActionTask, key: str) -> dict[str, str]:
+    """Run the operator of one action delivery, then step its execution.
+
+    Returns the status, and the send gateway's channel and outcome when the operator
+    sends to the user (counted in `fleet_sends_total` by workers/metrics.py).
+    """
     structlog.contextvars.bind_contextvars(execution_id=key.split(":", 1)[0], action_key=key)
     result = run_action(self.session, key)
     self.after_commit(lambda: _follow_up(result))
-    return result.status
+    if result.send is None:
+        return {"status": result.status}
+    return {"status": result.status, "channel": result.send[0], "send_outcome": result.send[1]}

@@ -167,7 +167,7 @@ def test_status_metrics_and_health_as_json() -> None:
     assert status["partitions_missing"] == [] and isinstance(status["dead_letters_pending"], int)
     assert {"executions", "stalled_executions", "timer_lag_seconds", "outbox_backlog",
             "oldest_due_timer", "workers_answering", "partitions"} <= status.keys()
-    assert isinstance(as_json("metrics", "show", "--days", "2"), list)
+    assert isinstance(as_json("metrics", "show", "--days", "2")["days"], list)
     checks = {c["name"]: c for c in as_json("health")}
     assert checks["database"]["ok"] is True and checks["database"]["status"] == "ok"
     assert {"broker", "partitions", "timer lag", "dead letters", "stalled"} <= checks.keys()

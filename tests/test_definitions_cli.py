@@ -192,9 +192,10 @@ def test_apply_reports_every_problem_of_every_definition(tmp_path: Path) -> None
     result = fleet("apply", str(tmp_path / "bad.yaml"))
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output
-    for problem in ("workflow w (", "segment s: expected a duration",
-                    "trigger t: event_type: 'User.Signed' is not an event type",
-                    "trigger t: colour: Extra inputs", "trigger u: expected a duration"):
+    for problem in ("/workflows/0/file: workflow w (", "/segments/0/ttl: segment s: expected a duration",
+                    "/triggers/0/event_type: trigger t: 'User.Signed' is not an event type",
+                    "/triggers/0/colour: trigger t: Extra inputs",
+                    "/triggers/1/cooldown: trigger u: expected a duration"):
         assert f"bad.yaml: {problem}" in output, output
     (tmp_path / "syntax.yaml").write_text("triggers:\n  - name: x\n    event_type: [a\n")
     result = fleet("apply", str(tmp_path / "syntax.yaml"))

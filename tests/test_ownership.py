@@ -16,7 +16,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from db.models import Base, ExecutionMessage, ExecutionStep, WorkflowExecution
+from db.models import (
+    Base,
+    ExecutionGoal,
+    ExecutionMessage,
+    ExecutionStep,
+    ProgramSetting,
+    Send,
+    Suppression,
+    UserConsent,
+    WorkflowExecution,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("workers", "tasks")
@@ -26,6 +36,11 @@ OWNERS: dict[type[Base], str] = {
     WorkflowExecution: "workers.engine.executions",
     ExecutionStep: "workers.engine.executions",
     ExecutionMessage: "workers.engine.executions",
+    ExecutionGoal: "workers.events.goals",
+    UserConsent: "workers.events.consent",
+    Suppression: "workers.sends.suppressions",
+    Send: "workers.sends.gateway",
+    ProgramSetting: "workers.definitions",
 }
 # Packages that may write any table: tools that make test data for benchmarks and drills.
 TOOLS = ("workers.tools",)

@@ -60,7 +60,7 @@ def test_apply_refuses_bad_variables_naming_the_trigger(tmp_path: Path, variable
 def test_variables_that_are_no_mapping_are_refused(tmp_path: Path) -> None:
     with pytest.raises(StartVariableError, match="must be a mapping"):
         compile_start_variables(["event.data.x"])
-    with pytest.raises(DefinitionError, match=r"trigger trig-list: variables: "):
+    with pytest.raises(DefinitionError, match=r"/triggers/0/variables: trigger trig-list: "):
         load(_file(tmp_path, "list", ["event.data.x"]))
 
 

@@ -1,5 +1,6 @@
 """Declarative definitions: workflows, segments and triggers applied by name from YAML.
 
+    messaging: {...}                     # the send policy (workers/sends/config.py)
     workflows:
       - name: welcome
         file: bpmn/welcome.bpmn          # relative to the YAML file; or a list: the main
@@ -8,6 +9,9 @@
                                          # file's one executable process nobody calls)
         stages: [Acquisition]
         status: active                   # draft | active | inactive | archived
+        goal: {event_type: project.created, within: 14d}   # what conversion means
+        holdout: 10                      # percent of users in this workflow's control group
+        caps: [{max: 2, per: 7d}]        # this workflow's sends
     segments:
       - name: power-users
         conditions: {field: user.attributes.sessions, op: gte, value: 10}
@@ -26,7 +30,9 @@
           plan: user.attributes.plan
 
 Everything is validated before anything is written (conditions, BPMN, references
-between definitions); then one transaction creates or updates each by name. A
+between definitions), and every problem is named by its JSON pointer in the file
+(`/triggers/0/cooldown: trigger t: ...`); then one transaction creates or updates each
+by name. A
 workflow whose BPMN changed gets a new version; running executions keep theirs.
 """
 
@@ -41,11 +47,18 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from sqlalchemy import Text, cast, select, update
 from sqlalchemy.orm import Session
 
-from db.models import LIFECYCLE_STAGES, Trigger, UserSegment, Workflow, WorkflowVersion
+from db.models import (
+    LIFECYCLE_STAGES,
+    ProgramSetting,
+    Trigger,
+    UserSegment,
+    Workflow,
+    WorkflowVersion,
+)
 from workers.engine.bpmn import BpmnError
 from workers.engine.validate import ValidatedWorkflow, validate_bpmn
 from workers.event_types import EVENT_TYPE_RULE, is_event_type
@@ -58,6 +71,8 @@ from workers.rules.conditions import (
     segment_refs,
 )
 from workers.rules.triggers import compile_start_variables
+from workers.sends.config import CapDef, GoalDef, MessagingDef, WorkflowSettings
+from workers.sends.policy import MESSAGING
 
 # Service-task operators the engine can run; a BPMN naming another is refused at deploy.
 OPERATORS: frozenset[str] = operator_names()
@@ -85,6 +100,9 @@ def _seconds(value: str | int | None) -> int | None:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Where the definition is in the file, as a JSON pointer (set by `_parse`), so the
+    # checks after validation name the place too.
+    _at: str = PrivateAttr(default="")
 
 
 class WorkflowDef(_Strict):
@@ -94,11 +112,20 @@ class WorkflowDef(_Strict):
     description: str | None = None
     stages: list[str] = []
     status: Literal["draft", "active", "inactive", "archived"] = "active"
+    # The send gateway's per-workflow settings (workers/sends/config.py WorkflowSettings).
+    goal: GoalDef | None = None
+    holdout: float = Field(default=0, ge=0, le=100)
+    caps: list[CapDef] = []
 
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
         return _stages(value)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return WorkflowSettings(goal=self.goal, holdout=self.holdout,
+                                caps=self.caps).model_dump(mode="json")
 
     @field_validator("file")
     @classmethod
@@ -156,6 +183,7 @@ class TriggerDef(_Strict):
 
 
 class Definitions(_Strict):
+    messaging: MessagingDef | None = None  # None: the stored policy is left as it is
     workflows: list[WorkflowDef] = []
     segments: list[SegmentDef] = []
     triggers: list[TriggerDef] = []
@@ -219,21 +247,24 @@ def load(path: Path) -> tuple[Definitions, dict[str, WorkflowSource]]:
             sources[wf.name] = read_source(files, wf.process)
             sources[wf.name].validate()
         except (OSError, BpmnError, DefinitionError) as exc:
-            problems.append(f"workflow {wf.name} ({', '.join(map(str, files))}): {exc}")
+            problems.append(f"{wf._at}/file: workflow {wf.name} ({', '.join(map(str, files))}): "
+                            f"{exc}")
     for seg in doc.segments:
-        problems += _problems(f"segment {seg.name}",
-                              partial(parse, seg.conditions, allow_event=False, max_cost=MAX_COST),
-                              partial(_seconds, seg.ttl))
+        problems += _problems(seg, f"segment {seg.name}",
+                              conditions=partial(parse, seg.conditions, allow_event=False,
+                                                 max_cost=MAX_COST),
+                              ttl=partial(_seconds, seg.ttl))
     for trig in doc.triggers:
-        problems += _problems(f"trigger {trig.name}",
-                              partial(parse, trig.conditions, max_cost=MAX_COST),
-                              partial(_seconds, trig.cooldown),
-                              partial(compile_start_variables, trig.variables))
+        problems += _problems(trig, f"trigger {trig.name}",
+                              conditions=partial(parse, trig.conditions, max_cost=MAX_COST),
+                              cooldown=partial(_seconds, trig.cooldown),
+                              variables=partial(compile_start_variables, trig.variables))
     for kind, items in (("workflow", doc.workflows), ("segment", doc.segments),
                         ("trigger", doc.triggers)):
         names = [i.name for i in items]
         for dup in sorted({n for n in names if names.count(n) > 1}):
-            problems.append(f"{kind} {dup}: defined twice")
+            where = ", ".join(i._at for i in items if i.name == dup)
+            problems.append(f"{where}: {kind} {dup}: defined twice")
     if problems:
         raise DefinitionError("\n".join(f"{path}: {problem}" for problem in problems))
     return doc, sources
@@ -261,42 +292,53 @@ def _parse(raw: object, problems: list[str]) -> Definitions:
     if raw is None:
         return Definitions()
     if not isinstance(raw, dict):
-        problems.append(f"expected a mapping with {', '.join(_SECTIONS)}, got "
+        problems.append(f"/: expected a mapping with messaging, {', '.join(_SECTIONS)}, got "
                         f"{type(raw).__name__}")
         return Definitions()
-    problems += [f"unknown section {key!r} (expected {', '.join(_SECTIONS)})"
-                 for key in raw if key not in _SECTIONS]
-    valid: dict[str, list[Any]] = {}
+    problems += [f"/{key}: unknown section (expected messaging, {', '.join(_SECTIONS)})"
+                 for key in raw if key not in _SECTIONS and key != "messaging"]
+    valid: dict[str, Any] = {}
+    if raw.get("messaging") is not None:
+        try:
+            valid["messaging"] = MessagingDef.model_validate(raw["messaging"])
+        except ValidationError as exc:
+            problems += [f"{_pointer('messaging', *error['loc'])}: messaging: "
+                         f"{error['msg'].removeprefix('Value error, ')}"
+                         for error in exc.errors()]
     for section, (kind, model) in _SECTIONS.items():
         items = raw.get(section) or []
         if not isinstance(items, list):
-            problems.append(f"{section}: expected a list, got {type(items).__name__}")
+            problems.append(f"/{section}: expected a list, got {type(items).__name__}")
             continue
         valid[section] = []
         for index, item in enumerate(items):
             name = item.get("name") if isinstance(item, dict) else None
             label = f"{kind} {name}" if isinstance(name, str) and name else f"{kind} #{index + 1}"
             try:
-                valid[section].append(model.model_validate(item))
+                definition = model.model_validate(item)
             except ValidationError as exc:
-                problems += [f"{label}: {_field(error['loc'])}"
+                problems += [f"{_pointer(section, index, *error['loc'])}: {label}: "
                              f"{error['msg'].removeprefix('Value error, ')}"
                              for error in exc.errors()]
+            else:
+                definition._at = _pointer(section, index)
+                valid[section].append(definition)
     return Definitions(**valid)
 
 
-def _field(loc: tuple[int | str, ...]) -> str:
-    return f"{'.'.join(map(str, loc))}: " if loc else ""
+def _pointer(*parts: int | str) -> str:
+    """The JSON pointer (RFC 6901) of a place in the document, e.g. /triggers/0/cooldown."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def _problems(label: str, *checks: Callable[[], object]) -> list[str]:
-    """Run every check; one line for each that fails."""
+def _problems(definition: _Strict, label: str, **checks: Callable[[], object]) -> list[str]:
+    """Run every check (keyword: the field it checks); one line for each that fails."""
     found = []
-    for check in checks:
+    for name, check in checks.items():
         try:
             check()
         except (ConditionError, ValueError) as exc:
-            found.append(f"{label}: {exc}")
+            found.append(f"{definition._at}/{name}: {label}: {exc}")
     return found
 
 
@@ -313,10 +355,13 @@ def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSour
     """
     changes: list[Change] = []
     now = dt.datetime.now(dt.UTC)
+    if doc.messaging is not None:
+        changes.append(_apply_messaging(session, doc.messaging, now))
     workflow_ids: dict[str, Any] = {}
     for wf in doc.workflows:
         workflow_ids[wf.name], change = _apply_workflow(session, wf.name, sources[wf.name],
-                                                        wf.description, wf.stages, wf.status, now)
+                                                        wf.description, wf.stages, wf.status, now,
+                                                        wf.settings)
         changes.append(change)
     for seg in doc.segments:
         values: dict[str, Any] = {
@@ -325,20 +370,22 @@ def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSour
         changes.append(_upsert(session, UserSegment, seg.name, values, now, "segment"))
     segment_names = {seg.name for seg in doc.segments}
     problems: list[str] = []
-    for kind, name, conditions in (
-            [("segment", s.name, s.conditions) for s in doc.segments]
-            + [("trigger", t.name, t.conditions) for t in doc.triggers]):
+    for kind, definition, conditions in (
+            [("segment", s, s.conditions) for s in doc.segments]
+            + [("trigger", t, t.conditions) for t in doc.triggers]):
         for ref in segment_refs(parse(conditions)):
             if ref not in segment_names and session.execute(select(UserSegment.id).where(
                     (UserSegment.name == ref) | (cast(UserSegment.id, Text) == ref))).first() is None:
-                problems.append(f"{kind} {name}: in_segment names no segment: {ref!r}")
+                problems.append(f"{definition._at}/conditions: {kind} {definition.name}: "
+                                f"in_segment names no segment: {ref!r}")
     for trig in doc.triggers:
         workflow_id = None
         if trig.workflow is not None:
             workflow_id = workflow_ids.get(trig.workflow) or session.execute(
                 select(Workflow.id).where(Workflow.name == trig.workflow)).scalar_one_or_none()
             if workflow_id is None:
-                problems.append(f"trigger {trig.name}: no workflow named {trig.workflow!r}")
+                problems.append(f"{trig._at}/workflow: trigger {trig.name}: no workflow named "
+                                f"{trig.workflow!r}")
                 continue
         values = {"event_type": trig.event_type, "conditions": trig.conditions,
                   "workflow_id": workflow_id, "enabled": trig.enabled, "reentry": trig.reentry,
@@ -351,9 +398,23 @@ def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSour
     return ApplyReport.of(changes)
 
 
+def _apply_messaging(session: Session, messaging: MessagingDef, now: dt.datetime) -> Change:
+    """Store the program's send policy (program_settings 'messaging'); workers reload it."""
+    value = messaging.model_dump(mode="json")
+    row = session.get(ProgramSetting, MESSAGING)
+    if row is None:
+        session.add(ProgramSetting(name=MESSAGING, value=value, updated_at=now))
+        return ("created", "messaging policy")
+    if row.value == value:
+        return ("unchanged", "messaging policy")
+    row.value, row.updated_at = value, now
+    return ("updated", "messaging policy")
+
+
 def _apply_workflow(session: Session, name: str, source: WorkflowSource,
                     description: str | None, stages: list[str], status: str | None,
-                    now: dt.datetime) -> tuple[uuid.UUID, Change]:
+                    now: dt.datetime, settings: dict[str, Any] | None = None
+                    ) -> tuple[uuid.UUID, Change]:
     """Create or update one workflow by name; changed BPMN bumps the version (status None: keep).
 
     The BPMN is the main file, the other files and the process run: a change to any
@@ -366,7 +427,8 @@ def _apply_workflow(session: Session, name: str, source: WorkflowSource,
     row = session.execute(select(Workflow).where(Workflow.name == name)).scalar_one_or_none()
     if row is None:
         row = Workflow(name=name, description=description, bpmn_xml=source.xml, version="1.0.0",
-                       lifecycle_stages=stages, status=status or "draft")
+                       lifecycle_stages=stages, status=status or "draft",
+                       settings=settings or {})
         session.add(row)
         session.flush()
         change = ("created", f"workflow {name} 1.0.0")
@@ -374,15 +436,16 @@ def _apply_workflow(session: Session, name: str, source: WorkflowSource,
         current = session.get(WorkflowVersion, (row.id, row.version))
         stored = (row.bpmn_xml, current.extra_files, current.process_id) if current else (
             row.bpmn_xml, {}, process_id)
-        if (stored, row.status, row.description, row.lifecycle_stages) == (
-                bpmn, status or row.status, description, stages):
+        wanted = row.settings if settings is None else settings  # deploy keeps them
+        if (stored, row.status, row.description, row.lifecycle_stages, row.settings) == (
+                bpmn, status or row.status, description, stages, wanted):
             change = ("unchanged", f"workflow {name}")
         else:
             if stored != bpmn:
                 row.version = _next_version(row.version)
                 row.bpmn_xml = source.xml
             row.status, row.description = status or row.status, description
-            row.lifecycle_stages, row.updated_at = stages, now
+            row.lifecycle_stages, row.updated_at, row.settings = stages, now, wanted
             change = ("updated", f"workflow {name} {row.version}")
     if session.get(WorkflowVersion, (row.id, row.version)) is None:
         session.add(WorkflowVersion(workflow_id=row.id, version=row.version, bpmn_xml=row.bpmn_xml,

@@ -17,6 +17,7 @@ value), so the task modules carry no metrics code:
     fleet_workflow_steps_total{outcome}    workflows.step's outcome; "error" when it failed
     fleet_workflow_step_seconds{outcome}   run time of one step: its share of its batch (histogram)
     fleet_workflow_step_batch_size         step messages run in one transaction (histogram)
+    fleet_sends_total{channel,outcome}     actions.run's send decision (workers/sends/gateway.py)
     fleet_task_retries_total{task}         transient errors retried
     fleet_tasks_dead_lettered_total{task}  fleet tasks that failed for good (dead-lettered)
 
@@ -90,6 +91,9 @@ class WorkerMetrics:
         self.step_batch_size = Histogram(
             "fleet_workflow_step_batch_size", "Step messages run in one transaction.",
             buckets=BATCH_BUCKETS, registry=registry)
+        self.sends = counter("fleet_sends",
+                             "Sends decided by the send gateway, by channel and outcome (sent, "
+                             "suppressed, capped, deferred, held_out).", ("channel", "outcome"))
         self.task_retries = counter("fleet_task_retries",
                                     "Task runs that hit a transient error and were retried.",
                                     ("task",))
@@ -112,6 +116,10 @@ class WorkerMetrics:
                         metric.inc(amount)
             elif task == TaskNames.STEP and isinstance(retval, dict):
                 self._step_batch(retval, seconds)
+            elif task == TaskNames.RUN_ACTION and isinstance(retval, dict):
+                channel, outcome = retval.get("channel"), retval.get("send_outcome")
+                if isinstance(channel, str) and isinstance(outcome, str):
+                    self.sends.labels(channel, outcome).inc()
         elif state == states.RETRY:
             self.task_retries.labels(task).inc()
         elif state == states.FAILURE and fleet_task:

@@ -9,7 +9,7 @@ import os
 import typer
 
 from db.migrate import upgrade
-from workers.cli import dlq, metrics, monitor, services
+from workers.cli import dlq, metrics, monitor, services, suppress
 from workers.cli.context import (
     dev_extra,
     embedded_services,
@@ -27,6 +27,7 @@ app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle o
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(services.app, name="services")
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(suppress.app, name="suppress")
 app.add_typer(metrics.app, name="metrics")
 app.add_typer(metrics.retention_app, name="retention")
 app.add_typer(trigger_app, name="trigger")

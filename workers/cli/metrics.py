@@ -9,12 +9,12 @@ import typer
 from rich.table import Table
 from sqlalchemy import text
 
-from db.models import LIFECYCLE_STAGES
+from db.models import LIFECYCLE_STAGES, SEND_OUTCOMES
 from db.session import get_engine, session_scope
 from workers.cli.context import ensure_servers, err, out
 from workers.cli.output import print_json
 from workers.reports.funnel import funnel_counts, write_funnel
-from workers.reports.metrics import aggregate_day
+from workers.reports.metrics import Conversion, aggregate_day, conversions, sends_by_outcome
 from workers.retention import run_retention
 
 app = typer.Typer(help="Daily lifecycle metrics.", no_args_is_help=True)
@@ -56,9 +56,10 @@ def backfill(
 @app.command()
 def show(days: int = typer.Option(30, help="how many days back"),
          chart: Path = typer.Option(None, help="also write the AARRR funnel to this HTML file"),
-         as_json: bool = typer.Option(False, "--json", help="print JSON: one object per day"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON: days, conversions, sends"),
          ) -> None:
-    """Users per stage at the end of each day, and stage entries."""
+    """Users per stage and stage entries each day; goal conversion per workflow, treated vs
+    held out, with the lift and its 95% CI; sends by outcome."""
     ensure_servers()
     since = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
     with session_scope() as session:
@@ -66,6 +67,8 @@ def show(days: int = typer.Option(30, help="how many days back"),
             "SELECT metric_date, lifecycle_stage, metric_name, metric_value FROM metrics_daily "
             "WHERE metric_date >= :since AND metric_name IN ('users_in_stage', 'stage_entries') "
             "AND dimensions = '{}'::jsonb ORDER BY metric_date"), {"since": since}).all()
+        converted = conversions(session, since)
+        sends = sends_by_outcome(session, since)
     by_day: dict[dt.date, dict[tuple[str, str], float]] = {}
     for row in rows:
         by_day.setdefault(row.metric_date, {})[(row.lifecycle_stage, row.metric_name)] = \
@@ -75,21 +78,73 @@ def show(days: int = typer.Option(30, help="how many days back"),
                   "UTC; compute past days now with "
                   f"`fleet metrics backfill --from {since} --to today`")
     if as_json:
-        print_json([{"date": day, "stages": {
-            s: {"users_in_stage": figures.get((s, "users_in_stage"), 0),
-                "stage_entries": figures.get((s, "stage_entries"), 0)} for s in LIFECYCLE_STAGES}}
-            for day, figures in by_day.items()])
-    elif by_day:
-        table = Table("date", *(f"{s} users/+in" for s in LIFECYCLE_STAGES))
-        for day, figures in by_day.items():
-            table.add_row(str(day), *(
-                f"{figures.get((s, 'users_in_stage'), 0):.0f}/+"
-                f"{figures.get((s, 'stage_entries'), 0):.0f}" for s in LIFECYCLE_STAGES))
-        out.print(table)
+        print_json({
+            "days": [{"date": day, "stages": {
+                s: {"users_in_stage": figures.get((s, "users_in_stage"), 0),
+                    "stage_entries": figures.get((s, "stage_entries"), 0)}
+                for s in LIFECYCLE_STAGES}} for day, figures in by_day.items()],
+            "conversions": [_conversion_json(c) for c in converted],
+            "sends": [{"workflow": workflow, "channel": channel, **counts}
+                      for (workflow, channel), counts in sends.items()]})
+    else:
+        if by_day:
+            table = Table("date", *(f"{s} users/+in" for s in LIFECYCLE_STAGES))
+            for day, figures in by_day.items():
+                table.add_row(str(day), *(
+                    f"{figures.get((s, 'users_in_stage'), 0):.0f}/+"
+                    f"{figures.get((s, 'stage_entries'), 0):.0f}" for s in LIFECYCLE_STAGES))
+            out.print(table)
+        if converted:
+            out.print(_conversion_table(converted))
+        if sends:
+            table = Table("workflow", "channel", *SEND_OUTCOMES,
+                          title=f"sends by outcome, decided since {since}")
+            for (workflow, channel), counts in sends.items():
+                table.add_row(workflow, channel, *(str(counts[o]) for o in SEND_OUTCOMES))
+            out.print(table)
     if chart is not None:
         with session_scope() as session:
             write_funnel(chart, *funnel_counts(session))
         err.print(f"funnel written to {chart}")
+
+
+def _share(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
+
+
+def _points(value: float) -> str:
+    return f"{value * 100:+.1f}"
+
+
+def _conversion_table(converted: list[Conversion]) -> Table:
+    table = Table("workflow", "treated n", "conv", "rate", "held-out n", "conv", "rate",
+                  "lift (pp) [95% CI]", "relative",
+                  title="goal conversion of the executions started in the period "
+                        "(95% CI: Newcombe's hybrid score interval)")
+    for c in converted:
+        lifted = c.lift
+        if lifted.difference is None or lifted.low is None or lifted.high is None:
+            difference = "-"
+        else:
+            difference = (f"{_points(lifted.difference)} "
+                          f"[{_points(lifted.low)}, {_points(lifted.high)}]")
+        relative = "-" if lifted.relative is None else f"{lifted.relative:+.0%}"
+        table.add_row(c.workflow, str(c.treated), str(c.treated_converted),
+                      _share(lifted.treated_rate), str(c.held_out), str(c.held_out_converted),
+                      _share(lifted.control_rate), difference, relative)
+    return table
+
+
+def _conversion_json(c: Conversion) -> dict[str, object]:
+    lifted = c.lift
+    return {"workflow": c.workflow,
+            "treated": {"executions": c.treated, "converted": c.treated_converted,
+                        "rate": lifted.treated_rate},
+            "held_out": {"executions": c.held_out, "converted": c.held_out_converted,
+                         "rate": lifted.control_rate},
+            "lift": None if lifted.difference is None else {
+                "difference": lifted.difference, "low": lifted.low, "high": lifted.high,
+                "relative": lifted.relative, "interval": "newcombe-hybrid-score-95"}}
 
 
 retention_app = typer.Typer(help="Retention of old data (the seed's policy).",

@@ -280,6 +280,21 @@ def save_waits(row: WorkflowExecution, *, engine_state: dict[str, Any],
     row.updated_at = now
 
 
+# A deferred operator call due within this runs now: the timer that woke it may be early.
+DEFERRED_GRACE = dt.timedelta(seconds=1)
+
+
+def defer(row: WorkflowExecution, until: dt.datetime, now: dt.datetime) -> None:
+    """An operator call of this (locked) execution waits until `until`: a durable timer.
+
+    A send put off to the user's send window: nothing is in flight, `wake_at` (kept
+    if an earlier timer, a boundary event's, is due first) wakes it, and its step
+    sends the call again (workers/engine/stepper.py).
+    """
+    row.wake_at = min(row.wake_at, until) if row.wake_at else until
+    row.step_enqueued_at, row.updated_at = None, now
+
+
 def fail(session: Session, row: WorkflowExecution, *, node_id: str, node_type: str,
          error: str, now: dt.datetime) -> int:
     """The execution fails at `node_id` with `error`; returns the version of its history row."""

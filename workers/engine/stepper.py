@@ -10,7 +10,9 @@ the next step (or the operator call) only after the commit.
 Service tasks run in two steps around the actions queue: the first step records
 an `action_deliveries` row (the idempotency key and the evaluated parameters) and
 asks for the operator to run; once it has, the next step completes the node with
-the operator's result. User and manual tasks wait for a person: the execution
+the operator's result. A send the gateway put off to the user's send window leaves
+the delivery `deferred`: the execution waits on a timer, and the step it wakes
+asks for the operator call again. User and manual tasks wait for a person: the execution
 lists them in `awaiting_tasks` and `complete_task` runs one with the data given.
 
 An execution that is running with nothing ready, due, awaited or in flight can
@@ -347,7 +349,16 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
                                    tasks=execution.awaiting_tasks or (), completed=False,
                                    in_flight=True, now=now)
                 return StepResult("waiting", node_id=node_id, action_key=key)
-            if delivery.status == "pending":  # lost or slow: ask again (the action is idempotent)
+            if delivery.status == "deferred" and delivery.run_after is not None and (
+                    delivery.run_after - now > executions.DEFERRED_GRACE):  # early: wait on
+                waits = runner.waits(workflow)
+                until = delivery.run_after
+                executions.defer(execution, min(waits.wake_at, until) if waits.wake_at else until,
+                                 now)
+                return _timer_step(StepResult("waiting", node_id=node_id),
+                                   execution.state_version,
+                                   runner.Waits(execution.wake_at, waits.messages), now)
+            if delivery.status in ("pending", "deferred"):  # lost, slow or due: ask again
                 executions.mark_enqueued(session, [execution.id], now)
                 return StepResult("waiting", node_id=node_id, action_key=key)
             if delivery.status == "failed":

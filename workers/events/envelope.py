@@ -16,6 +16,10 @@ or lone surrogate anywhere, and no number jsonb would give back as a different o
 Special event types:
 - `user.identify`: `data` is merged into `users.attributes` (top-level keys; a key
   set to null is removed).
+- `user.unsubscribed` / `user.subscribed`: the user's consent for `data.channel`
+  (one of CHANNELS, or "all"; absent means "all"), recorded in `user_consents`
+  (workers/events/consent.py). Any other channel value is refused here, so a consent
+  that cannot be applied becomes a dead letter rather than an audit row that did nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from workers.event_types import EVENT_TYPE_PATTERN
 
@@ -45,6 +49,13 @@ MAX_UTC_OFFSET = dt.timedelta(hours=16)  # exclusive: timestamptz refuses +16:00
 OCCURRED_FROM = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 OCCURRED_UNTIL = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)  # exclusive
 IDENTIFY = "user.identify"
+UNSUBSCRIBED = "user.unsubscribed"
+SUBSCRIBED = "user.subscribed"
+CONSENT_TYPES = frozenset({UNSUBSCRIBED, SUBSCRIBED})
+# The send channels (CapDef.channel in workers/sends/config.py is the same Literal; the
+# tests check they agree). Here: the envelope is loaded by producers, which need no send policy.
+CHANNELS = ("email", "sms", "push", "webhook")
+ALL_CHANNELS = "all"  # a consent event's channel for every channel, and its default
 HASH_BYTES = 32  # Event.content_hash: SHA-256
 # Encoders built once: json.dumps with any non-default option builds one per call (5x slower).
 _TO_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
@@ -52,6 +63,8 @@ _CANONICAL_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separator
 # NUL as the encoder writes it: \u0000 after an even number of backslashes (a backslash
 # of the text is written doubled, so the text backslash-u0000 is not a NUL).
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+               list: "an array", dict: "an object"}
 # Ids of envelopes that carry none: uuid5(this, "<broker message id>:<index in the message>").
 MESSAGE_NAMESPACE = uuid.UUID("6f1d3b0e-2c4a-4e8b-9d71-5a0c8e3f2b94")
 
@@ -172,6 +185,22 @@ class Event(BaseModel):
             raise ValueError("contains a NUL character")
         _check_values(value, MAX_DATA_DEPTH)
         return value
+
+    @field_validator("data")
+    @classmethod
+    def _consent_channel(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if info.data.get("event_type") not in CONSENT_TYPES or "channel" not in value:
+            return value
+        channel = value["channel"]
+        if isinstance(channel, str) and (channel in CHANNELS or channel == ALL_CHANNELS):
+            return value
+        if isinstance(channel, str):  # the value itself only when short: it goes in the reason
+            shown = repr(channel) if len(channel) <= 40 else f"a string of {len(channel)} characters"
+        else:
+            shown = _JSON_TYPES.get(type(channel), type(channel).__name__)
+        raise ValueError(f"channel of a {info.data['event_type']} event must be one of "
+                         f"{', '.join(CHANNELS)} or {ALL_CHANNELS} (absent: {ALL_CHANNELS}), "
+                         f"not {shown}")
 
     @property
     def user_id(self) -> uuid.UUID | None:

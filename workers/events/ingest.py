@@ -7,7 +7,7 @@ A message (one event or a batch) goes through three phases:
    dead-lettered); claim each event_id in `event_inbox` (a duplicate is counted and
    goes no further, a repeated id with other content is dead-lettered); create the
    users of new events' unknown emails (in Acquisition); merge `user.identify`
-   attributes.
+   attributes; record `user.unsubscribed` / `user.subscribed` consents.
 2. record: write the audit rows, and recompute the segment memberships of users
    whose attributes changed.
 3. decide: deliver the events to executions waiting for them (and wake those),
@@ -40,7 +40,9 @@ from db.bulk import copy_rows, savepoint
 from db.models import ACTIVE_EXECUTION_STATUSES, WorkflowExecution
 from workers.dead_letters import record_dead_letter
 from workers.engine import executions
+from workers.events.consent import record_consents
 from workers.events.envelope import HASH_BYTES, IDENTIFY, Event, InvalidEvent, parse_event
+from workers.events.goals import record_goals
 from workers.rules.membership import MembershipResolver
 from workers.rules.triggers import ActiveTriggers, CompiledTrigger, TriggerCache, UserView
 
@@ -477,6 +479,7 @@ def _admit(session: Session, events: list[Event], source: str) -> _Admitted:
     duplicates = len(known) - len(fresh) - len(conflicts)
     _create_users(session, fresh, users)
     changed = _apply_identify(session, fresh, users)
+    record_consents(session, fresh, users)  # user.(un)subscribed -> user_consents
     return _Admitted(fresh, users, changed, rejected + len(conflicts), duplicates)
 
 
@@ -524,6 +527,8 @@ def _decide(session: Session, admitted: _Admitted, recorded: _Recorded,
     # Wake-ups lock their executions first, before the re-entry rules' advisory locks:
     # every ingest takes its locks in one order.
     woken = _wake_waiting(session, events, users, now)
+    # Goals reached -> execution_goals (their foreign key locks executions: after the wake-ups).
+    record_goals(session, events, users, recorded.definitions, recorded.membership, now)
     relevant = [(e, recorded.definitions.for_event_type(e.event_type)) for e in events]
     membership = recorded.membership
     membership.prefetch([users[e.user].id for e, ts in relevant if ts],

@@ -22,16 +22,27 @@ class OperatorError(PermanentError):
     """The operator cannot succeed with these parameters; the execution fails with this message."""
 
 
+class Deferred(Exception):  # noqa: N818 (not an error: the call is put off)
+    """The send gateway put the call off until `until` (outside the user's send window)."""
+
+    def __init__(self, until: dt.datetime) -> None:
+        super().__init__(f"deferred until {until.isoformat()}")
+        self.until = until
+
+
 @dataclass
 class OperatorContext:
     session: Session
     execution_id: uuid.UUID
+    workflow_id: uuid.UUID
     user_id: uuid.UUID
     node_id: str
     key: str  # the idempotency key of this call
     now: dt.datetime
     # Ingests of events emitted in this transaction; their follow-up work is sent after commit.
     ingested: list[IngestResult] = field(default_factory=list)
+    # (channel, outcome) of the send gateway's decision, when the operator sends to the user.
+    send: tuple[str, str] | None = None
 
     def event_id(self, purpose: str) -> uuid.UUID:
         """A deterministic event id: the same call always emits the same event."""

@@ -4,6 +4,11 @@ The `action_deliveries` row is locked for the call, so two copies of one action
 message run one after the other and the second finds the row done. Database
 operators commit their effect with the row's `succeeded`; the caller then sends
 the execution's next step.
+
+A send the gateway puts off (outside the user's send window) leaves the row
+`deferred` with `run_after`, and the execution waiting on a durable timer
+(`executions.defer`): when it is due, the execution's step sends the call again
+(workers/engine/stepper.py), and the operator and its gateway run once more.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_EXECUTION_STATUSES, ActionDelivery, WorkflowExecution
+from workers.engine import executions
 from workers.events.ingest import IngestResult
 from workers.log import get_logger
-from workers.operators.context import OperatorContext, OperatorError
+from workers.operators.context import Deferred, OperatorContext, OperatorError
 from workers.operators.registry import OPERATORS
 
 log = get_logger(__name__)
@@ -29,10 +35,11 @@ log = get_logger(__name__)
 class ActionResult:
     """What a call decided; the caller sends its follow-up work after the commit."""
 
-    status: Literal["succeeded", "failed", "skipped", "missing"]
+    status: Literal["succeeded", "failed", "skipped", "missing", "deferred"]
     execution_id: uuid.UUID | None = None
     step_version: int | None = None  # send workflows.step(execution_id, step_version)
     ingested: tuple[IngestResult, ...] = ()  # ingests of the events the operator emitted
+    send: tuple[str, str] | None = None  # (channel, outcome) of the send gateway's decision
 
 
 def _step_after(session: Session, execution_id: uuid.UUID) -> int | None:
@@ -52,7 +59,9 @@ def run_action(session: Session, key: str, now: dt.datetime | None = None) -> Ac
     ).scalar_one_or_none()
     if delivery is None:
         return ActionResult("missing")
-    if delivery.status != "pending":  # a redelivered message: the effect happened already
+    if delivery.status == "deferred" and (delivery.run_after or now) > now + executions.DEFERRED_GRACE:
+        return ActionResult("skipped")  # an early copy: the execution's timer runs it again
+    if delivery.status not in ("pending", "deferred"):  # a redelivery: the effect happened
         return ActionResult("skipped", delivery.execution_id,
                             _step_after(session, delivery.execution_id))
     execution = session.get(WorkflowExecution, delivery.execution_id)
@@ -63,15 +72,26 @@ def run_action(session: Session, key: str, now: dt.datetime | None = None) -> Ac
     operator = OPERATORS.get(delivery.operator)
     if operator is None:
         raise OperatorError(f"no operator named {delivery.operator!r} in this worker")
-    ctx = OperatorContext(session=session, execution_id=execution.id, user_id=execution.user_id,
+    ctx = OperatorContext(session=session, execution_id=execution.id,
+                          workflow_id=execution.workflow_id, user_id=execution.user_id,
                           node_id=delivery.node_id, key=key, now=now)
-    result = operator(ctx, dict(delivery.params))
-    delivery.status, delivery.result, delivery.finished_at = "succeeded", result, now
     delivery.attempts += 1
+    try:
+        result = operator(ctx, dict(delivery.params))
+    except Deferred as deferral:
+        delivery.status, delivery.run_after = "deferred", deferral.until
+        delivery.send_outcome = "deferred"
+        session.refresh(execution, with_for_update=True)  # a step of it may be writing
+        executions.defer(execution, deferral.until, now)
+        log.info("action.deferred", execution_id=str(execution.id), operator=delivery.operator,
+                 node_id=delivery.node_id, until=deferral.until.isoformat())
+        return ActionResult("deferred", execution.id, send=ctx.send)
+    delivery.status, delivery.result, delivery.finished_at = "succeeded", result, now
+    delivery.send_outcome = ctx.send[1] if ctx.send else None
     log.info("action.succeeded", execution_id=str(execution.id), operator=delivery.operator,
              node_id=delivery.node_id)
     return ActionResult("succeeded", execution.id, _step_after(session, execution.id),
-                        tuple(ctx.ingested))
+                        tuple(ctx.ingested), ctx.send)
 
 
 def fail_action(session: Session, key: str, error: str, attempts: int,

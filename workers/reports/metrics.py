@@ -14,21 +14,36 @@ rerun or a backfill is always safe.
 | executions_started, executions_completed, executions_failed | All | {"workflow"} |
 | execution_median_seconds (completed that day) | All | {"workflow"} |
 | conversion_7d, conversion_30d: share of users who entered the stage 7 (30) days before and reached the next stage within 7 (30) days | the stage | {"to"} |
+| sends: send decisions by their (final) outcome, on the day decided | All | {"workflow", "channel", "outcome"} |
+| goal_executions, goal_conversions: executions started that day of a workflow with a goal, and those of them that reached it (execution_goals) | All | {"workflow", "group"} |
+
+`group` is `treated` or `held_out`, the send gateway's rule (`SendPolicy.held_out`)
+written in SQL with the stored policy. The goal figures have a statement of their
+own (GOALS): a conversion arrives up to the goal's window after the start, so
+computing a day also refreshes the goal figures of every start day whose window was
+still open on it (`goal_days`), which keeps them current without redoing whole days.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.models import LIFECYCLE_STAGES, ExecutionStatus
+from db.models import LIFECYCLE_STAGES, SEND_OUTCOMES, ExecutionStatus
+from workers.reports.lift import Lift, lift
+from workers.sends.holdout import holdout_sql
+from workers.sends.policy import SendPolicy, load
 
 _NEXT_STAGE = ", ".join(
     f"('{a}', '{b}')" for a, b in zip(LIFECYCLE_STAGES, LIFECYCLE_STAGES[1:], strict=False))
+
+GOAL_METRICS = "('goal_executions', 'goal_conversions')"  # upserted by GOALS, not AGGREGATE
 
 AGGREGATE = text(f"""
 WITH day AS (SELECT CAST(:start AS timestamptz) AS s, CAST(:end AS timestamptz) AS e),
@@ -95,6 +110,11 @@ computed(lifecycle_stage, metric_name, metric_value, dimensions) AS (
      WHERE x.status = '{ExecutionStatus.COMPLETED}' AND x.completed_at >= day.s AND x.completed_at < day.e
      GROUP BY w.name
   UNION ALL
+    SELECT 'All', 'sends', count(*),
+           jsonb_build_object('workflow', w.name, 'channel', s.channel, 'outcome', s.outcome)
+      FROM sends s JOIN workflows w ON w.id = s.workflow_id, day
+     WHERE s.decided_at >= day.s AND s.decided_at < day.e GROUP BY w.name, s.channel, s.outcome
+  UNION ALL
     SELECT cohort.to_stage, 'conversion_' || cohort.days || 'd',
            round(avg(CASE WHEN EXISTS (
                SELECT 1 FROM user_lifecycle_history later
@@ -122,7 +142,8 @@ upserted AS (
 ),
 removed AS (
     DELETE FROM metrics_daily m
-     WHERE m.metric_date = CAST(:day AS date) AND NOT EXISTS (
+     WHERE m.metric_date = CAST(:day AS date) AND m.metric_name NOT IN {GOAL_METRICS}
+       AND NOT EXISTS (
         SELECT 1 FROM computed c WHERE c.lifecycle_stage = m.lifecycle_stage
            AND c.metric_name = m.metric_name AND c.dimensions = m.dimensions)
     RETURNING 1
@@ -133,21 +154,115 @@ SELECT (SELECT count(*) FROM computed) AS rows,
 """)
 
 
+# Executions started in [:start, :end) of the workflows with a goal, by UTC start day
+# and group; {held_out} is the gateway's rule in SQL. The delete spans the same days.
+GOALS = """
+WITH computed(metric_date, lifecycle_stage, metric_name, metric_value, dimensions) AS (
+    SELECT c.day, 'All', m.name, m.value, jsonb_build_object('workflow', c.workflow, 'group', c.grp)
+      FROM (
+        SELECT CAST(timezone('UTC', x.started_at) AS date) AS day, w.name AS workflow,
+               CASE WHEN {held_out} THEN 'held_out' ELSE 'treated' END AS grp,
+               count(*) AS started, count(g.execution_id) AS converted
+          FROM workflow_executions x JOIN workflows w ON w.id = x.workflow_id
+          LEFT JOIN execution_goals g ON g.execution_id = x.id
+         WHERE x.workflow_id = ANY(CAST(:workflows AS uuid[]))
+           AND x.started_at >= CAST(:start AS timestamptz)
+           AND x.started_at < CAST(:end AS timestamptz)
+         GROUP BY 1, 2, 3
+      ) c,
+      LATERAL (VALUES ('goal_executions', c.started::numeric),
+                      ('goal_conversions', c.converted::numeric)) AS m(name, value)
+),
+upserted AS (
+    INSERT INTO metrics_daily (metric_date, lifecycle_stage, metric_name, metric_value, dimensions)
+    SELECT metric_date, lifecycle_stage, metric_name, metric_value, dimensions FROM computed
+    ON CONFLICT (metric_date, lifecycle_stage, metric_name, dimensions)
+    DO UPDATE SET metric_value = EXCLUDED.metric_value
+    WHERE metrics_daily.metric_value IS DISTINCT FROM EXCLUDED.metric_value
+    RETURNING 1
+),
+removed AS (
+    DELETE FROM metrics_daily m
+     WHERE m.metric_date >= CAST(:first AS date) AND m.metric_date <= CAST(:last AS date)
+       AND m.metric_name IN {metrics} AND NOT EXISTS (
+        SELECT 1 FROM computed c WHERE c.metric_date = m.metric_date
+           AND c.lifecycle_stage = m.lifecycle_stage AND c.metric_name = m.metric_name
+           AND c.dimensions = m.dimensions)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM computed) AS rows,
+       (SELECT count(*) FROM upserted) AS written,
+       (SELECT count(*) FROM removed) AS removed
+"""
+
+MAX_GOAL_DAYS = 366  # how far back a day's run refreshes goal figures, whatever the window
+
+
+def held_out_sql(policy: SendPolicy) -> tuple[str, dict[str, Any]]:
+    """`SendPolicy.held_out` as a boolean SQL expression over the execution `x` (its user
+    and workflow), with its bind parameters: in the program's holdout, or in the
+    workflow's own (a branch per workflow that has one)."""
+    params: dict[str, Any] = {}
+    terms: list[str] = []
+    program = policy.messaging.holdout
+    if program is not None:
+        terms.append(holdout_sql("x.user_id", "program_salt", "program_percent"))
+        params |= {"program_salt": program.salt, "program_percent": program.percent}
+    branches: list[str] = []
+    for i, workflow in enumerate(sorted(policy.workflows.values(), key=lambda w: str(w.id))):
+        if workflow.settings.holdout > 0:
+            branches.append(f"WHEN CAST(:wf_{i} AS uuid) THEN "
+                            f"{holdout_sql('x.user_id', f'wf_salt_{i}', f'wf_percent_{i}')}")
+            params |= {f"wf_{i}": workflow.id, f"wf_salt_{i}": policy.workflow_salt(workflow.name),
+                       f"wf_percent_{i}": workflow.settings.holdout}
+    if branches:
+        terms.append(f"(CASE x.workflow_id {' '.join(branches)} ELSE false END)")
+    return (" OR ".join(f"({t})" for t in terms) or "false"), params
+
+
+def goal_days(policy: SendPolicy, day: dt.date) -> list[dt.date]:
+    """The start days whose goal figures can still change on `day`: within the longest window."""
+    windows = [w.settings.goal.window for w in policy.workflows.values() if w.settings.goal]
+    if not windows:
+        return []
+    back = min(math.ceil(max(windows) / dt.timedelta(days=1)), MAX_GOAL_DAYS)
+    return [day - dt.timedelta(days=back - i) for i in range(back + 1)]
+
+
 @dataclass(frozen=True)
 class DayResult:
     day: dt.date
-    rows: int  # figures the day has
+    rows: int  # figures the day has (and the goal figures of earlier start days it refreshed)
     written: int  # rows inserted or changed (0 on a rerun with unchanged data)
     removed: int  # rows of figures the day no longer has
 
 
 def aggregate_day(session: Session, day: dt.date) -> DayResult:
-    """Compute and upsert one UTC day's metrics, in the caller's transaction."""
+    """Compute and upsert one UTC day's metrics, in the caller's transaction.
+
+    The goal figures of the start days still open on `day` are refreshed with it.
+    """
     start = dt.datetime.combine(day, dt.time(), dt.UTC)
     # A whole day of audit rows: more than the fleet's default statement timeout allows.
     session.execute(text("SET LOCAL statement_timeout = '30min'"))
     row = session.execute(AGGREGATE, {"day": day, "start": start,
                                       "end": start + dt.timedelta(days=1)}).one()
+    goals = refresh_goals(session, load(session), day)
+    return DayResult(day, row.rows + goals.rows, row.written + goals.written,
+                     row.removed + goals.removed)
+
+
+def refresh_goals(session: Session, policy: SendPolicy, day: dt.date) -> DayResult:
+    """Upsert goal_executions/goal_conversions of the start days `goal_days` gives (one
+    statement), and remove those figures of these days that are gone."""
+    days = goal_days(policy, day) or [day]  # no goal any more: only removes the day's rows
+    held_out, params = held_out_sql(policy)
+    first = dt.datetime.combine(days[0], dt.time(), dt.UTC)
+    end = dt.datetime.combine(days[-1], dt.time(), dt.UTC) + dt.timedelta(days=1)
+    workflows = [w.id for w in policy.workflows.values() if w.settings.goal]
+    row = session.execute(text(GOALS.format(held_out=held_out, metrics=GOAL_METRICS)), {
+        **params, "workflows": workflows, "start": first, "end": end,
+        "first": days[0], "last": days[-1]}).one()
     return DayResult(day, row.rows, row.written, row.removed)
 
 
@@ -178,3 +293,49 @@ def record_day(session: Session, result: DayResult) -> None:
 
 
 JOB = "metrics_daily"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A workflow's goal conversion, treated vs held out, of the executions started in a period."""
+
+    workflow: str
+    treated: int
+    treated_converted: int
+    held_out: int
+    held_out_converted: int
+
+    @property
+    def lift(self) -> Lift:
+        """Treated minus held-out rate with its 95% CI (None figures while a group is empty)."""
+        return lift(self.treated, self.treated_converted, self.held_out, self.held_out_converted)
+
+
+def conversions(session: Session, since: dt.date) -> list[Conversion]:
+    """Each workflow's goal figures summed over the start days from `since`, by name."""
+    totals: dict[str, dict[tuple[str, str], int]] = {}
+    for row in session.execute(text(
+            "SELECT dimensions->>'workflow' AS workflow, dimensions->>'group' AS grp, "
+            "metric_name, sum(metric_value) AS total FROM metrics_daily "
+            f"WHERE metric_date >= :since AND metric_name IN {GOAL_METRICS} "
+            "GROUP BY 1, 2, 3"), {"since": since}):
+        totals.setdefault(row.workflow, {})[(row.grp, row.metric_name)] = int(row.total)
+    return [Conversion(workflow, *(t.get((group, metric), 0) for group in ("treated", "held_out")
+                                   for metric in ("goal_executions", "goal_conversions")))
+            for workflow, t in sorted(totals.items())]
+
+
+def sends_by_outcome(session: Session, since: dt.date) -> dict[tuple[str, str], dict[str, int]]:
+    """{(workflow, channel): {outcome: sends decided from `since`}}, every outcome present."""
+    sends: dict[tuple[str, str], dict[str, int]] = {}
+    for row in session.execute(text(
+            "SELECT dimensions->>'workflow' AS workflow, dimensions->>'channel' AS channel, "
+            "dimensions->>'outcome' AS outcome, sum(metric_value) AS total FROM metrics_daily "
+            "WHERE metric_date >= :since AND metric_name = 'sends' GROUP BY 1, 2, 3 "
+            "ORDER BY 1, 2"), {"since": since}):
+        counts = sends.setdefault((row.workflow, row.channel), dict.fromkeys(SEND_OUTCOMES, 0))
+        counts[row.outcome] = int(row.total)
+    return sends

@@ -1,7 +1,8 @@
 """Enabled triggers and segment definitions, compiled once and cached per worker process.
 
 The cache re-reads the definitions when their fingerprint (a hash of every
-trigger row with its workflow's version and status, and of every segment) changes.
+trigger row with its workflow's version and status, of every segment, and of every
+workflow's goal) changes.
 The fingerprint is checked at most every FLEET_TRIGGER_CACHE_SECONDS (default 2),
 so a create, update or disable takes effect within seconds on every worker,
 without a restart.
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -26,6 +28,7 @@ from workers.rules.conditions import ConditionError, parse
 from workers.rules.conditions import segment_refs as node_segment_refs
 from workers.rules.membership import MembershipResolver, SegmentInfo, segment_info
 from workers.rules.python_backend import EvalContext, compile_python
+from workers.sends.config import GoalDef
 from workers.settings import get_settings
 
 if TYPE_CHECKING:
@@ -134,6 +137,23 @@ def compile_start_variables(mapping: Any) -> tuple[tuple[str, StartPath], ...]:
 # --------------------------------------------------------------------------- triggers
 
 
+def eval_context(event: Event, user: UserView, now: dt.datetime,
+                 membership: MembershipResolver, session: Session) -> EvalContext:
+    """What a compiled condition sees for one event and its user (triggers and goals alike)."""
+    return EvalContext(
+        event_type=event.event_type,
+        event_data=event.data,
+        user_id=user.id,
+        user_email=user.email,
+        user_stage=user.stage,
+        user_attributes=user.attributes,
+        user_created_at=user.created_at,
+        now=now,
+        is_member=lambda ref: membership.is_member(user.id, ref),
+        count_events=lambda etype, within: count_events(session, user.id, etype, within, now),
+    )
+
+
 @dataclass(frozen=True)
 class CompiledTrigger:
     id: uuid.UUID
@@ -152,19 +172,7 @@ class CompiledTrigger:
 
     def evaluate(self, event: Event, user: UserView, now: dt.datetime,
                  membership: MembershipResolver, session: Session) -> bool:
-        context = EvalContext(
-            event_type=event.event_type,
-            event_data=event.data,
-            user_id=user.id,
-            user_email=user.email,
-            user_stage=user.stage,
-            user_attributes=user.attributes,
-            user_created_at=user.created_at,
-            now=now,
-            is_member=lambda ref: membership.is_member(user.id, ref),
-            count_events=lambda etype, within: count_events(session, user.id, etype, within, now),
-        )
-        return self.predicate(context)
+        return self.predicate(eval_context(event, user, now, membership, session))
 
     def mapped_variables(self, event: Event, user: UserView) -> dict[str, Any]:
         """The start variables this trigger maps from the event and the user (None if missing)."""
@@ -177,14 +185,42 @@ class CompiledTrigger:
         return {name: path.value(views) for name, path in self.start_variables}
 
 
+@dataclass(frozen=True)
+class CompiledGoal:
+    """A workflow's goal (workflows.settings): its event type, condition and window."""
+
+    workflow_id: uuid.UUID
+    event_type: str
+    window: dt.timedelta
+    predicate: Callable[[EvalContext], bool]
+    segment_refs: frozenset[str]
+
+    def evaluate(self, event: Event, user: UserView, now: dt.datetime,
+                 membership: MembershipResolver, session: Session) -> bool:
+        return self.predicate(eval_context(event, user, now, membership, session))
+
+
+def compile_goal(row: Any) -> CompiledGoal:
+    """Compile one workflow's stored goal; raises ValidationError when invalid."""
+    goal = GoalDef.model_validate(row.goal)
+    node = parse(goal.conditions)
+    return CompiledGoal(workflow_id=row.id, event_type=goal.event_type, window=goal.window,
+                        predicate=compile_python(node), segment_refs=node_segment_refs(node))
+
+
 @dataclass
 class ActiveTriggers:
     by_event_type: dict[str, list[CompiledTrigger]] = field(default_factory=dict)
     # Segment definitions by name and by id, for in_segment during evaluation.
     segments: dict[str, SegmentInfo] = field(default_factory=dict)
+    # Workflows' goals by their event type (workers/events/goals.py records them).
+    goals: dict[str, list[CompiledGoal]] = field(default_factory=dict)
 
     def for_event_type(self, event_type: str) -> list[CompiledTrigger]:
         return self.by_event_type.get(event_type, [])
+
+    def goals_for(self, event_type: str) -> list[CompiledGoal]:
+        return self.goals.get(event_type, [])
 
     def __iter__(self) -> Iterator[CompiledTrigger]:
         for triggers in self.by_event_type.values():
@@ -194,9 +230,15 @@ class ActiveTriggers:
 FINGERPRINT_SQL = text(
     "SELECT md5(coalesce(string_agg(t::text || '|' || coalesce(w.version, '') || '|' || "
     "coalesce(w.status, ''), ',' ORDER BY t.id), '') || '#' || "
-    "coalesce((SELECT string_agg(s::text, ',' ORDER BY s.id) FROM user_segments s), '')) "
+    "coalesce((SELECT string_agg(s::text, ',' ORDER BY s.id) FROM user_segments s), '') "
+    "|| '#' || "
+    "coalesce((SELECT string_agg(g.id::text || (g.settings->'goal')::text, ',' ORDER BY g.id) "
+    "FROM workflows g WHERE jsonb_typeof(g.settings->'goal') = 'object'), '')) "
     "FROM triggers t LEFT JOIN workflows w ON w.id = t.workflow_id"
 )
+
+GOALS_SQL = text("SELECT id, name, settings->'goal' AS goal FROM workflows "
+                 "WHERE jsonb_typeof(settings->'goal') = 'object'")
 
 SEGMENTS_SQL = text("SELECT id, name, kind, conditions, ttl_seconds FROM user_segments")
 
@@ -264,8 +306,16 @@ class TriggerCache:
                 log.error("segment.invalid_conditions", segment_id=str(row.id), error=str(exc))
                 continue
             active.segments[segment.name] = active.segments[str(segment.id)] = segment
+        for row in session.execute(GOALS_SQL):
+            try:
+                goal = compile_goal(row)
+            except ValidationError as exc:  # validated by `fleet apply`, as triggers are
+                log.error("goal.invalid", workflow=row.name, error=str(exc))
+                continue
+            active.goals.setdefault(goal.event_type, []).append(goal)
         log.info("definitions.loaded", triggers=sum(1 for _ in active),
-                 segments=len(active.segments) // 2)
+                 segments=len(active.segments) // 2,
+                 goals=sum(len(g) for g in active.goals.values()))
         return active
 
 
