@@ -229,3 +229,31 @@ def test_a_huge_condition_is_shown_cut_in_tables_and_whole_in_json(engine: Engin
     shown = [s for s in as_json("segment", "list") if s["name"] == name]
     assert shown[0]["conditions"]["value"][-1] == "plan-199999"
     assert "characters; --json shows all" in fleet("segment", "show", name).stdout
+
+
+def test_execution_show_lists_the_send_gateways_decisions() -> None:
+    from db.session import session_scope
+    from tests.workflow_helpers import execution
+    from workers.engine import stepper
+    from workers.operators.deliveries import run_action
+
+    with session_scope() as session:
+        execution_id = control.start(session, deploy("one_send.bpmn"), new_user(), {})
+    version: int | None = 0
+    while version is not None:  # stepped here, the operator call run here: no worker needed
+        with session_scope() as session:
+            result = stepper.step(session, execution_id, version)
+        if result.action_key is not None:
+            with session_scope() as session:
+                run_action(session, result.action_key)
+            version = execution(execution_id).state_version
+        else:
+            version = result.next_version
+    shown = fleet("execution", "show", str(execution_id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    [send] = json.loads(shown.stdout)["sends"]
+    assert (send["node_id"], send["channel"], send["outcome"], send["deferrals"]) == (
+        "send", "email", "sent", 0)
+    assert send["sent_at"] is not None
+    text_form = fleet("execution", "show", str(execution_id), columns=200)
+    assert "sends (the send gateway" in text_form.stdout and " sent " in text_form.stdout

@@ -173,6 +173,27 @@ def _scalar(sql: str, domain: str) -> int:
 RUN_USERS = "SELECT id FROM users WHERE email LIKE :pattern"
 
 
+def _assert_the_holdout_is_the_hash(domain: str) -> None:
+    """Every send of a user in the program's control group is held out (or suppressed,
+    consent coming first), and a held-out send is one of a control group's user."""
+    from workers.sends.holdout import in_holdout
+    from workers.sends.policy import load as load_policy
+
+    with session_scope() as session:
+        policy = load_policy(session)
+        rows = session.execute(text(
+            f"SELECT s.user_id, s.workflow_id, s.outcome FROM sends s "
+            f"WHERE s.user_id IN ({RUN_USERS})"), {"pattern": f"%@{domain}"}).all()
+    program = policy.messaging.holdout
+    assert program is not None and rows
+    for row in rows:
+        workflow = policy.workflow(row.workflow_id)
+        held = policy.held_out(workflow, row.user_id)
+        if in_holdout(program.salt, row.user_id, program.percent):
+            assert held and row.outcome in ("held_out", "suppressed"), row
+        assert (row.outcome == "held_out") == (held and row.outcome != "suppressed"), row
+
+
 def _quick_program(folder: Path) -> Path:
     """The sample program with every timer cut to at most 3 s, so a run drains quickly."""
     program = folder / "program.yaml"
@@ -184,15 +205,24 @@ def _quick_program(folder: Path) -> Path:
     return program
 
 
+@pytest.fixture()
+def demo_policy() -> Iterator[None]:
+    """The sample program's send policy is the session's for one test only."""
+    yield
+    with session_scope() as session:
+        session.execute(text("DELETE FROM program_settings WHERE name = 'messaging'"))
+
+
 @pytest.mark.servers
-def test_a_small_demo_runs_end_to_end(celery_worker: WorkerProcess, tmp_path: Path) -> None:
-    run.apply_program(_quick_program(tmp_path))
+def test_a_small_demo_runs_end_to_end(celery_worker: WorkerProcess, tmp_path: Path,
+                                      demo_policy: None) -> None:
+    run.apply_program(_quick_program(tmp_path), window_opens_in=20)
     run.wait_for_trigger_caches()
     tag = f"t{uuid.uuid4().hex[:8]}"
     # 18 days: some users go quiet for two weeks, so the win-back has an audience.
     stream: DemoStream = generate(50, 18, seed=2, tag=tag)
     with playing_the_beat():
-        result = run.send(stream, day_seconds=0, settle_timeout=60, drain_timeout=60)
+        result = run.send(stream, day_seconds=0, settle_timeout=60, drain_timeout=150)
     assert result.drained and not result.unsettled
     assert result.sent == stream.good + stream.bad
 
@@ -231,13 +261,22 @@ def test_a_small_demo_runs_end_to_end(celery_worker: WorkerProcess, tmp_path: Pa
                                                    "first-project"}
     drip = next(w for w in summary.workflows if w.name == "welcome-drip")
     assert drip.outcomes == {"drip_finished": stream.users}
-    # Messages: one message_log row per send_message call that ran.
-    assert summary.messages == _scalar(
-        f"SELECT count(*) FROM message_log WHERE user_id IN ({RUN_USERS})", d) == _scalar(
+    # Sends: one gateway decision per send_message call, one message_log row per 'sent'.
+    outcomes = summary.sends.by_outcome
+    assert sum(outcomes.values()) == _scalar(
         "SELECT count(*) FROM action_deliveries a JOIN workflow_executions e "
         f"ON e.id = a.execution_id WHERE a.operator = 'send_message' "
         f"AND a.status = 'succeeded' AND e.user_id IN ({RUN_USERS})", d)
-    assert summary.messages_by_template[("email", "welcome-1-hello")] == stream.users
+    assert summary.messages == outcomes["sent"] == _scalar(
+        f"SELECT count(*) FROM message_log WHERE user_id IN ({RUN_USERS})", d)
+    assert outcomes["deferred"] == 0  # the window opened: every deferred send was decided again
+    assert summary.sends.deferred > 0  # the first days' sends waited for the window ...
+    assert summary.sends.deferred_sent == summary.sends.deferred_sent_in_window  # ... inside it
+    _assert_the_holdout_is_the_hash(d)
+    assert {c.workflow for c in summary.conversions} >= {"welcome-drip", "activation-nudge"}
+    nudge = next(c for c in summary.conversions if c.workflow == "activation-nudge")
+    assert nudge.treated + nudge.held_out == next(
+        w.total for w in summary.workflows if w.name == "activation-nudge")
     # Dead letters: exactly the deliberate bad inputs.
     assert summary.dead_letters == stream.bad == len(summary.dead_letter_reasons)
     assert any("no user with id" in r for r in summary.dead_letter_reasons)

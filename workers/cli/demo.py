@@ -196,6 +196,28 @@ def demo(
     err.print("fleet stopped" + (" (embedded servers too)" if own_servers else ""))
 
 
+def print_sends(summary: Any) -> None:
+    """The send gateway's decisions, deferred sends released, conversion treated vs held out."""
+    from workers.cli.metrics import conversion_table
+    from workers.tools.demo.summary import SEND_OUTCOMES
+
+    sends = summary.sends
+    totals = sends.by_outcome
+    out.print(f"sends     {sum(totals.values()):,} decided by the send gateway: "
+              + ", ".join(f"{outcome} {totals[outcome]:,}" for outcome in SEND_OUTCOMES))
+    table = Table("workflow", *SEND_OUTCOMES, box=None)
+    for workflow, counts in sends.by_workflow.items():
+        table.add_row(workflow, *(f"{counts[o]:,}" for o in SEND_OUTCOMES))
+    out.print(table)
+    out.print(f"deferred  {sends.deferred:,} sends waited for the send window; "
+              f"{sends.deferred_sent:,} went out when it opened "
+              f"({sends.deferred_sent_in_window:,} inside the user's window"
+              + (f", the first at {sends.first_release} UTC)" if sends.first_release else ")")
+              + ", the others were re-checked and capped, suppressed or are still waiting")
+    if summary.conversions:
+        out.print(conversion_table(summary.conversions))
+
+
 def print_summary(summary: Any, result: Any, flower: str) -> None:
     from db.models import ACTIVE_EXECUTION_STATUSES, LIFECYCLE_STAGES
 
@@ -231,6 +253,7 @@ def print_summary(summary: Any, result: Any, flower: str) -> None:
     by_template = ", ".join(f"{template} {n:,}" for (_, template), n in
                             summary.messages_by_template.items())
     out.print(f"messages  {summary.messages:,} written to message_log ({by_template})")
+    print_sends(summary)
     out.print(f"dead      {summary.dead_letters} inputs dead-lettered "
                   f"(fleet dlq list shows them)")
     for reason in summary.dead_letter_reasons:

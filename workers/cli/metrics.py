@@ -95,7 +95,7 @@ def show(days: int = typer.Option(30, help="how many days back"),
                     f"{figures.get((s, 'stage_entries'), 0):.0f}" for s in LIFECYCLE_STAGES))
             out.print(table)
         if converted:
-            out.print(_conversion_table(converted))
+            out.print(conversion_table(converted))
         if sends:
             table = Table("workflow", "channel", *SEND_OUTCOMES,
                           title=f"sends by outcome, decided since {since}")
@@ -116,7 +116,7 @@ def _points(value: float) -> str:
     return f"{value * 100:+.1f}"
 
 
-def _conversion_table(converted: list[Conversion]) -> Table:
+def conversion_table(converted: list[Conversion]) -> Table:
     table = Table("workflow", "treated n", "conv", "rate", "held-out n", "conv", "rate",
                   "lift (pp) [95% CI]", "relative",
                   title="goal conversion of the executions started in the period "

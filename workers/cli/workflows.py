@@ -29,6 +29,7 @@ from workers.cli.ids import resolve_id
 from workers.cli.output import id_column, print_json, utc
 from workers.engine import control, executions
 from workers.events.envelope import normalise_email
+from workers.sends.gateway import sends_of
 
 workflow_app = typer.Typer(help="BPMN workflow definitions.", no_args_is_help=True)
 execution_app = typer.Typer(help="Workflow executions.", no_args_is_help=True)
@@ -124,6 +125,9 @@ def _execution_json(session: Session, row: WorkflowExecution, steps: int) -> dic
                               "received_at": utc(m.received_at)}
                              for m in executions.pending_messages(session, row.id)],
         "error": row.error_message, "variables": row.variables or {},
+        "sends": [{**send, **{k: utc(send[k]) for k in ("created_at", "decided_at", "sent_at",
+                                                        "deferred_until")}}
+                  for send in sends_of(session, row.id)],
         "steps": [{"seq": s.seq, "node_id": s.node_id, "node_type": s.node_type,
                    "outcome": s.outcome, "attempt": s.attempt,
                    "started_at": utc(s.started_at), "finished_at": utc(s.finished_at),
@@ -171,6 +175,18 @@ def show(execution_id: str = ID_ARGUMENT,
         out.print(f"  [red]error     {escape(data['error'])}[/]", soft_wrap=True)
     out.print("variables:")
     out.print_json(json.dumps(data["variables"], default=str))
+    if data["sends"]:
+        sends = Table("node", "channel", "outcome", "reason", "decided", "sent", "deferrals",
+                      title="sends (the send gateway's latest decision per operator call)")
+        for send in data["sends"]:
+            outcome = send["outcome"] + (" (transactional)" if send["transactional"] else "")
+            if send["outcome"] == "deferred":
+                outcome += f" until {send['deferred_until'][:19].replace('T', ' ')}"
+            sends.add_row(send["node_id"] or "-", send["channel"], outcome,
+                          escape(send["reason"] or ""),
+                          send["decided_at"][:19].replace("T", " "),
+                          (send["sent_at"] or "-")[:19].replace("T", " "), str(send["deferrals"]))
+        out.print(sends)
     table = Table("seq", "node", "type", "outcome", "attempt", "started", "s", "error")
     for s in data["steps"]:
         seconds = s["duration_seconds"]

@@ -163,3 +163,14 @@ def _record(session: Session, request: SendRequest, decision: Decision, now: dt.
         set_={**values, "deferred_until": decision.deliver_at if deferred
               else Send.deferred_until,
               "deferrals": Send.deferrals + int(deferred)}))
+
+
+def sends_of(session: Session, execution_id: uuid.UUID) -> list[dict[str, Any]]:
+    """An execution's send decisions, oldest first, with the node that asked (`fleet
+    execution show`)."""
+    rows = session.execute(text(
+        "SELECT d.node_id, s.channel, s.outcome, s.reason, s.transactional, s.created_at, "
+        "s.decided_at, s.sent_at, s.deferred_until, s.deferrals FROM sends s "
+        "LEFT JOIN action_deliveries d ON d.key = s.key WHERE s.execution_id = :e "
+        "ORDER BY s.created_at, s.key"), {"e": execution_id}).mappings()
+    return [dict(row) for row in rows]

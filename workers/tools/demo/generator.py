@@ -12,6 +12,11 @@ user gets a persona that shapes what they do after signing up:
 | fader    | 12%   | first project, a busy week, then silence (the win-back's audience) |
 | power    | 13%   | daily user, many projects; about half upgrade to Pro, paying ones refer friends |
 
+Users from countries on Central European Time carry a `timezone` trait (a few an
+invalid one, which the send gateway replaces by the program's zone with a warning);
+about 6% unsubscribe from e-mail a few days after signing up (`user.unsubscribed`),
+so the gateway has consent to apply.
+
 Referred friends sign up a day or two after the referral (extra users, with a
 persona of their own). A handful of deliberately bad inputs (an unknown user id, a
 malformed event type, data that is not an object, a truncated JSON line, ...)
@@ -60,6 +65,11 @@ PROJECT_NAMES = ("Q3 roadmap", "Launch plan", "Hiring pipeline", "Website refres
                  "Customer interviews", "Sprint board", "Budget 2027", "Onboarding checklist",
                  "Bug triage", "Content calendar", "OKRs", "Design system")
 DEVICES = ("web", "web", "web", "ios", "android", "desktop")
+# The `timezone` trait by country: zones that keep the program's (Europe/Berlin) clock,
+# so the demo's send window opens for them at once; "Europe/Atlantis" is invalid.
+TIMEZONES = {"DE": "Europe/Berlin", "FR": "Europe/Paris", "ES": "Europe/Madrid",
+             "NL": "Europe/Atlantis"}
+UNSUBSCRIBE_RATE = 0.06
 
 # Users whose last visit is older than this at `end` are the win-back's audience
 # (the `churn-risk` segment of program/program.yaml).
@@ -187,10 +197,13 @@ class _Simulation:
         rng, days = user.rng, self.days
         p = _PROFILE[user.persona]
         t = self._at(user, user.signup_day)
-        self._emit(user, t, "user.identify", {
-            "first_name": user.first_name, "last_name": user.last_name,
-            "country": rng.choice(COUNTRIES), "plan": "free", "source": user.source,
-            "last_seen_at": _iso(t)})
+        country = rng.choice(COUNTRIES)
+        traits = {"first_name": user.first_name, "last_name": user.last_name,
+                  "country": country, "plan": "free", "source": user.source,
+                  "last_seen_at": _iso(t)}
+        if country in TIMEZONES:
+            traits["timezone"] = TIMEZONES[country]
+        self._emit(user, t, "user.identify", traits)
         signup = {"plan": "free", "source": user.source}
         if user.referrer:
             signup["referrer"] = user.referrer
@@ -211,7 +224,17 @@ class _Simulation:
         referral_day: int | None = (user.signup_day + rng.randint(3, 20)
                                     if rng.random() < p.refer_rate_free else None)
 
+        # Its own generator, so the rest of the user's behaviour is as without it.
+        consent = random.Random(f"{self.seed}:{user.number}:consent")
+        unsubscribe_day = (user.signup_day + consent.randint(1, 4)
+                           if consent.random() < UNSUBSCRIBE_RATE else None)
+        unsubscribe_at = consent.randint(7 * 3600, 22 * 3600)
+
         for day in range(user.signup_day + 1, days):
+            if day == unsubscribe_day:
+                self._emit(user, self.start + dt.timedelta(days=day, seconds=unsubscribe_at),
+                           "user.unsubscribed",
+                           {"channel": "email", "reason": "too many e-mails"})
             planned = day == user.first_project_day
             upgrade_due = user.upgraded_day is None and (
                 (will_upgrade and user.engaged_day is not None

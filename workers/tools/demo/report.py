@@ -10,9 +10,11 @@ from typing import Any
 
 from db.models import LIFECYCLE_STAGES
 from workers.reports.funnel import STAGE_COLORS, funnel_svg, percent
-from workers.tools.demo.summary import Summary
+from workers.tools.demo.summary import SEND_OUTCOMES, Summary
 
 PALETTE = ("#3fb68b", "#5b8def", "#f2a93b", "#9b6bd3", "#2bb5c9", "#e58fb8", "#8c9a3b")
+OUTCOME_COLORS = {"sent": "#3fb68b", "deferred": "#5b8def", "suppressed": "#d64545",
+                  "capped": "#f2a93b", "held_out": "#9aa0a6"}
 STATUS_COLORS = {"failed": "#d64545", "cancelled": "#9aa0a6", "running": "#c7d2e0",
                  "pending": "#e3e8ef"}
 
@@ -94,6 +96,52 @@ def workflow_section(summary: Summary) -> str:
             + "".join(out) + "</tbody></table>")
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def sends_section(summary: Summary) -> str:
+    """Sends by outcome per workflow, the deferred sends released, conversion by group."""
+    sends = summary.sends
+    totals = sends.by_outcome
+    legend = "".join(f'<span><i style="background:{OUTCOME_COLORS[o]}"></i>{_e(o)} '
+                     f'{_n(totals[o])}</span>' for o in SEND_OUTCOMES)
+    rows = [(f"<b>{_e(workflow)}</b>", *(_n(counts[o]) for o in SEND_OUTCOMES),
+             stacked_bar([(o, counts[o], OUTCOME_COLORS[o]) for o in SEND_OUTCOMES], 260))
+            for workflow, counts in sends.by_workflow.items()]
+    first = f", the first at {_e(sends.first_release)} UTC" if sends.first_release else ""
+    conversion_rows = []
+    for c in summary.conversions:
+        lifted = c.lift
+        if lifted.difference is None or lifted.low is None or lifted.high is None:
+            difference = "-"
+        else:
+            difference = (f"{lifted.difference * 100:+.1f} pp "
+                          f"[{lifted.low * 100:+.1f}, {lifted.high * 100:+.1f}]")
+        conversion_rows.append((
+            f"<b>{_e(c.workflow)}</b>", _n(c.treated), _n(c.treated_converted),
+            _rate(lifted.treated_rate), _n(c.held_out), _n(c.held_out_converted),
+            _rate(lifted.control_rate), _e(difference)))
+    return f"""<p class="meta">Every message passes one gateway before its channel: consent and the
+suppression list, the control group (held out: recorded, never sent), the send window in the
+user's time zone (deferred: waits on a durable timer, every rule re-checked when it opens), the
+frequency caps. One decision per send, table <code>sends</code> (a deferred send shows its
+latest decision).</p>
+<div class="legend">{legend}</div>
+{_table(("workflow", *SEND_OUTCOMES, ""), rows, {1, 2, 3, 4, 5})}
+<p><b>{_n(sends.deferred)}</b> sends waited for the send window; <b>{_n(sends.deferred_sent)}</b>
+went out when it opened, <b>{_n(sends.deferred_sent_in_window)}</b> of them at an instant the
+user's window was open{first}. The others were capped or suppressed when re-checked.</p>
+<h2>Goal conversion, treated vs held out</h2>
+<p class="meta">Executions of each workflow with a goal, split by the holdout rule; conversion =
+the goal event recorded within the goal's window after the start. Lift: treated minus held-out
+rate in percentage points, with the 95% confidence interval of Newcombe's hybrid score method.
+The demo's synthetic users do not read their mail, so the lift of this stream is noise around 0:
+the interval tells how much a real program would need to show.</p>
+{_table(("workflow", "treated", "converted", "rate", "held out", "converted", "rate",
+         "lift [95% CI]"), conversion_rows, {1, 2, 3, 4, 5, 6})}"""
+
+
 def render(summary: Summary, meta: dict[str, Any]) -> str:
     """The whole page. `meta`: title facts of the run (seed, days, durations, ...)."""
     reached = summary.reached
@@ -104,6 +152,7 @@ def render(summary: Summary, meta: dict[str, Any]) -> str:
         (f"{_n(summary.matched)} / {_n(summary.evaluated)}", "triggers matched / evaluated"),
         (_n(sum(executions.values())), "workflow executions"),
         (_n(summary.messages), "messages sent"),
+        (_n(summary.sends.deferred), "sends deferred to the window"),
         (_n(summary.dead_letters), "inputs dead-lettered"),
     ]
     card_html = "".join(f'<div class="card"><b>{v}</b><span>{_e(label)}</span></div>'
@@ -153,6 +202,9 @@ the workflows' <code>set_lifecycle_stage</code>.</p>
         {1, 2, 3})}
 <p class="meta">Matched but not started: the re-entry rules (one active execution per user, at
 most one run, cooldown) held the start back.</p>
+
+<h2>Send gateway</h2>
+{sends_section(summary)}
 
 <h2>Messages (default channel: <code>message_log</code>)</h2>
 {_table(("channel", "template", "messages", ""), message_rows, {2})}

@@ -18,6 +18,7 @@ for a busy machine (see program/program.yaml).
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from sqlalchemy import text
 from db.session import session_scope
 from workers.definitions import ApplyReport, apply, load
 from workers.queues import ACTIONS, EVENTS, WORKFLOWS
+from workers.sends.config import MessagingDef, SendWindowDef
 from workers.settings import get_settings
 from workers.tools.demo.generator import DemoStream, Phase
 from workers.tools.demo.summary import progress
@@ -82,11 +84,38 @@ class StreamResult:
     seconds: float = 0.0
 
 
-def apply_program(path: Path = PROGRAM) -> ApplyReport:
-    """`fleet apply` on the sample program: validated first, then one transaction."""
+# The demo's send window opens this long after the program is applied (see demo_window).
+WINDOW_OPENS_IN = 45.0
+
+
+def apply_program(path: Path = PROGRAM, window_opens_in: float | None = WINDOW_OPENS_IN
+                  ) -> ApplyReport:
+    """`fleet apply` on the sample program: validated first, then one transaction.
+
+    With `window_opens_in`, the program's send window is replaced by `demo_window`.
+    """
     doc, xml = load(path)
+    if window_opens_in is not None and doc.messaging is not None \
+            and doc.messaging.send_window is not None:
+        messaging = demo_window(doc.messaging, window_opens_in, dt.datetime.now(dt.UTC))
+        doc = doc.model_copy(update={"messaging": messaging})
     with session_scope() as session:
         return apply(session, doc, xml)
+
+
+def demo_window(messaging: MessagingDef, opens_in: float, now: dt.datetime) -> MessagingDef:
+    """The send window moved to open at the first whole minute `opens_in` seconds from
+    `now` (in the program's zone) and to stay open for 23 hours, every day.
+
+    The demo's month lasts minutes, so the program's real hours would either never
+    close or hold every send for hours; this way the first simulated days' sends wait
+    for the window, then go out when it opens, re-checked by the gateway.
+    """
+    opens = (now + dt.timedelta(seconds=opens_in)).astimezone(messaging.zone)
+    opens = opens.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+    closes = opens - dt.timedelta(hours=1)
+    window = SendWindowDef(hours=f"{opens:%H:%M}-{closes:%H:%M}", days=None)
+    return messaging.model_copy(update={"send_window": window})
 
 
 def wait_for_trigger_caches() -> None:

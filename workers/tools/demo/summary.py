@@ -15,6 +15,13 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.models import ACTIVE_EXECUTION_STATUSES, LIFECYCLE_STAGES, ExecutionStatus, sql_list
+from workers.reports.metrics import Conversion, held_out_sql
+from workers.sends.gateway import TIMEZONE_ATTRIBUTE
+from workers.sends.policy import SendPolicy
+from workers.sends.policy import load as load_policy
+from workers.sends.windows import next_open, resolve_timezone
+
+SEND_OUTCOMES = ("sent", "deferred", "suppressed", "capped", "held_out")
 
 # The run's users; every query below starts from it.
 RUN_USERS = "SELECT id FROM users WHERE email LIKE :pattern"
@@ -47,6 +54,25 @@ class WorkflowFigures:
         return sum(self.statuses.values())
 
 
+@dataclass(frozen=True)
+class SendFigures:
+    """The send gateway's decisions for the run's users (table `sends`)."""
+
+    by_workflow: dict[str, dict[str, int]]  # workflow -> outcome -> sends (latest decision)
+    deferred: int  # sends put off to the window at least once
+    deferred_sent: int  # ... that then went out
+    deferred_sent_in_window: int  # ... at an instant the user's window was open
+    first_release: str | None  # when the first deferred send went out (UTC, ISO)
+
+    @property
+    def by_outcome(self) -> dict[str, int]:
+        out = dict.fromkeys(SEND_OUTCOMES, 0)
+        for counts in self.by_workflow.values():
+            for outcome, n in counts.items():
+                out[outcome] = out.get(outcome, 0) + n
+        return out
+
+
 @dataclass
 class Summary:
     domain: str
@@ -64,6 +90,8 @@ class Summary:
     waiting_timers: int  # executions still active on a timer
     waiting_messages: int  # ... on a message
     in_flight: int  # ... with a step or operator call on its way
+    sends: SendFigures
+    conversions: list[Conversion]  # per workflow with a goal: treated vs held out
 
     @property
     def reached(self) -> dict[str, int]:
@@ -158,6 +186,7 @@ def summarize(session: Session, domain: str) -> Summary:
         "SELECT reason FROM dead_letters WHERE position(:needle IN raw_payload) > 0 "
         "ORDER BY id"), needle).scalars().all()
     waits = progress(session, domain)
+    policy = load_policy(session)
     return Summary(
         domain=domain, users=sum(stages.values()), stages=stages,
         events=sum(events_by_type.values()), events_by_type=events_by_type,
@@ -167,4 +196,44 @@ def summarize(session: Session, domain: str) -> Summary:
         dead_letters=len(dead), dead_letter_reasons=list(dead),
         waiting_timers=waits["timers"], waiting_messages=waits["messages"],
         in_flight=waits["in_flight"],
+        sends=_sends(session, p, policy), conversions=_conversions(session, p, policy),
     )
+
+
+def _sends(session: Session, p: dict[str, Any], policy: SendPolicy) -> SendFigures:
+    by_workflow: dict[str, dict[str, int]] = {}
+    for r in session.execute(text(
+            f"SELECT w.name, s.outcome, count(*) AS n FROM sends s JOIN workflows w "
+            f"ON w.id = s.workflow_id WHERE s.user_id IN ({RUN_USERS}) GROUP BY 1, 2 "
+            f"ORDER BY 1"), p):
+        by_workflow.setdefault(r.name, dict.fromkeys(SEND_OUTCOMES, 0))[r.outcome] = r.n
+    released = session.execute(text(
+        f"SELECT s.outcome, s.sent_at, u.attributes->>'{TIMEZONE_ATTRIBUTE}' AS zone "
+        f"FROM sends s JOIN users u ON u.id = s.user_id "
+        f"WHERE s.deferrals > 0 AND s.user_id IN ({RUN_USERS})"), p).all()
+    sent = [r for r in released if r.outcome == "sent"]
+    window = policy.messaging.send_window
+    inside = sum(1 for r in sent if window is None or next_open(
+        r.sent_at, resolve_timezone(r.zone, policy.messaging.zone)[0], window.window) is None)
+    first = min((r.sent_at for r in sent), default=None)
+    return SendFigures(by_workflow, len(released), len(sent), inside,
+                       first.isoformat(timespec="seconds") if first else None)
+
+
+def _conversions(session: Session, p: dict[str, Any], policy: SendPolicy) -> list[Conversion]:
+    """Goal conversion of the run's executions, split by the gateway's holdout rule."""
+    goals = [w.id for w in policy.workflows.values() if w.settings.goal is not None]
+    if not goals:
+        return []
+    held_out, params = held_out_sql(policy)
+    figures: dict[str, dict[bool, tuple[int, int]]] = {}
+    for r in session.execute(text(
+            f"SELECT w.name, ({held_out}) AS held_out, count(*) AS n, "
+            f"count(g.execution_id) AS converted FROM workflow_executions x "
+            f"JOIN workflows w ON w.id = x.workflow_id "
+            f"LEFT JOIN execution_goals g ON g.execution_id = x.id "
+            f"WHERE x.user_id IN ({RUN_USERS}) AND x.workflow_id = ANY(:goal_workflows) "
+            f"GROUP BY 1, 2 ORDER BY 1"), {**p, **params, "goal_workflows": goals}):
+        figures.setdefault(r.name, {})[bool(r.held_out)] = (r.n, r.converted)
+    return [Conversion(name, *groups.get(False, (0, 0)), *groups.get(True, (0, 0)))
+            for name, groups in figures.items()]
