@@ -278,10 +278,10 @@ def test_one_round_trip_answers(session: Session) -> None:
 ATTRIBUTE_OPT_OUTS: list[tuple[Any, str]] = [
     ("email", "email"), ("all", "all"), (" EMAIL ", "email"), (["sms", "email"], "email"),
     (["all"], "all"), ({"email": False}, "email"), ({"all": False, "email": True}, "all"),
-    ([42, None, {"x": []}, "x" * 100_000, "email"], "email"),
+    ([42, None, {"x": []}, "x" * 100_000, "email"], "email"), (True, "all"),
 ]
 ATTRIBUTE_IGNORED: list[Any] = [
-    None, True, False, 0, 1.5, "sms", "", "x" * 100_000, ["sms", "push"], [["email"]],
+    None, False, 0, 1.5, "sms", "", "x" * 100_000, ["sms", "push"], [["email"]],
     [{"email": False}], {"email": True}, {"email": "false"}, {"email": 0}, {"email": None},
     {"sms": False}, {"email": {"nested": False}}, {"x" * 100_000: False}, {1: False},
     [None] * 10_000, "email,sms",

@@ -11,7 +11,8 @@ They are asked in this order, and the first that says no gives the reason:
    unsubscribe). So `user.unsubscribed {channel: all}` then `user.subscribed
    {channel: email}` receives email only, and the reverse order receives nothing.
 3. the user attribute named by the policy's `consent_attribute`: a channel name or
-   "all", a list of them, or a mapping {channel: false} ("all" as a key too); names
+   "all", a list of them, a mapping {channel: false} ("all" as a key too), or `true`
+   (opted out of everything: `unsubscribed: true` means what it says); names
    are compared stripped and lowercased. It has
    no date, so a later subscribe event does not override it: the producer that
    set it clears it (`user.identify` with the key set to null or to a list without C).
@@ -76,6 +77,8 @@ def _stored_form(address: str | None) -> str | None:
 
 def _attribute_lists(value: Any, channel: str) -> str | None:
     """`channel` or "all" if the attribute's value opts the user out of `channel`; else None."""
+    if value is True:
+        return ALL_CHANNELS
     if isinstance(value, Mapping):
         listed = {_name(key) for key, subscribed in value.items() if subscribed is False}
     elif isinstance(value, list):
