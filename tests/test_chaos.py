@@ -142,6 +142,14 @@ def test_the_invariant_checker_reports_each_kind_of_violation(migrated: Engine) 
             conn.execute(text("INSERT INTO execution_steps (execution_id, seq, node_id, node_type, "
                               "outcome) VALUES (:e, :s, 'n', 'Task', 'completed')"),
                          {"e": execution, "s": seq})
+        # A message the gateway held out, and a 'sent' decision whose message is missing.
+        for key, outcome in (("k-held", "held_out"), ("k-lost", "sent")):
+            conn.execute(text("INSERT INTO sends (key, execution_id, workflow_id, user_id, channel, "
+                              "outcome) VALUES (:k, :e, :w, :u, 'email', :o)"),
+                         {"k": key, "e": execution, "w": workflow, "u": user, "o": outcome})
+        conn.execute(text("INSERT INTO message_log (idempotency_key, execution_id, user_id, "
+                          "channel, recipient) VALUES ('k-held', :e, :u, 'email', 'c@example.com')"),
+                     {"e": execution, "u": user})
     sent = SentLog(good=[once, twice, lost, wrongly_rejected], bad=[bad])
     with webhook_server() as receiver:
         report = check(migrated, sent, receiver)
@@ -149,5 +157,7 @@ def test_the_invariant_checker_reports_each_kind_of_violation(migrated: Engine) 
         (5, 2, 1, 2, 1)
     text_of = " | ".join(report.violations)
     for expected in ("neither in lifecycle_events", "more than once", "good events were "
-                     "dead-lettered", "wait for no timer", "gaps or repeats"):
+                     "dead-lettered", "wait for no timer", "gaps or repeats",
+                     "1 messages in message_log have no 'sent' decision",
+                     "1 sends decided 'sent' never reached message_log"):
         assert expected in text_of, text_of

@@ -125,6 +125,14 @@ def _side_effects(conn: Connection, report: InvariantReport,
                              "AND NOT EXISTS (SELECT 1 FROM message_log m "
                              "WHERE m.execution_id = j.id)"):
         bad.append(f"{missing} executions passed `welcome` without a message in message_log")
+    # The send gateway: a message went out exactly when its decision says `sent`.
+    if unsent := _one(conn, "SELECT count(*) FROM message_log m WHERE NOT EXISTS (SELECT 1 "
+                            "FROM sends s WHERE s.key = m.idempotency_key AND s.outcome = 'sent')"):
+        bad.append(f"{unsent} messages in message_log have no 'sent' decision in sends")
+    if undelivered := _one(conn, "SELECT count(*) FROM sends s WHERE s.outcome = 'sent' "
+                                 "AND s.channel <> 'webhook' AND NOT EXISTS (SELECT 1 FROM "
+                                 "message_log m WHERE m.idempotency_key = s.key)"):
+        bad.append(f"{undelivered} sends decided 'sent' never reached message_log")
     report.stage_changes = _one(conn, f"SELECT count(*) FROM user_lifecycle_history "
                                       f"WHERE workflow_execution_id IN ({journeys})")
     if doubled := _one(conn, "SELECT count(*) FROM (SELECT 1 FROM user_lifecycle_history "
