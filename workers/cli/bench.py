@@ -54,6 +54,24 @@ def workflows(
 
 
 @app.command()
+def sends(
+    sends: int = typer.Option(2000, help="operator calls with the gateway, and as many without"),
+    worker_sends: int | None = typer.Option(None, help="deliveries drained by a real actions "
+                                            "worker with the gateway (default: --sends; 0 skips)"),
+    concurrency: int = typer.Option(2, help="that worker's pool processes"),
+    as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
+) -> None:
+    """The send gateway's cost: send_message operator calls/s with and without it (same run),
+    the gateway's own ms p50/p99 and its share of a call, a real worker's drain rate."""
+    with dev_extra("fleet bench sends"):
+        from workers.tools.bench.sends import as_dict, run
+    ensure_servers()
+
+    _report(as_dict(run(sends=sends, worker_sends=worker_sends, worker_concurrency=concurrency)),
+            as_json)
+
+
+@app.command()
 def soak(
     minutes: float = typer.Option(10.0, help="how long to stream"),
     rate: float | None = typer.Option(None, help="events/s (default: 70% of the measured maximum)"),

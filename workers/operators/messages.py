@@ -67,8 +67,9 @@ def send_message(ctx: OperatorContext, params: dict[str, Any]) -> dict[str, Any]
     body = param(params, "body", str, None)
     if template is None and body is None:
         raise OperatorError("send_message needs a 'template' or a 'body'")
-    recipient = param(params, "to", str, None) or load_user(ctx).email
-    decision = gate(ctx, channel, recipient, param(params, "transactional", bool, False))
+    user = load_user(ctx)
+    recipient = param(params, "to", str, None) or user.email
+    decision = gate(ctx, channel, recipient, param(params, "transactional", bool, False), user)
     if decision.outcome != "sent":
         return {"channel": channel, "to": recipient, **decision.as_result()}
     message = OutgoingMessage(ctx.key, channel, recipient, template,

@@ -32,7 +32,7 @@ from workers.events.envelope import ALL_CHANNELS
 from workers.sends.suppressions import ANY_CHANNEL, normalise_address
 
 # One round trip for both tables; each lookup is on a primary key.
-LOOKUP = text(
+_LOOKUP = (
     "SELECT 'suppression' AS source, s.channel, false AS subscribed, "
     "CAST(NULL AS timestamptz) AS changed_at, CAST(NULL AS uuid) AS event_id "
     "FROM suppressions s WHERE s.address = CAST(:address AS text) "
@@ -40,16 +40,29 @@ LOOKUP = text(
     "UNION ALL "
     "SELECT 'consent', c.channel, c.subscribed, c.changed_at, c.event_id "
     "FROM user_consents c WHERE c.user_id = :user_id AND c.channel IN (:channel, :all)")
+LOOKUP = text(_LOOKUP)
+# The same, also taking the send gateway's transaction-scoped lock on the user (a
+# volatile function in a branch that yields a row, so it always runs): a round trip
+# saved. The caps' count must be a later statement, so its snapshot follows the lock.
+LOOKUP_AND_LOCK = text(
+    _LOOKUP + " UNION ALL SELECT 'lock', NULL, NULL, NULL, NULL "
+    "FROM (SELECT pg_advisory_xact_lock(hashtext(:lock))) AS l")
 MAX_NAME_LENGTH = 50  # a longer string in the attribute names no channel; not even lowercased
 
 
 def opt_out_reason(session: Session, *, user_id: uuid.UUID,
                    attributes: Mapping[str, Any] | None, channel: str, address: str | None,
-                   consent_attribute: str) -> str | None:
-    """None if the user may receive on `channel` at `address`, else why not (module docstring)."""
+                   consent_attribute: str, lock: str | None = None) -> str | None:
+    """None if the user may receive on `channel` at `address`, else why not (module docstring).
+
+    With `lock`, the same round trip takes `pg_advisory_xact_lock(hashtext(lock))`.
+    """
     stored = _stored_form(address)
-    rows = session.execute(LOOKUP, {"address": stored, "channel": channel, "any": ANY_CHANNEL,
-                                    "user_id": user_id, "all": ALL_CHANNELS}).all()
+    params = {"address": stored, "channel": channel, "any": ANY_CHANNEL, "user_id": user_id,
+              "all": ALL_CHANNELS}
+    if lock is not None:
+        params["lock"] = lock
+    rows = session.execute(LOOKUP if lock is None else LOOKUP_AND_LOCK, params).all()
     suppressed = {r.channel for r in rows if r.source == "suppression"}
     if suppressed:
         return f"suppressed: {stored} on {channel if channel in suppressed else 'all channels'}"
