@@ -1,0 +1,326 @@
+"""The send gateway with real workers on real PostgreSQL: races, timers, restarts, kill -9.
+
+The module runs on a broker namespace of its own (a key prefix), so no other worker
+of the session takes its messages: one worker steps workflows, ingests events and
+runs the timer sweep for the whole module; each test starts the `actions` workers
+(where the gateway decides) it needs, with prefetch 1, so that two of them really
+share the sends. No beat runs: a test sends `workflows.wake_due_timers` itself.
+
+The program's messaging policy is written by the test that needs it and removed
+afterwards; the fixture waits until running workers have re-read it (they check
+every FLEET_TRIGGER_CACHE_SECONDS). The direct-call tests with fixed clocks are in
+tests/test_send_gateway.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from celery import Celery
+from sqlalchemy import text
+
+from db.session import session_scope
+from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
+from tests.workflow_helpers import deploy, execution, new_user
+from workers.broker import delete_prefixed_keys
+from workers.celery_app import create_app
+from workers.engine import control
+from workers.events.envelope import UNSUBSCRIBED
+from workers.producer import send_event
+from workers.queues import TaskNames
+from workers.sends.holdout import in_holdout
+from workers.sends.policy import MESSAGING
+from workers.settings import Settings
+
+pytestmark = pytest.mark.servers
+
+KOLKATA = ZoneInfo("Asia/Kolkata")  # UTC+5:30
+STARTUP_SECONDS = 90  # a worker's start on a busy two-core machine
+# A deferral must be decided before the window opens: the step and the call take this at most.
+DECISION_MARGIN = dt.timedelta(seconds=6)
+
+
+@dataclass
+class Fleet:
+    """A broker namespace, a Celery app that sends to it, and the workers started on it."""
+
+    prefix: str
+    app: Celery
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start_workers(self, queues: str, count: int = 1, **env: str) -> list[WorkerProcess]:
+        """`count` workers of `queues`, started side by side; returns once all are ready."""
+        started = [WorkerProcess(queues, concurrency=2, FLEET_BROKER_KEY_PREFIX=self.prefix, **env)
+                   for _ in range(count)]
+        self.workers += started
+        for worker in started:
+            _wait_ready(worker)
+        return started
+
+    def start(self, workflow: str, users: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """One execution per user (one transaction), their first steps sent together."""
+        with session_scope() as session:
+            ids = [control.start(session, workflow, user) for user in users]
+        with self.app.producer_or_acquire() as producer:
+            for execution_id in ids:
+                self.app.send_task(TaskNames.STEP, args=[str(execution_id), 0],
+                                   producer=producer)
+        return ids
+
+    def wake_timers_until(self, execution_id: uuid.UUID, status: str,
+                          timeout: float) -> None:
+        """tests.workflow_helpers.wake_timers_until, sending the sweep to this namespace."""
+        last_sent = 0.0
+
+        def done() -> bool:
+            nonlocal last_sent
+            if execution(execution_id).status == status:
+                return True
+            if time.monotonic() - last_sent > 0.25:
+                self.app.send_task(TaskNames.WAKE_DUE_TIMERS)
+                last_sent = time.monotonic()
+            return False
+        wait_for(done, timeout=timeout, interval=0.05,
+                 message=f"execution {execution_id} to be {status} (waking timers)")
+
+    def stop(self, since: int = 0) -> None:
+        """Stop the workers started after the first `since` of them (side by side: faster)."""
+        for worker in self.workers[since:]:
+            if worker.proc.poll() is None:
+                worker.proc.terminate()
+        for worker in self.workers[since:]:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(timeout=30)
+            worker.stop()  # closes its log (and kills one that would not stop)
+        del self.workers[since:]
+
+
+def _wait_ready(worker: WorkerProcess) -> None:
+    wait_for(lambda: " ready." in worker.log(), timeout=STARTUP_SECONDS,
+             message=f"worker {worker.hostname} to start")
+
+
+@pytest.fixture(scope="module")
+def module_fleet() -> Iterator[Fleet]:
+    """The namespace, with the worker that steps workflows, ingests events and sweeps timers."""
+    prefix = f"{os.environ['FLEET_BROKER_KEY_PREFIX']}sends-{uuid.uuid4().hex[:6]}:"
+    urls: dict[str, Any] = {"DATABASE_URL": SERVERS.database_url,
+                            "CELERY_BROKER_URL": SERVERS.broker_url}
+    fleet = Fleet(prefix, create_app(Settings(**urls, broker_key_prefix=prefix)))
+    try:
+        fleet.start_workers("workflows,events,maintenance")
+        yield fleet
+    finally:
+        fleet.stop()
+        delete_prefixed_keys(SERVERS.broker_url, prefix)
+
+
+@pytest.fixture()
+def fleet(module_fleet: Fleet) -> Iterator[Fleet]:
+    """The module's fleet; the actions workers a test starts are stopped after it."""
+    before = len(module_fleet.workers)
+    try:
+        yield module_fleet
+    finally:
+        module_fleet.stop(since=before)
+
+
+@pytest.fixture()
+def policy() -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Write the program's messaging policy for one test; it is removed afterwards."""
+    def set_policy(value: dict[str, Any]) -> None:
+        with session_scope() as session:
+            session.execute(text(
+                "INSERT INTO program_settings (name, value, updated_at) VALUES (:n, :v, now()) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()"),
+                {"n": MESSAGING, "v": json.dumps(value)})
+        time.sleep(3 * TRIGGER_CACHE_SECONDS)  # a running worker re-reads it within one
+    yield set_policy
+    with session_scope() as session:
+        session.execute(text("DELETE FROM program_settings WHERE name = :n"), {"n": MESSAGING})
+
+
+# --------------------------------------------------------------------------- reading the outcome
+
+
+def _rows(sql: str, **params: Any) -> list[Any]:
+    with session_scope() as session:
+        return list(session.execute(text(sql), params).all())
+
+
+def _count(sql: str, **params: Any) -> int:
+    with session_scope() as session:
+        return int(session.execute(text(sql), params).scalar_one())
+
+
+def _wait_completed(ids: Sequence[uuid.UUID], timeout: float) -> None:
+    def ended() -> bool:
+        return _count("SELECT count(*) FROM workflow_executions WHERE id = ANY(:ids) "
+                      "AND status IN ('completed', 'failed', 'cancelled', 'stalled')",
+                      ids=list(ids)) == len(ids)
+    wait_for(ended, timeout=timeout, interval=0.2, message=f"{len(ids)} executions to end")
+    statuses = Counter(row.status for row in _rows(
+        "SELECT status FROM workflow_executions WHERE id = ANY(:ids)", ids=list(ids)))
+    assert statuses == {"completed": len(ids)}, statuses
+
+
+def _sends(ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Any]]:
+    """Each execution's `sends` rows."""
+    found: dict[uuid.UUID, list[Any]] = {execution_id: [] for execution_id in ids}
+    for row in _rows("SELECT * FROM sends WHERE execution_id = ANY(:ids)", ids=list(ids)):
+        found[row.execution_id].append(row)
+    return found
+
+
+def _messages_by_key(ids: Sequence[uuid.UUID]) -> Counter[str]:
+    return Counter(row.idempotency_key for row in _rows(
+        "SELECT idempotency_key FROM message_log WHERE execution_id = ANY(:ids)", ids=list(ids)))
+
+
+def _logged(worker: WorkerProcess, event: str) -> int:
+    """How many JSON log lines of the worker are `event`."""
+    return worker.log().count(f'"event": "{event}"')
+
+
+# --------------------------------------------------------------------------- caps
+
+
+def test_two_workers_racing_sends_to_one_user_let_one_through_a_cap_of_one(
+        fleet: Fleet, policy: Callable[[dict[str, Any]], None]) -> None:
+    policy({"caps": [{"max": 1, "per": "24h"}]})
+    workers = fleet.start_workers("actions", count=2)
+    user = new_user()
+    ids = fleet.start(deploy("one_send.bpmn"), [user] * 20)
+    _wait_completed(ids, timeout=90)
+    sends = _sends(ids)
+    assert all(len(rows) == 1 for rows in sends.values()), sends
+    assert Counter(rows[0].outcome for rows in sends.values()) == {"sent": 1, "capped": 19}
+    assert _count("SELECT count(*) FROM message_log WHERE user_id = :u", u=user) == 1
+    decided = [_logged(worker, "send.decided") for worker in workers]
+    assert all(decided), f"sends decided per worker: {decided}"  # both took part
+
+
+# --------------------------------------------------------------------------- deferred sends
+
+
+def _next_opening() -> tuple[dt.datetime, str]:
+    """The first minute boundary at least DECISION_MARGIN away, and a window opening then.
+
+    In Kolkata's time (a half-hour offset, so its minutes are UTC's); the window lasts
+    two hours, crossing midnight if it must.
+    """
+    soon = dt.datetime.now(dt.UTC) + DECISION_MARGIN
+    opening = soon.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+    local = opening.astimezone(KOLKATA)
+    return opening, f"{local:%H:%M}-{local + dt.timedelta(hours=2):%H:%M}"
+
+
+def _wait_deferred(execution_id: uuid.UUID, opening: dt.datetime) -> None:
+    """Until the execution's send is put off to `opening`, decided before it."""
+    def decided() -> Any:
+        rows = _rows("SELECT d.status, d.run_after, s.outcome, s.deferred_until, s.deferrals "
+                     "FROM action_deliveries d JOIN sends s ON s.key = d.key "
+                     "WHERE d.execution_id = :e", e=execution_id)
+        return rows[0] if rows else None
+    row = wait_for(decided, timeout=30, interval=0.1, message="the send to be decided")
+    assert dt.datetime.now(dt.UTC) < opening, "the send was decided after its window opened"
+    assert (row.status, row.outcome, row.deferrals) == ("deferred", "deferred", 1), row
+    assert row.run_after == row.deferred_until == opening, (row, opening)
+    waiting = execution(execution_id)
+    assert (waiting.status, waiting.wake_at, waiting.step_enqueued_at) == \
+        ("running", opening, None)
+
+
+def test_deferred_sends_are_decided_again_when_the_timer_sweep_releases_them(
+        fleet: Fleet, policy: Callable[[dict[str, Any]], None]) -> None:
+    """Two sends wait for one opening (one wait, not two): the first goes out at the
+    opening; the second's user unsubscribes while it waits, and it is suppressed."""
+    fleet.start_workers("actions")
+    opening, hours = _next_opening()
+    policy({"timezone": "Asia/Kolkata", "send_window": {"hours": hours}})
+    staying, leaving = new_user(), new_user()
+    kept, dropped = ids = fleet.start(deploy("one_send.bpmn"), [staying, leaving])
+    for execution_id in ids:
+        _wait_deferred(execution_id, opening)
+    send_event(UNSUBSCRIBED, user=leaving, data={"channel": "email"}, via=fleet.app)
+    wait_for(lambda: _rows("SELECT 1 FROM user_consents WHERE user_id = :u AND channel = 'email' "
+                           "AND NOT subscribed", u=leaving), timeout=60,
+             message="the unsubscribe to be ingested")
+    wait = max((opening - dt.datetime.now(dt.UTC)).total_seconds(), 0)
+    for execution_id in ids:  # only the sweep wakes them: nothing else is sent
+        fleet.wake_timers_until(execution_id, "completed", timeout=wait + 60)
+    sends = _sends(ids)
+    assert [len(rows) for rows in sends.values()] == [1, 1], sends
+    (sent,), (suppressed,) = sends[kept], sends[dropped]
+    assert (sent.outcome, sent.deferrals, sent.deferred_until) == ("sent", 1, opening)
+    assert sent.sent_at >= sent.deferred_until
+    assert (suppressed.outcome, suppressed.deferrals, suppressed.sent_at) == \
+        ("suppressed", 1, None)
+    assert "unsubscribed from email" in suppressed.reason
+    assert _messages_by_key(ids) == {sent.key: 1}
+    seen = [(execution(i).variables or {})["sent"]["outcome"] for i in ids]
+    assert seen == ["sent", "suppressed"]  # what a gateway after the send would branch on
+
+
+# --------------------------------------------------------------------------- holdout
+
+
+def test_holdout_is_the_same_for_each_user_across_a_worker_restart(
+        fleet: Fleet, policy: Callable[[dict[str, Any]], None]) -> None:
+    policy({"holdout": {"percent": 50, "salt": "x"}})
+    users = [new_user() for _ in range(40)]
+    workflow = deploy("one_send.bpmn")
+    outcomes = []
+    for _ in range(2):  # one worker, then a different process: a restart
+        since = len(fleet.workers)
+        fleet.start_workers("actions")
+        ids = fleet.start(workflow, users)
+        _wait_completed(ids, timeout=90)
+        by_execution = {rows[0].execution_id: rows[0].outcome for rows in _sends(ids).values()}
+        outcomes.append({user: by_execution[execution_id]
+                         for user, execution_id in zip(users, ids, strict=True)})
+        fleet.stop(since=since)
+    expected = {user: "held_out" if in_holdout("x", user, 50) else "sent" for user in users}
+    assert outcomes[0] == outcomes[1] == expected
+    assert 0 < Counter(expected.values())["held_out"] < len(users)  # both groups were tried
+    received = Counter(row.user_id for row in _rows(
+        "SELECT user_id FROM message_log WHERE user_id = ANY(:u)", u=users))
+    assert received == {user: 2 for user, outcome in expected.items() if outcome == "sent"}
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+def test_kill_9_of_the_actions_worker_mid_sends_delivers_each_send_exactly_once(
+        fleet: Fleet) -> None:
+    ids = fleet.start(deploy("one_send.bpmn"), [new_user() for _ in range(50)])
+    wait_for(lambda: _count("SELECT count(*) FROM action_deliveries WHERE execution_id = ANY(:i)",
+                            i=ids) == len(ids), timeout=60, message="the sends to be asked for")
+    # Unacked messages of a dead worker come back after the visibility timeout.
+    (first,) = fleet.start_workers("actions", FLEET_VISIBILITY_TIMEOUT="6")
+    wait_for(lambda: _count("SELECT count(*) FROM sends WHERE execution_id = ANY(:i)",
+                            i=ids) >= 10, timeout=60, interval=0.01, message="sends to start")
+    os.killpg(first.proc.pid, signal.SIGKILL)  # the machine is gone, mid-sends
+    first.proc.wait()
+    done = _count("SELECT count(*) FROM sends WHERE execution_id = ANY(:i)", i=ids)
+    assert done < len(ids), "every send was decided before the kill"
+    (second,) = fleet.start_workers("actions", FLEET_VISIBILITY_TIMEOUT="6")
+    _wait_completed(ids, timeout=120)
+    assert _logged(second, "task.redelivered") >= 1, "no send of the killed worker came back"
+    sends = _sends(ids)
+    assert all([row.outcome for row in rows] == ["sent"] for rows in sends.values()), sends
+    keys = {rows[0].key for rows in sends.values()}
+    assert _messages_by_key(ids) == {key: 1 for key in keys}
