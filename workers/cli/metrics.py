@@ -112,10 +112,6 @@ def _share(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}%}"
 
 
-def _points(value: float) -> str:
-    return f"{value * 100:+.1f}"
-
-
 def conversion_table(converted: list[Conversion]) -> Table:
     table = Table("workflow", "treated n", "conv", "rate", "held-out n", "conv", "rate",
                   "lift (pp) [95% CI]", "relative",
@@ -123,11 +119,7 @@ def conversion_table(converted: list[Conversion]) -> Table:
                         "(95% CI: Newcombe's hybrid score interval)")
     for c in converted:
         lifted = c.lift
-        if lifted.difference is None or lifted.low is None or lifted.high is None:
-            difference = "-"
-        else:
-            difference = (f"{_points(lifted.difference)} "
-                          f"[{_points(lifted.low)}, {_points(lifted.high)}]")
+        difference = lifted.in_points()
         relative = "-" if lifted.relative is None else f"{lifted.relative:+.0%}"
         table.add_row(c.workflow, str(c.treated), str(c.treated_converted),
                       _share(lifted.treated_rate), str(c.held_out), str(c.held_out_converted),

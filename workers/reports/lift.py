@@ -26,6 +26,13 @@ class Lift:
     high: float | None
     relative: float | None  # difference / control_rate when control_rate > 0
 
+    def in_points(self) -> str:
+        """The difference and its interval in percentage points, e.g. "+2.1 [-0.4, +4.6]";
+        "-" while a group is empty."""
+        if self.difference is None or self.low is None or self.high is None:
+            return "-"
+        return f"{self.difference * 100:+.1f} [{self.low * 100:+.1f}, {self.high * 100:+.1f}]"
+
 
 def lift(treated: int, treated_converted: int, control: int, control_converted: int,
          confidence: float = 0.95) -> Lift:

@@ -113,11 +113,7 @@ def sends_section(summary: Summary) -> str:
     conversion_rows = []
     for c in summary.conversions:
         lifted = c.lift
-        if lifted.difference is None or lifted.low is None or lifted.high is None:
-            difference = "-"
-        else:
-            difference = (f"{lifted.difference * 100:+.1f} pp "
-                          f"[{lifted.low * 100:+.1f}, {lifted.high * 100:+.1f}]")
+        difference = lifted.in_points()
         conversion_rows.append((
             f"<b>{_e(c.workflow)}</b>", _n(c.treated), _n(c.treated_converted),
             _rate(lifted.treated_rate), _n(c.held_out), _n(c.held_out_converted),
@@ -139,7 +135,7 @@ rate in percentage points, with the 95% confidence interval of Newcombe's hybrid
 The demo's synthetic users do not read their mail, so the lift of this stream is noise around 0:
 the interval tells how much a real program would need to show.</p>
 {_table(("workflow", "treated", "converted", "rate", "held out", "converted", "rate",
-         "lift [95% CI]"), conversion_rows, {1, 2, 3, 4, 5, 6})}"""
+         "lift, pp [95% CI]"), conversion_rows, {1, 2, 3, 4, 5, 6})}"""
 
 
 def render(summary: Summary, meta: dict[str, Any]) -> str:
