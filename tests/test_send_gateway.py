@@ -250,3 +250,32 @@ def test_an_exclusive_gateway_on_the_outcome_takes_the_capped_branch(policy: Any
         (ExecutionStatus.COMPLETED, "sent", "delivered", ["delivered", "end_delivered"]),
         (ExecutionStatus.COMPLETED, "capped", "capped", ["capped", "end_capped"]),
     ]
+
+
+def test_a_send_released_after_its_window_closed_waits_for_the_next_one_once(
+        policy: Any) -> None:
+    """Released late (the window already shut again), the call is put off to tomorrow,
+    and the timer that woke it (still on the row: a timer message does not clear it)
+    does not keep waking it: the step it causes sets tomorrow's opening exactly."""
+    policy({"timezone": "Europe/Paris", "send_window": {"hours": "09:00-09:01"}})
+    execution_id = _start(new_user(), EARLY)
+    key = _to_the_send(execution_id, EARLY)
+    with session_scope() as session:
+        assert run_action(session, key, now=EARLY).status == "deferred"
+    assert execution(execution_id).wake_at == OPEN
+    late = OPEN + dt.timedelta(minutes=30)  # the window was 08:00-08:01 UTC
+    tomorrow = OPEN + dt.timedelta(days=1)
+    with session_scope() as session:  # the timer's message, late: wake_at is still OPEN
+        assert stepper.step(session, execution_id, execution(execution_id).state_version,
+                            now=late).action_key == key
+    with session_scope() as session:
+        assert run_action(session, key, now=late).status == "deferred"
+    assert _send_row(key).deferred_until == tomorrow
+    with session_scope() as session:  # the stale OPEN wakes it once more ...
+        result = stepper.step(session, execution_id, execution(execution_id).state_version,
+                              now=late)
+    assert result.action_key is None and execution(execution_id).wake_at == tomorrow
+    with session_scope() as session:  # ... and no more: the row waits for tomorrow
+        assert stepper.step(session, execution_id, execution(execution_id).state_version,
+                            now=late).action_key is None
+    assert execution(execution_id).wake_at == tomorrow

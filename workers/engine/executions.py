@@ -284,14 +284,18 @@ def save_waits(row: WorkflowExecution, *, engine_state: dict[str, Any],
 DEFERRED_GRACE = dt.timedelta(seconds=1)
 
 
-def defer(row: WorkflowExecution, until: dt.datetime, now: dt.datetime) -> None:
+def defer(row: WorkflowExecution, until: dt.datetime, now: dt.datetime, *,
+          keep_earlier: bool = True) -> None:
     """An operator call of this (locked) execution waits until `until`: a durable timer.
 
-    A send put off to the user's send window: nothing is in flight, `wake_at` (kept
-    if an earlier timer, a boundary event's, is due first) wakes it, and its step
-    sends the call again (workers/engine/stepper.py).
+    A send put off to the user's send window: nothing is in flight, and `wake_at`
+    wakes it; its step sends the call again (workers/engine/stepper.py).
+    `keep_earlier`: the caller does not know the engine's own timers (a boundary
+    event's), so an earlier `wake_at` is kept, even a past one (the one that woke the
+    step may still be there): the step it causes sets the exact time. The stepper,
+    which knows them, passes False and `until` already folded with them.
     """
-    row.wake_at = min(row.wake_at, until) if row.wake_at else until
+    row.wake_at = min(row.wake_at, until) if keep_earlier and row.wake_at else until
     row.step_enqueued_at, row.updated_at = None, now
 
 

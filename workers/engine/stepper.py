@@ -354,7 +354,7 @@ def _run(session: Session, execution: WorkflowExecution, workflow: Any, task: An
                 waits = runner.waits(workflow)
                 until = delivery.run_after
                 executions.defer(execution, min(waits.wake_at, until) if waits.wake_at else until,
-                                 now)
+                                 now, keep_earlier=False)
                 return _timer_step(StepResult("waiting", node_id=node_id),
                                    execution.state_version,
                                    runner.Waits(execution.wake_at, waits.messages), now)
