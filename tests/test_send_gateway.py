@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from db.models import ActionDelivery, ExecutionStatus
+from db.models import TERMINAL_EXECUTION_STATUSES, ActionDelivery, ExecutionStatus
 from db.session import session_scope
 from tests.workflow_helpers import deploy, execution, new_user, nodes
 from workers.engine import control, stepper
@@ -45,9 +45,26 @@ def policy() -> Iterator[Any]:
     POLICIES.clear()
 
 
+STARTED: list[uuid.UUID] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_what_waits() -> Iterator[None]:
+    """Executions a test leaves waiting on a timer of its fixed 2030 clock are cancelled:
+    other tests' timer sweeps would find them due."""
+    yield
+    for execution_id in STARTED:
+        if execution(execution_id).status not in TERMINAL_EXECUTION_STATUSES:
+            with session_scope() as session:
+                control.cancel(session, execution_id)
+    STARTED.clear()
+
+
 def _start(user: uuid.UUID, now: dt.datetime, bpmn: str = "one_send.bpmn") -> uuid.UUID:
     with session_scope() as session:
-        return control.start(session, deploy(bpmn), user, {}, now=now)
+        execution_id = control.start(session, deploy(bpmn), user, {}, now=now)
+    STARTED.append(execution_id)
+    return execution_id
 
 
 def _to_the_send(execution_id: uuid.UUID, now: dt.datetime) -> str:

@@ -6,6 +6,7 @@ The BPMN's URL has no listener, so a call that got past the gateway would fail
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -42,9 +43,24 @@ def holdout_policy() -> Iterator[str]:
     POLICIES.clear()
 
 
+STARTED: list[uuid.UUID] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_the_executions() -> Iterator[None]:
+    """Left in flight here, a reaper's re-send would run them in the session's worker."""
+    yield
+    with session_scope() as session:
+        for execution_id in STARTED:
+            with contextlib.suppress(control.ControlError):
+                control.cancel(session, execution_id)
+    STARTED.clear()
+
+
 def _to_the_call(user: uuid.UUID) -> tuple[uuid.UUID, str]:
     with session_scope() as session:
         execution_id = control.start(session, deploy("webhook_to_user.bpmn"), user, {})
+    STARTED.append(execution_id)
     version = 0
     while True:
         with session_scope() as session:
