@@ -109,7 +109,9 @@ class Data:
         goal = GoalDef(event_type="x.goal", within="7d")
         self.names = {k: f"conv-{k}-{tag}" for k in ("a", "b", "c")}
         self.a = _workflow(session, self.names["a"], WorkflowSettings(goal=goal, holdout=25))
-        self.b = _workflow(session, self.names["b"], WorkflowSettings(goal=goal))
+        # b's window is longer: a's closed window must stay closed while b's is open.
+        self.b = _workflow(session, self.names["b"], WorkflowSettings(
+            goal=goal.model_copy(update={"within": "30d"})))
         self.c = _workflow(session, self.names["c"], WorkflowSettings())
         program, own, treated = [], [], []
         for i in range(10_000):
@@ -199,7 +201,7 @@ def test_late_conversions_update_their_start_day_while_its_window_is_open(
     assert _figures(session, D)[treated] == 3
     assert _figures(session, D + DAY)[_key("goal_executions", workflow=a, group="treated")] == 1
     _reach(session, data.runs[t4], data.a, t4, at(D + 6 * DAY))
-    aggregate_day(session, D + 8 * DAY)  # D's 7-day window closed before D + 8: left alone
+    aggregate_day(session, D + 8 * DAY)  # a's 7-day window of D closed (b's is open): left alone
     assert _figures(session, D)[treated] == 3
     aggregate_day(session, D)  # a backfill of D brings it up to date
     assert _figures(session, D)[treated] == 4

@@ -20,8 +20,9 @@ rerun or a backfill is always safe.
 `group` is `treated` or `held_out`, the send gateway's rule (`SendPolicy.held_out`)
 written in SQL with the stored policy. The goal figures have a statement of their
 own (GOALS): a conversion arrives up to the goal's window after the start, so
-computing a day also refreshes the goal figures of every start day whose window was
-still open on it (`goal_days`), which keeps them current without redoing whole days.
+computing a day also refreshes each workflow's goal figures of every start day whose
+window (that workflow's) was still open on it (`goal_days`), which keeps them current
+without redoing whole days, and leaves a closed window's figures as they were.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,20 +156,24 @@ SELECT (SELECT count(*) FROM computed) AS rows,
 """)
 
 
-# Executions started in [:start, :end) of the workflows with a goal, by UTC start day
-# and group; {held_out} is the gateway's rule in SQL. The delete spans the same days.
+# Executions of each workflow with a goal started from its first open day (:workflows,
+# :since: the days its window still covers) to :end, by UTC start day and group;
+# {held_out} is the gateway's rule in SQL. The delete spans the same days, workflow by
+# workflow (the figures of a workflow that has no goal any more: from :first on).
 GOALS = """
-WITH computed(metric_date, lifecycle_stage, metric_name, metric_value, dimensions) AS (
+WITH open_days(workflow_id, name, since) AS (
+    SELECT * FROM unnest(CAST(:workflows AS uuid[]), CAST(:names AS text[]),
+                         CAST(:since AS timestamptz[]))
+),
+computed(metric_date, lifecycle_stage, metric_name, metric_value, dimensions) AS (
     SELECT c.day, 'All', m.name, m.value, jsonb_build_object('workflow', c.workflow, 'group', c.grp)
       FROM (
-        SELECT CAST(timezone('UTC', x.started_at) AS date) AS day, w.name AS workflow,
+        SELECT CAST(timezone('UTC', x.started_at) AS date) AS day, o.name AS workflow,
                CASE WHEN {held_out} THEN 'held_out' ELSE 'treated' END AS grp,
                count(*) AS started, count(g.execution_id) AS converted
-          FROM workflow_executions x JOIN workflows w ON w.id = x.workflow_id
+          FROM open_days o JOIN workflow_executions x ON x.workflow_id = o.workflow_id
+           AND x.started_at >= o.since AND x.started_at < CAST(:end AS timestamptz)
           LEFT JOIN execution_goals g ON g.execution_id = x.id
-         WHERE x.workflow_id = ANY(CAST(:workflows AS uuid[]))
-           AND x.started_at >= CAST(:start AS timestamptz)
-           AND x.started_at < CAST(:end AS timestamptz)
          GROUP BY 1, 2, 3
       ) c,
       LATERAL (VALUES ('goal_executions', c.started::numeric),
@@ -184,7 +190,11 @@ upserted AS (
 removed AS (
     DELETE FROM metrics_daily m
      WHERE m.metric_date >= CAST(:first AS date) AND m.metric_date <= CAST(:last AS date)
-       AND m.metric_name IN {metrics} AND NOT EXISTS (
+       AND m.metric_name IN {metrics}
+       AND NOT EXISTS (  -- a day this workflow's window no longer covers: left as it is
+        SELECT 1 FROM open_days o WHERE o.name = m.dimensions->>'workflow'
+           AND m.metric_date < CAST(timezone('UTC', o.since) AS date))
+       AND NOT EXISTS (
         SELECT 1 FROM computed c WHERE c.metric_date = m.metric_date
            AND c.lifecycle_stage = m.lifecycle_stage AND c.metric_name = m.metric_name
            AND c.dimensions = m.dimensions)
@@ -220,13 +230,15 @@ def held_out_sql(policy: SendPolicy) -> tuple[str, dict[str, Any]]:
     return (" OR ".join(f"({t})" for t in terms) or "false"), params
 
 
-def goal_days(policy: SendPolicy, day: dt.date) -> list[dt.date]:
-    """The start days whose goal figures can still change on `day`: within the longest window."""
-    windows = [w.settings.goal.window for w in policy.workflows.values() if w.settings.goal]
-    if not windows:
-        return []
-    back = min(math.ceil(max(windows) / dt.timedelta(days=1)), MAX_GOAL_DAYS)
-    return [day - dt.timedelta(days=back - i) for i in range(back + 1)]
+def goal_days(policy: SendPolicy, day: dt.date) -> dict[uuid.UUID, dt.date]:
+    """{workflow with a goal: its first start day whose window is still open on `day`}."""
+    out = {}
+    for workflow in policy.workflows.values():
+        if workflow.settings.goal is not None:
+            back = min(math.ceil(workflow.settings.goal.window / dt.timedelta(days=1)),
+                       MAX_GOAL_DAYS)
+            out[workflow.id] = day - dt.timedelta(days=back)
+    return out
 
 
 @dataclass(frozen=True)
@@ -253,16 +265,18 @@ def aggregate_day(session: Session, day: dt.date) -> DayResult:
 
 
 def refresh_goals(session: Session, policy: SendPolicy, day: dt.date) -> DayResult:
-    """Upsert goal_executions/goal_conversions of the start days `goal_days` gives (one
-    statement), and remove those figures of these days that are gone."""
-    days = goal_days(policy, day) or [day]  # no goal any more: only removes the day's rows
+    """Upsert goal_executions/goal_conversions of each workflow's start days that
+    `goal_days` gives (one statement), and remove those figures of these days that are
+    gone (all of `day`'s when no workflow has a goal any more)."""
+    firsts = goal_days(policy, day)
+    first = min(firsts.values(), default=day)
     held_out, params = held_out_sql(policy)
-    first = dt.datetime.combine(days[0], dt.time(), dt.UTC)
-    end = dt.datetime.combine(days[-1], dt.time(), dt.UTC) + dt.timedelta(days=1)
-    workflows = [w.id for w in policy.workflows.values() if w.settings.goal]
     row = session.execute(text(GOALS.format(held_out=held_out, metrics=GOAL_METRICS)), {
-        **params, "workflows": workflows, "start": first, "end": end,
-        "first": days[0], "last": days[-1]}).one()
+        **params, "workflows": list(firsts),
+        "names": [policy.workflows[w].name for w in firsts],
+        "since": [dt.datetime.combine(d, dt.time(), dt.UTC) for d in firsts.values()],
+        "end": dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(days=1),
+        "first": first, "last": day}).one()
     return DayResult(day, row.rows, row.written, row.removed)
 
 
