@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from db.models import LIFECYCLE_STAGES
 from db.session import session_scope
 from tests.helpers import ROOT, WorkerProcess
+from tests.workflow_helpers import store_messaging
 from workers.definitions import load
 from workers.events.envelope import InvalidEvent, parse_event
 from workers.tools.demo import run
@@ -209,8 +210,7 @@ def _quick_program(folder: Path) -> Path:
 def demo_policy() -> Iterator[None]:
     """The sample program's send policy is the session's for one test only."""
     yield
-    with session_scope() as session:
-        session.execute(text("DELETE FROM program_settings WHERE name = 'messaging'"))
+    store_messaging(None)
 
 
 @pytest.mark.servers

@@ -17,10 +17,9 @@ from structlog.testing import capture_logs
 
 from db.models import TERMINAL_EXECUTION_STATUSES, ActionDelivery, ExecutionStatus
 from db.session import session_scope
-from tests.workflow_helpers import deploy, execution, new_user, nodes
+from tests.workflow_helpers import deploy, execution, new_user, nodes, store_messaging
 from workers.engine import control, stepper
 from workers.operators.deliveries import run_action
-from workers.sends.policy import MESSAGING, POLICIES
 
 pytestmark = pytest.mark.servers
 
@@ -32,17 +31,8 @@ OPEN = dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.UTC)  # 09:00 in Paris
 @pytest.fixture()
 def policy() -> Iterator[Any]:
     """Set the program's messaging policy for one test (and reset the worker's cache)."""
-    def set_policy(value: dict[str, Any]) -> None:
-        with session_scope() as session:
-            session.execute(text(
-                "INSERT INTO program_settings (name, value, updated_at) VALUES (:n, :v, now()) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()"),
-                {"n": MESSAGING, "v": __import__("json").dumps(value)})
-        POLICIES.clear()
-    yield set_policy
-    with session_scope() as session:
-        session.execute(text("DELETE FROM program_settings WHERE name = :n"), {"n": MESSAGING})
-    POLICIES.clear()
+    yield store_messaging
+    store_messaging(None)
 
 
 STARTED: list[uuid.UUID] = []

@@ -7,7 +7,6 @@ The BPMN's URL has no listener, so a call that got past the gateway would fail
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from collections.abc import Iterator
 
@@ -17,12 +16,11 @@ from sqlalchemy import text
 
 from db.models import ActionDelivery
 from db.session import session_scope
-from tests.workflow_helpers import deploy, execution, new_user
+from tests.workflow_helpers import deploy, execution, new_user, store_messaging
 from workers.engine import control, stepper
 from workers.operators.deliveries import run_action
 from workers.sends import suppressions
 from workers.sends.holdout import in_holdout
-from workers.sends.policy import MESSAGING, POLICIES
 
 pytestmark = pytest.mark.servers
 
@@ -31,16 +29,9 @@ pytestmark = pytest.mark.servers
 def holdout_policy() -> Iterator[str]:
     """A program holdout of 50% under a salt of this test's own; yields the salt."""
     salt = f"hook-{uuid.uuid4().hex[:8]}"
-    with session_scope() as session:
-        session.execute(text(
-            "INSERT INTO program_settings (name, value, updated_at) VALUES (:n, CAST(:v AS jsonb), "
-            "now()) ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()"),
-            {"n": MESSAGING, "v": json.dumps({"holdout": {"percent": 50, "salt": salt}})})
-    POLICIES.clear()
+    store_messaging({"holdout": {"percent": 50, "salt": salt}})
     yield salt
-    with session_scope() as session:
-        session.execute(text("DELETE FROM program_settings WHERE name = :n"), {"n": MESSAGING})
-    POLICIES.clear()
+    store_messaging(None)
 
 
 STARTED: list[uuid.UUID] = []

@@ -18,6 +18,25 @@ from workers.engine.dispatch import send_step
 BPMN = Path(__file__).parent / "bpmn"
 
 
+def store_messaging(value: dict[str, Any] | None) -> None:
+    """The program's send policy as `fleet apply` stores it (None: none), and this
+    process's policy cache reset; running workers re-read it within their cache time."""
+    import json
+
+    from workers.sends.policy import MESSAGING, POLICIES
+
+    with session_scope() as session:
+        if value is None:
+            session.execute(text("DELETE FROM program_settings WHERE name = :n"), {"n": MESSAGING})
+        else:
+            session.execute(text(
+                "INSERT INTO program_settings (name, value, updated_at) "
+                "VALUES (:n, CAST(:v AS jsonb), now()) ON CONFLICT (name) "
+                "DO UPDATE SET value = excluded.value, updated_at = now()"),
+                {"n": MESSAGING, "v": json.dumps(value)})
+    POLICIES.clear()
+
+
 def deploy(file: str, name: str | None = None) -> str:
     """Deploy tests/bpmn/<file> as an active workflow; returns its (unique) name."""
     return deploy_xml((BPMN / file).read_text(), name or f"{Path(file).stem}-{uuid.uuid4().hex[:8]}")
