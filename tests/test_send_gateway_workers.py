@@ -299,7 +299,7 @@ def test_holdout_is_the_same_for_each_user_across_a_worker_restart(
 
 def test_kill_9_of_the_actions_worker_mid_sends_delivers_each_send_exactly_once(
         fleet: Fleet) -> None:
-    ids = fleet.start(deploy("one_send.bpmn"), [new_user() for _ in range(120)])
+    ids = fleet.start(deploy("one_send.bpmn"), [new_user() for _ in range(50)])
     wait_for(lambda: _count("SELECT count(*) FROM action_deliveries WHERE execution_id = ANY(:i)",
                             i=ids) == len(ids), timeout=60, message="the sends to be asked for")
     # Unacked messages of a dead worker come back after the visibility timeout.
