@@ -642,6 +642,29 @@ class ExecutionGoal(Base):
     recorded_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
+class SplitExposure(Base):
+    """A user sent down one branch of an A/B split (the `split` operator): once per
+    execution and split node, so a redelivered or repeated call records one exposure."""
+
+    __tablename__ = "split_exposures"
+    __table_args__ = (
+        UniqueConstraint("execution_id", "node_id", name="uq_split_exposures_execution_node"),
+        # Per-branch reports: a workflow's splits over a period.
+        Index("idx_split_exposures_workflow", "workflow_id", "node_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE"))
+    workflow_id: Mapped[uuid.UUID]
+    node_id: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[uuid.UUID]
+    variant: Mapped[str] = mapped_column(String(100))
+    # The variant's place in the declared order (0: the baseline the others are compared to).
+    position: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
 class MessageLog(Base):
     """Messages sent by the default (local) channel of `send_message`: the offline outbox."""
 

@@ -23,6 +23,7 @@ from db.models import (
     ExecutionStep,
     ProgramSetting,
     Send,
+    SplitExposure,
     Suppression,
     UserConsent,
     WorkflowExecution,
@@ -40,6 +41,7 @@ OWNERS: dict[type[Base], str] = {
     UserConsent: "workers.events.consent",
     Suppression: "workers.sends.suppressions",
     Send: "workers.sends.gateway",
+    SplitExposure: "workers.operators.split",
     ProgramSetting: "workers.definitions",
 }
 # Packages that may write any table: tools that make test data for benchmarks and drills.

@@ -62,7 +62,7 @@ from db.models import (
 from workers.engine.bpmn import BpmnError
 from workers.engine.validate import ValidatedWorkflow, validate_bpmn
 from workers.event_types import EVENT_TYPE_RULE, is_event_type
-from workers.operators.registry import operator_names
+from workers.operators.registry import PARAM_CHECKS, operator_names
 from workers.rules.conditions import (
     MAX_COST,
     ConditionError,
@@ -116,16 +116,25 @@ class WorkflowDef(_Strict):
     goal: GoalDef | None = None
     holdout: float = Field(default=0, ge=0, le=100)
     caps: list[CapDef] = []
+    lookback: str | None = None  # how far back its message waits look ('1h'; validated below)
 
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
         return _stages(value)
 
+    @field_validator("lookback")
+    @classmethod
+    def _lookback(cls, value: str | None) -> str | None:
+        try:
+            return WorkflowSettings(lookback=value).lookback
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
     @property
     def settings(self) -> dict[str, Any]:
-        return WorkflowSettings(goal=self.goal, holdout=self.holdout,
-                                caps=self.caps).model_dump(mode="json")
+        return WorkflowSettings(goal=self.goal, holdout=self.holdout, caps=self.caps,
+                                lookback=self.lookback).model_dump(mode="json")
 
     @field_validator("file")
     @classmethod
@@ -198,7 +207,8 @@ class WorkflowSource:
     process_id: str | None = None  # None: the main file's one executable process
 
     def validate(self) -> ValidatedWorkflow:
-        return validate_bpmn(self.xml, OPERATORS, others=self.others, process_id=self.process_id)
+        return validate_bpmn(self.xml, OPERATORS, others=self.others, process_id=self.process_id,
+                             param_checks=PARAM_CHECKS)
 
 
 def read_source(paths: Sequence[Path], process_id: str | None = None) -> WorkflowSource:

@@ -15,6 +15,7 @@ from workers.cli.context import ensure_servers, err, out
 from workers.cli.output import print_json
 from workers.reports.funnel import funnel_counts, write_funnel
 from workers.reports.metrics import Conversion, aggregate_day, conversions, sends_by_outcome
+from workers.reports.splits import Split, split_conversions
 from workers.retention import run_retention
 
 app = typer.Typer(help="Daily lifecycle metrics.", no_args_is_help=True)
@@ -56,10 +57,11 @@ def backfill(
 @app.command()
 def show(days: int = typer.Option(30, help="how many days back"),
          chart: Path = typer.Option(None, help="also write the AARRR funnel to this HTML file"),
-         as_json: bool = typer.Option(False, "--json", help="print JSON: days, conversions, sends"),
+         as_json: bool = typer.Option(False, "--json",
+                                      help="print JSON: days, conversions, splits, sends"),
          ) -> None:
     """Users per stage and stage entries each day; goal conversion per workflow, treated vs
-    held out, with the lift and its 95% CI; sends by outcome."""
+    held out, with the lift and its 95% CI; A/B splits by branch; sends by outcome."""
     ensure_servers()
     since = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
     with session_scope() as session:
@@ -68,6 +70,7 @@ def show(days: int = typer.Option(30, help="how many days back"),
             "WHERE metric_date >= :since AND metric_name IN ('users_in_stage', 'stage_entries') "
             "AND dimensions = '{}'::jsonb ORDER BY metric_date"), {"since": since}).all()
         converted = conversions(session, since)
+        splits = split_conversions(session, since)
         sends = sends_by_outcome(session, since)
     by_day: dict[dt.date, dict[tuple[str, str], float]] = {}
     for row in rows:
@@ -84,6 +87,7 @@ def show(days: int = typer.Option(30, help="how many days back"),
                     "stage_entries": figures.get((s, "stage_entries"), 0)}
                 for s in LIFECYCLE_STAGES}} for day, figures in by_day.items()],
             "conversions": [_conversion_json(c) for c in converted],
+            "splits": [_split_json(s) for s in splits],
             "sends": [{"workflow": workflow, "channel": channel, **counts}
                       for (workflow, channel), counts in sends.items()]})
     else:
@@ -96,6 +100,8 @@ def show(days: int = typer.Option(30, help="how many days back"),
             out.print(table)
         if converted:
             out.print(conversion_table(converted))
+        if splits:
+            out.print(split_table(splits, since))
         if sends:
             table = Table("workflow", "channel", *SEND_OUTCOMES,
                           title=f"sends by outcome, decided since {since}")
@@ -137,6 +143,37 @@ def _conversion_json(c: Conversion) -> dict[str, object]:
             "lift": None if lifted.difference is None else {
                 "difference": lifted.difference, "low": lifted.low, "high": lifted.high,
                 "relative": lifted.relative, "interval": "newcombe-hybrid-score-95"}}
+
+
+def split_table(splits: list[Split], since: dt.date) -> Table:
+    """A/B splits: each branch's exposures and goal conversion, and its lift over the first."""
+    table = Table("workflow", "split", "variant", "exposed", "conv", "rate",
+                  "lift vs first (pp) [95% CI]", "relative",
+                  title=f"A/B splits: goal conversion by branch, exposed since {since} "
+                        "(95% CI: Newcombe's hybrid score interval)")
+    for split in splits:
+        for i, branch in enumerate(split.branches):
+            lifted = branch.lift
+            table.add_row(split.workflow if i == 0 else "", split.node_id if i == 0 else "",
+                          branch.variant, str(branch.exposures),
+                          "-" if branch.converted is None else str(branch.converted),
+                          _share(branch.rate),
+                          "baseline" if i == 0 else ("-" if lifted is None
+                                                     else lifted.in_points()),
+                          "-" if lifted is None or lifted.relative is None
+                          else f"{lifted.relative:+.0%}")
+    return table
+
+
+def _split_json(split: Split) -> dict[str, object]:
+    return {"workflow": split.workflow, "node": split.node_id, "exposures": split.exposures,
+            "branches": [{
+                "variant": b.variant, "exposures": b.exposures, "converted": b.converted,
+                "rate": b.rate, "baseline": i == 0,
+                "lift": None if b.lift is None or b.lift.difference is None else {
+                    "difference": b.lift.difference, "low": b.lift.low, "high": b.lift.high,
+                    "relative": b.lift.relative, "interval": "newcombe-hybrid-score-95"}}
+                for i, b in enumerate(split.branches)]}
 
 
 retention_app = typer.Typer(help="Retention of old data (the seed's policy).",

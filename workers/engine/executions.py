@@ -33,6 +33,7 @@ from db.models import (
     WorkflowExecution,
     sql_list,
 )
+from workers.durations import parse_lookback
 
 MAX_ERROR = 2000  # characters of an error message kept on the execution and its step
 STALL_NODE_TYPE = "Stalled"  # execution_steps.node_type of the row that marks a stall
@@ -117,36 +118,112 @@ class Message:
 def wake_waiting(session: Session, messages: Sequence[Message], now: dt.datetime) -> Due:
     """Store each message for the user's active executions waiting for its type; wake them.
 
-    The waiting rows are locked until the caller commits, so a step of one of them
-    either ran before (and is seen here as waiting) or runs after and finds the
-    message: a wake-up is never lost between the two. A stored message is pending
-    until a wait of the execution catches it (`pending_messages`). Returns
-    (execution, version) to step for those with no step already on its way and not
-    paused.
+    Why no wake-up is lost: the caller has already written the events to
+    `lifecycle_events`, whose foreign key holds a `FOR KEY SHARE` lock on each user
+    row until commit, and a step of an execution that can wait for messages locks its
+    user `FOR UPDATE` before it reads its pending messages (`lock_users`). So a step
+    either ran before this transaction wrote the event (its waits are committed and
+    seen here) or runs after it commits (and finds the stored message, or the event
+    itself when its new wait looks back).
+
+    Executions a running step holds are not waited for (`SKIP LOCKED`: that step may
+    be waiting for this transaction's user lock). Their message is stored when their
+    committed waits take it, and their step re-reads the pending messages after this
+    commits; a step is still sent for them (a stale one does nothing). Returns
+    (execution, version) to step.
     """
     by_user: dict[uuid.UUID, list[Message]] = defaultdict(list)
     for message in messages:
         by_user[message.user_id].append(message)
     if not by_user:
         return []
-    waiting = session.execute(text(
-        "SELECT id, user_id, awaiting_events, state_version, step_enqueued_at, paused_at "
-        "FROM workflow_executions WHERE user_id = ANY(CAST(:users AS uuid[])) "
-        f"AND awaiting_events && CAST(:types AS varchar[]) AND status IN ({_ACTIVE}) "
-        "ORDER BY id FOR UPDATE"),
-        {"users": list(by_user), "types": sorted({m.event_type for m in messages})}).all()
+    params = {"users": list(by_user), "types": sorted({m.event_type for m in messages})}
+    waiting_sql = ("SELECT id, user_id, awaiting_events, state_version, step_enqueued_at, "
+                   "paused_at FROM workflow_executions "
+                   "WHERE user_id = ANY(CAST(:users AS uuid[])) "
+                   f"AND awaiting_events && CAST(:types AS varchar[]) AND status IN ({_ACTIVE}) "
+                   "ORDER BY id")
+    waiting = {row.id: row for row in session.execute(text(waiting_sql), params).all()}
+    locked = {row.id: row for row in session.execute(
+        text(waiting_sql + " FOR UPDATE SKIP LOCKED"), params).all()}
     stored: list[dict[str, Any]] = []
     woken: Due = []
-    for row in waiting:
+    for execution_id, seen in waiting.items():
+        row = locked.get(execution_id, seen)  # a locked row is read again after its lock
         matching = [m for m in by_user[row.user_id] if m.event_type in row.awaiting_events]
         stored += [{"execution_id": row.id, "event_id": m.event_id, "event_type": m.event_type,
                     "payload": m.payload} for m in matching]
-        if matching and row.step_enqueued_at is None and row.paused_at is None:
+        if not matching or row.paused_at is not None:
+            continue
+        if execution_id not in locked or row.step_enqueued_at is None:
             woken.append((row.id, row.state_version))
     if stored:
         session.execute(pg_insert(ExecutionMessage).values(stored).on_conflict_do_nothing())
-    mark_enqueued(session, [execution_id for execution_id, _ in woken], now)
+    mark_enqueued(session, [execution_id for execution_id, _ in woken
+                            if execution_id in locked], now)
     return woken
+
+
+def lock_users(session: Session, user_ids: Sequence[uuid.UUID]) -> None:
+    """Lock these users' rows until commit, in id order, before reading their messages.
+
+    `FOR UPDATE` is the one row lock that conflicts with the `FOR KEY SHARE` an
+    ingest's `lifecycle_events` insert holds on its user: an ingest of the user in
+    progress commits first (its events are then visible here), and one that starts
+    later waits for this commit (and then sees this transaction's waits). See
+    `wake_waiting`. Taken only by steps of executions that can wait for a message.
+    """
+    if user_ids:
+        session.execute(text("SELECT 1 FROM users WHERE id = ANY(CAST(:ids AS uuid[])) "
+                             "ORDER BY id FOR UPDATE"), {"ids": sorted(set(user_ids))})
+
+
+def workflow_lookback(session: Session, workflow_id: uuid.UUID) -> dt.timedelta | None:
+    """The program's `lookback` for this workflow's message waits (`fleet apply` checked it).
+
+    Read when a wait begins without a `lookback` of its own (rare: no cache). A value
+    written around `fleet apply` that is not a duration counts as none.
+    """
+    value = session.execute(text("SELECT settings ->> 'lookback' FROM workflows WHERE id = :w"),
+                            {"w": workflow_id}).scalar()
+    try:
+        return parse_lookback(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def look_back(session: Session, execution_id: uuid.UUID, user_id: uuid.UUID,
+              windows: dict[str, dt.timedelta], now: dt.datetime) -> list[ExecutionMessage]:
+    """Store the user's recorded events of these types as messages of the execution.
+
+    For a wait that has just begun and looks back: each event type's events recorded
+    (`created_at`) within its window before `now`, read from the audit log while the
+    user is locked (`lock_users`), so none can commit unseen between this lookup and
+    the wait. One already stored for the execution is not stored again. Returns the
+    new pending messages, oldest first.
+    """
+    if not windows:
+        return []
+    rows = session.execute(text(
+        "INSERT INTO execution_messages (execution_id, event_id, event_type, payload) "
+        "SELECT :execution, e.event_id, e.event_type, jsonb_build_object("
+        "  'event_id', e.event_id, 'event_type', e.event_type, 'data', e.event_data,"
+        "  'occurred_at', to_char(e.occurred_at AT TIME ZONE 'UTC', "
+        "                         'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'))"
+        "  FROM lifecycle_events e"
+        "  JOIN unnest(CAST(:types AS varchar[]), CAST(:since AS timestamptz[])) AS w(t, since)"
+        "    ON e.event_type = w.t AND e.created_at >= w.since"
+        " WHERE e.user_id = :user AND e.event_id IS NOT NULL"
+        "   AND e.created_at >= CAST(:earliest AS timestamptz)"
+        " ORDER BY e.created_at, e.id "
+        "ON CONFLICT DO NOTHING RETURNING id"),
+        {"execution": execution_id, "user": user_id, "types": list(windows),
+         "since": [now - window for window in windows.values()],
+         "earliest": now - max(windows.values())}).scalars().all()
+    if not rows:
+        return []
+    return list(session.execute(select(ExecutionMessage).where(ExecutionMessage.id.in_(rows))
+                                .order_by(ExecutionMessage.id)).scalars())
 
 
 MAX_PENDING = 200  # pending messages a step looks at: the newest, so a step stays bounded
@@ -203,9 +280,14 @@ def mark_enqueued(session: Session, execution_ids: Sequence[uuid.UUID], now: dt.
 
 
 def lock(session: Session, execution_id: uuid.UUID) -> WorkflowExecution | None:
-    """The execution, locked until commit (a running step of it finishes first)."""
+    """The execution, locked until commit (a running step of it finishes first).
+
+    `FOR NO KEY UPDATE`: steps of one execution still run one after the other, while
+    an ingest's inserts that reference it (messages, goals) do not wait for a step,
+    which may itself be waiting for that ingest's user lock (`lock_users`).
+    """
     return session.execute(select(WorkflowExecution).where(WorkflowExecution.id == execution_id)
-                           .with_for_update()).scalar_one_or_none()
+                           .with_for_update(key_share=True)).scalar_one_or_none()
 
 
 def lock_many(session: Session, execution_ids: Sequence[uuid.UUID]
@@ -220,7 +302,7 @@ def lock_many(session: Session, execution_ids: Sequence[uuid.UUID]
     rows = session.execute(select(WorkflowExecution)
                            .where(WorkflowExecution.id.in_(sorted(set(execution_ids))))
                            .order_by(WorkflowExecution.id)
-                           .with_for_update(skip_locked=True)).scalars()
+                           .with_for_update(skip_locked=True, key_share=True)).scalars()
     return {row.id: row for row in rows}
 
 

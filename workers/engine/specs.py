@@ -7,9 +7,11 @@ life of the process; the cache is bounded (LRU).
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from threading import Lock
 from typing import Any
 
@@ -27,6 +29,8 @@ class LoadedSpec:
     process_id: str
     spec: Any  # SpiffWorkflow BpmnProcessSpec
     subprocess_specs: dict[str, Any]
+    awaited_events: frozenset[str] = frozenset()  # message names its waits catch
+    lookbacks: Mapping[str, dt.timedelta] = field(default_factory=dict)  # per message name
 
 
 class SpecNotFound(LookupError):
@@ -52,10 +56,12 @@ class SpecCache:
         if row is None:
             raise SpecNotFound(f"workflow {workflow_id} has no deployed version {version}")
         # Operators were checked at deploy; the stored process id keeps the choice made then.
-        parsed = validate_bpmn(row.bpmn_xml, others=row.extra_files,
-                               process_id=row.process_id).parsed
+        validated = validate_bpmn(row.bpmn_xml, others=row.extra_files,
+                                  process_id=row.process_id)
+        parsed = validated.parsed
         loaded = LoadedSpec(workflow_id, version, parsed.process_id, parsed.spec,
-                            parsed.subprocess_specs)
+                            parsed.subprocess_specs, validated.awaited_events,
+                            validated.lookbacks)
         with self._lock:
             self._specs[key] = loaded
             while len(self._specs) > self._size:

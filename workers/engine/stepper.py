@@ -47,7 +47,7 @@ from db.models import (
     WorkflowExecution,
 )
 from workers.engine import executions, runner, state
-from workers.engine.specs import SPECS, LoadedSpec
+from workers.engine.specs import SPECS, LoadedSpec, SpecNotFound
 from workers.engine.values import Refused, check_storable
 from workers.errors import is_transient
 from workers.log import get_logger
@@ -90,6 +90,9 @@ class _Batch:
 
     @classmethod
     def of(cls, session: Session, rows: Sequence[WorkflowExecution]) -> _Batch:
+        """Lock the users whose messages are read (see `executions.lock_users`), then read."""
+        executions.lock_users(session, [row.user_id for row in rows if _may_wait_for_events(
+            session, row)])
         starting = [row.user_id for row in rows if row.engine_state is None]
         users = {user.id: {"id": str(user.id), "email": user.email,
                            "stage": user.current_lifecycle_stage,
@@ -98,6 +101,43 @@ class _Batch:
                               .scalars() if starting else ())}
         active = [row.id for row in rows if row.status not in TERMINAL_EXECUTION_STATUSES]
         return cls(users, executions.pending_messages_of(session, active))
+
+
+def _may_wait_for_events(session: Session, row: WorkflowExecution) -> bool:
+    """An active execution whose workflow has message waits (a missing spec: no)."""
+    if row.status in TERMINAL_EXECUTION_STATUSES or row.paused_at is not None:
+        return False
+    if row.awaiting_events:
+        return True
+    try:
+        return bool(SPECS.get(session, row.workflow_id, row.workflow_version or "").awaited_events)
+    except SpecNotFound:
+        return False
+
+
+def _look_back(session: Session, batch: _Batch, execution: WorkflowExecution, workflow: Any,
+               now: dt.datetime) -> None:
+    """Give the waits this step began the user's earlier events they look back for.
+
+    A wait for a message looks back when its catch event has the `lookback` property,
+    or its workflow the program's `lookback`. The events come from the audit log,
+    read with the user locked (`_Batch.of`): one recorded before this lookup is read
+    here, one recorded after it commits after this step and is delivered by its
+    ingest (`executions.wake_waiting`), so no event falls between the two.
+    """
+    begun = set(runner.waits(workflow).messages) - set(execution.awaiting_events or ())
+    if not begun:
+        return
+    loaded = SPECS.get(session, execution.workflow_id, execution.workflow_version or "")
+    default = (None if begun <= loaded.lookbacks.keys()
+               else executions.workflow_lookback(session, execution.workflow_id))
+    windows = {name: window for name in sorted(begun)
+               if (window := loaded.lookbacks.get(name, default))}
+    found = executions.look_back(session, execution.id, execution.user_id, windows, now)
+    if found:
+        batch.messages.setdefault(execution.id, []).extend(found)
+        log.info("execution.looked_back", execution_id=str(execution.id),
+                 event_types=sorted(windows), found=len(found))
 
 
 def _deliver_messages(batch: _Batch, execution: WorkflowExecution, workflow: Any,
@@ -421,6 +461,7 @@ def _persist(session: Session, batch: _Batch, execution: WorkflowExecution, work
              task: Any, result: StepResult, now: dt.datetime) -> StepResult:
     """Save state and waits after a node ran (or none was ready); decide the next step."""
     if result.node_id is not None:  # a wait the node began may catch a pending message
+        _look_back(session, batch, execution, workflow, now)
         _deliver_messages(batch, execution, workflow, now)
     has_next = runner.next_node(workflow) is not None  # also runs control tasks left over
     completed = workflow.is_completed()

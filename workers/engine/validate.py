@@ -9,7 +9,8 @@ service-task operators, and any expression the sandbox would not run (gateway
 conditions, scripts, pre/post scripts, timer expressions, correlation expressions,
 operator parameters), and values that could never be saved with the execution (a
 script leaving `range(3)` or `list[int]` in a variable, an operator parameter that
-is a set). The error names the element and the reason.
+is a set), and a message wait's `lookback` property that is not a duration. The
+error names the element and the reason.
 Receive tasks (a message wait drawn as a task) are supported, so that a boundary
 timer can time the wait out; plain tasks pass through; user and manual tasks are
 human steps; a none intermediate throw event (a milestone) passes through.
@@ -18,8 +19,9 @@ human steps; a none intermediate throw event (a milestone) passes through.
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import datetime as dt
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from SpiffWorkflow.bpmn.specs.control import (
@@ -64,6 +66,7 @@ from SpiffWorkflow.bpmn.specs.mixins.subworkflow_task import (
 )
 from SpiffWorkflow.bpmn.specs.mixins.user_task import UserTask
 
+from workers.durations import parse_lookback
 from workers.engine.bpmn import BpmnError, ParsedBpmn, parse_bpmn
 from workers.engine.sandbox import SandboxError, check, never_storable
 from workers.event_types import EVENT_TYPE_RULE, is_event_type
@@ -85,6 +88,10 @@ _EVENTS = (NoneEventDefinition, TimerEventDefinition, MessageEventDefinition,
 class ValidatedWorkflow:
     parsed: ParsedBpmn
     awaited_events: frozenset[str]  # message names: the event types executions may wait for
+    # Message name -> how far back a wait for it looks in the audit log when it begins:
+    # the catch event's `lookback` property (spiffworkflow:property), the longest if
+    # several waits name one message.
+    lookbacks: Mapping[str, dt.timedelta] = field(default_factory=dict)
 
     @property
     def process_id(self) -> str:
@@ -156,16 +163,36 @@ def _message_name(element: str, name: str | None) -> str:
     return name
 
 
+LOOKBACK_PROPERTY = "lookback"
+
+
+def _lookback(element: str, spec: Any) -> dt.timedelta | None:
+    """The wait's `lookback` property as a duration ('10m', '2h', '7d'), if it has one."""
+    properties = (getattr(spec, "extensions", None) or {}).get("properties") or {}
+    value = properties.get(LOOKBACK_PROPERTY)
+    if value is None:
+        return None
+    try:
+        return parse_lookback(value)
+    except ValueError as exc:
+        raise BpmnError(f"element {element}: property {LOOKBACK_PROPERTY}: {exc}") from None
+
+
 def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None, *,
                   others: Mapping[str, str] | None = None,
-                  process_id: str | None = None) -> ValidatedWorkflow:
+                  process_id: str | None = None,
+                  param_checks: Mapping[str, Callable[[Mapping[str, Any]], None]] | None = None,
+                  ) -> ValidatedWorkflow:
     """Parse and check a workflow for deployment; raises BpmnError naming the element.
 
     `others` and `process_id` are those of `parse_bpmn`: the files of called processes
-    and the process to run.
+    and the process to run. `param_checks`: per operator, a check of its service
+    task's parameters that raises ValueError (the operators' own, passed in: the
+    engine does not know them).
     """
     parsed = parse_bpmn(xml, others, process_id)
     awaited: set[str] = set()
+    lookbacks: dict[str, dt.timedelta] = {}
     for spec in _specs(parsed):
         element = getattr(spec, "bpmn_id", None) or spec.name
         if isinstance(spec, _CONTROL) or (type(spec) is SimpleBpmnTask):
@@ -188,11 +215,21 @@ def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None, *,
                 raise BpmnError(f"element {element}: {type(item).__name__} is not supported")
             if isinstance(item, MessageEventDefinition):
                 awaited.add(_message_name(element, item.name))
+                window = _lookback(element, spec)
+                if window is not None:
+                    lookbacks[item.name] = max(window, lookbacks.get(item.name, window))
         if isinstance(spec, ServiceTask) and operators is not None:
             operator = getattr(spec, "operation_name", None)
             if operator not in operators:
                 raise BpmnError(f"element {element}: unknown service-task operator {operator!r} "
                                 f"(known: {', '.join(sorted(operators))})")
+        check_params = (param_checks or {}).get(getattr(spec, "operation_name", None) or "")
+        if isinstance(spec, ServiceTask) and check_params is not None:
+            try:
+                check_params(spec.operation_params or {})
+            except ValueError as exc:
+                raise BpmnError(f"element {element}: operator "
+                                f"{spec.operation_name}: {exc}") from None
         for what, mode, source in _expressions(spec):
             try:
                 tree = check(source, mode)
@@ -203,4 +240,4 @@ def validate_bpmn(xml: str | bytes, operators: frozenset[str] | None = None, *,
             if stored is not None:
                 raise BpmnError(f"element {element}: {what} refused: it is {stored}, which "
                                 "cannot be stored with the operator call")
-    return ValidatedWorkflow(parsed, frozenset(awaited))
+    return ValidatedWorkflow(parsed, frozenset(awaited), lookbacks)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from workers.operators import events, messages, segments, users, webhooks
+from workers.operators import events, messages, segments, split, split_hash, users, webhooks
 from workers.operators.context import Operator
 
 OPERATORS: Mapping[str, Operator] = MappingProxyType({
@@ -16,6 +16,14 @@ OPERATORS: Mapping[str, Operator] = MappingProxyType({
     "remove_from_segment": segments.remove_from_segment,
     "send_message": messages.send_message,
     "send_webhook": webhooks.send_webhook,
+    "split": split.split,
+})
+
+
+# Deploy-time checks of an operator's parameters (its service task's `operation_params`):
+# a ValueError refuses the workflow. Operators without one are checked when they run.
+PARAM_CHECKS: Mapping[str, Callable[[Mapping[str, object]], None]] = MappingProxyType({
+    "split": split_hash.check_declaration,
 })
 
 

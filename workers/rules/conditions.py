@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from workers import durations
+
 MAX_DEPTH = 32
 MAX_NODES = 500
 MAX_STRING = 1000
 MAX_LIST = 1000
-MAX_DURATION = dt.timedelta(days=3660)
 # What `fleet apply` accepts (docs/conditions.md): conditions plus list values. Stored
 # conditions are parsed without it, so a definition applied earlier keeps working.
 MAX_COST = 10_000
@@ -36,8 +37,6 @@ ORDERING = {"gt", "gte", "lt", "lte"}
 TIME_OPS = {"within_last", "older_than"}
 
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_DURATION_RE = re.compile(r"([0-9]{1,6})([smhdw])")
-_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # The ISO-8601 forms both back ends read as timestamps, written in the regex syntax both
 # engines read alike (Python: fullmatch; PostgreSQL: `~`), so that a matching string is
 # always a real instant for both parsers and neither has to catch an error: a date of
@@ -130,13 +129,11 @@ TRUE = All(())
 
 
 def parse_duration(text: Any, path: str = "") -> dt.timedelta:
-    """'30m', '12h', '7d', '2w' → timedelta (also used by trigger cooldowns and TTLs)."""
-    if not isinstance(text, str) or not (m := _DURATION_RE.fullmatch(text)):
-        raise ConditionError(path, f"expected a duration like '30m', '12h', '7d', got {text!r}")
-    delta = dt.timedelta(**{_DURATION_UNITS[m.group(2)]: int(m.group(1))})
-    if delta > MAX_DURATION:
-        raise ConditionError(path, "duration longer than 10 years")
-    return delta
+    """workers.durations.parse_duration, its error a ConditionError at `path`."""
+    try:
+        return durations.parse_duration(text)
+    except ValueError as exc:
+        raise ConditionError(path, str(exc)) from None
 
 
 def parse_timestamp(value: Any) -> dt.datetime | None:

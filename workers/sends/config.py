@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers.durations import parse_lookback
 from workers.event_types import EVENT_TYPE_RULE, is_event_type
 from workers.rules.conditions import MAX_COST, ConditionError, parse, parse_duration
 from workers.sends.windows import SendWindow, parse_window, resolve_timezone
@@ -159,3 +160,17 @@ class WorkflowSettings(_Strict):
     goal: GoalDef | None = None
     holdout: float = Field(default=0, ge=0, le=100)
     caps: list[CapDef] = []
+    # How far back the workflow's message waits look in the audit log when they begin
+    # (a catch event's own `lookback` property wins): none by default.
+    lookback: str | None = None
+
+    @field_validator("lookback")
+    @classmethod
+    def _lookback(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_lookback(value)
+        return value
+
+    @property
+    def lookback_window(self) -> dt.timedelta | None:
+        return parse_lookback(self.lookback) if self.lookback is not None else None
