@@ -109,6 +109,57 @@ def workflow_list(as_json: bool = typer.Option(False, "--json", help="print JSON
     out.print(table)
 
 
+@workflow_app.command("report")
+def report(
+    name: str = typer.Argument(..., help="workflow name"),
+    version: str | None = typer.Option(None, help="the version (default: the current one)"),
+    days: int = typer.Option(30, help="executions started in this many days back (0: all)"),
+    svg: Path | None = typer.Option(None, dir_okay=False,
+                                    help="also write the workflow drawn with its counts (SVG)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Per node: executions that reached it, completed it, failed or wait there, and the median
+    time spent; executions between nodes; outcomes; goal conversion, treated vs held out."""
+    ensure_servers(broker=False)
+    from workers.cli.metrics import conversion_table
+    from workers.reports.diagram import workflow_svg
+    from workers.reports.nodes import ReportError, workflow_report
+
+    try:
+        with session_scope() as session:
+            found = workflow_report(session, name, version, days or None)
+    except ReportError as exc:
+        err.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(1) from None
+    if svg is not None:
+        svg.write_text(workflow_svg(found), encoding="utf-8")
+        err.print(f"diagram written to {svg}")
+    if as_json:
+        print_json(found.to_json())
+        return
+    period = f"started in the last {days} days" if days else "all"
+    outcomes = ", ".join(f"{k} {v}" for k, v in found.outcomes.items() if v) or "none"
+    out.print(f"{found.workflow} v{found.version}: {found.executions} executions ({period}): "
+              f"{outcomes}", markup=False, highlight=False, soft_wrap=True)
+    nodes = Table("node", "name", "kind", "reached", "completed", "waiting", "failed", "stalled",
+                  "median", title="executions at each node")
+    for n in found.nodes:
+        median = "-" if n.median_seconds is None else f"{n.median_seconds:.1f}s"
+        nodes.add_row(n.node_id, escape(n.name or ""), n.kind, str(n.reached), str(n.completed),
+                      str(n.waiting), str(n.failed), str(n.stalled), median)
+    out.print(nodes)
+    edges = Table("from", "to", "executions", "of from", "drop-off", "drawn",
+                  title="executions from node to node")
+    for e in found.edges:
+        edges.add_row(e.source, e.target, str(e.executions),
+                      "-" if e.share is None else f"{e.share:.0%}",
+                      "-" if e.drop_off is None else f"{e.drop_off:.0%}",
+                      "yes" if e.drawn else "no")
+    out.print(edges)
+    if found.conversion is not None:
+        out.print(conversion_table([found.conversion]))
+
+
 def _execution_json(session: Session, row: WorkflowExecution, steps: int) -> dict[str, Any]:
     wf = session.get(Workflow, row.workflow_id)
     history = session.execute(select(ExecutionStep).where(ExecutionStep.execution_id == row.id)
