@@ -22,6 +22,7 @@ from tests.helpers import ROOT, WorkerProcess
 from tests.workflow_helpers import store_messaging
 from workers.definitions import load
 from workers.events.envelope import InvalidEvent, parse_event
+from workers.reports.diagram import workflow_section_html
 from workers.tools.demo import run
 from workers.tools.demo.generator import DemoStream, generate
 from workers.tools.demo.report import write_report
@@ -277,13 +278,24 @@ def test_a_small_demo_runs_end_to_end(celery_worker: WorkerProcess, tmp_path: Pa
     nudge = next(c for c in summary.conversions if c.workflow == "activation-nudge")
     assert nudge.treated + nudge.held_out == next(
         w.total for w in summary.workflows if w.name == "activation-nudge")
+    # The look-back wait: users whose first project came with their signup are not nudged.
+    eager = {e["user"] for phase in stream.phases for e in phase.events if isinstance(e, dict)
+             and e.get("event_type") == "project.created"
+             and (e.get("data") or {}).get("name") == "My first project"}
+    assert len(eager) == 3  # this seed's
+    assert summary.needless_nudges == 0
     # Dead letters: exactly the deliberate bad inputs.
     assert summary.dead_letters == stream.bad == len(summary.dead_letter_reasons)
     assert any("no user with id" in r for r in summary.dead_letter_reasons)
     assert summary.in_flight == summary.waiting_timers == summary.waiting_messages == 0
 
-    path = write_report(tmp_path / "report" / "demo-report.html", summary, {"seed": 2, "run": tag})
+    with session_scope() as session:
+        pictures = [workflow_section_html(session, w.name, days=1) for w in summary.workflows]
+    path = write_report(tmp_path / "report" / "demo-report.html", summary, {"seed": 2, "run": tag},
+                        pictures)
     page = path.read_text()
+    assert "activation-nudge" in page
+    assert page.count("<svg") >= 5 + len(summary.workflows)
     assert page.startswith("<!doctype html>") and "AARRR funnel" in page
     assert page.count("<svg") > 5 and "welcome-drip" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")

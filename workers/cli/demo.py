@@ -112,6 +112,7 @@ def demo(
     """
     from db.migrate import upgrade
     from db.session import session_scope
+    from workers.reports.diagram import workflow_section_html
     from workers.tools.demo import run
     from workers.tools.demo.generator import generate
     from workers.tools.demo.report import write_report
@@ -171,6 +172,8 @@ def demo(
 
         with session_scope() as session:
             summary = summarize(session, stream.domain)
+            pictures = [workflow_section_html(session, wf.name, days=1)
+                        for wf in summary.workflows]
         elapsed = time.monotonic() - t0
         print_summary(summary, result, flower if keep_running else
                       f"{flower} (up until the demo ends; --keep-running leaves it up)")
@@ -179,7 +182,8 @@ def demo(
                 "whole demo": f"{elapsed:.0f}s"}
         if day_times:
             meta["a simulated day"] = f"{day_times[len(day_times) // 2]:.1f}s (median)"
-        path = write_report(report or settings.home.resolve() / "demo-report.html", summary, meta)
+        path = write_report(report or settings.home.resolve() / "demo-report.html", summary, meta,
+                            pictures)
         err.print(f"report    {path}")
         err.print(f"[bold]demo finished[/] in {elapsed:.1f}s "
                       f"(streaming and draining {result.seconds:.1f}s)")
@@ -216,6 +220,15 @@ def print_sends(summary: Any) -> None:
               + ", the others were re-checked and capped, suppressed or are still waiting")
     if summary.conversions:
         out.print(conversion_table(summary.conversions))
+    if summary.splits:
+        from workers.cli.metrics import split_table  # the same table as `fleet metrics show`
+
+        out.print(split_table(summary.splits, dt.date.today() - dt.timedelta(days=1)))
+    out.print(f"nudges    {summary.early_projects:,} users created their first project before "
+              f"the activation nudge began waiting (its wait looks back); "
+              f"{summary.needless_nudges:,} nudges went to a user whose project came before the "
+              f"nudge's timeout; {summary.late_nudges:,} went out after waiting for the send "
+              f"window, the project created meanwhile (a goal exit would drop them)")
 
 
 def print_summary(summary: Any, result: Any, flower: str) -> None:

@@ -15,7 +15,9 @@ user gets a persona that shapes what they do after signing up:
 Users from countries on Central European Time carry a `timezone` trait (a few an
 invalid one, which the send gateway replaces by the program's zone with a warning);
 about 6% unsubscribe from e-mail a few days after signing up (`user.unsubscribed`),
-so the gateway has consent to apply.
+so the gateway has consent to apply. A tenth of the users who go on to create projects
+create their first one seconds after signing up, before the activation nudge has
+begun waiting for it: the nudge's wait looks back, so none of them is nudged.
 
 Referred friends sign up a day or two after the referral (extra users, with a
 persona of their own). A handful of deliberately bad inputs (an unknown user id, a
@@ -70,6 +72,7 @@ DEVICES = ("web", "web", "web", "ios", "android", "desktop")
 TIMEZONES = {"DE": "Europe/Berlin", "FR": "Europe/Paris", "ES": "Europe/Madrid",
              "NL": "Europe/Atlantis"}
 UNSUBSCRIBE_RATE = 0.06
+EAGER_RATE = 0.10  # of activating users: first project seconds after signing up
 
 # Users whose last visit is older than this at `end` are the win-back's audience
 # (the `churn-risk` segment of program/program.yaml).
@@ -212,6 +215,13 @@ class _Simulation:
 
         if p.activates:
             user.first_project_day = user.signup_day + rng.choice((1, 1, 2, 2, 3))
+            # Its own generator, so the rest of the user's behaviour is as without it.
+            if random.Random(f"{self.seed}:{user.number}:eager").random() < EAGER_RATE:
+                user.first_project_day = user.signup_day
+                user.projects += 1
+                self._emit(user, t + dt.timedelta(seconds=2), "project.created", {
+                    "project_id": f"p-{user.number}-{user.projects}", "name": "My first project",
+                    "template": "blank"})
         elif user.persona == "explorer" and rng.random() < 0.25:
             user.first_project_day = user.signup_day + rng.randint(5, 9)  # after the nudge
         active_until = user.signup_day + p.active_for(rng, days)

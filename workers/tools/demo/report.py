@@ -100,6 +100,24 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _splits(summary: Summary) -> str:
+    """The A/B splits: each branch's exposures and goal conversion, its lift over the first."""
+    if not summary.splits:
+        return ""
+    rows = [(f"<b>{_e(split.workflow)}</b>" if i == 0 else "", _e(split.node_id) if i == 0 else "",
+             _e(branch.variant), _n(branch.exposures),
+             "-" if branch.converted is None else _n(branch.converted), _rate(branch.rate),
+             "baseline" if i == 0 else ("-" if branch.lift is None
+                                         else _e(branch.lift.in_points())))
+            for split in summary.splits for i, branch in enumerate(split.branches)]
+    return f"""<h2>A/B splits</h2>
+<p class="meta">The <code>split</code> operator sends each user down one branch, from a hash of
+the user, workflow and node: sticky on every worker and on re-entry. Conversion = the workflow's
+goal; lift against the first branch, 95% CI by Newcombe's hybrid score method.</p>
+{_table(("workflow", "split", "variant", "exposed", "converted", "rate", "lift, pp [95% CI]"),
+        rows, {3, 4, 5})}"""
+
+
 def sends_section(summary: Summary) -> str:
     """Sends by outcome per workflow, the deferred sends released, conversion by group."""
     sends = summary.sends
@@ -128,6 +146,13 @@ latest decision).</p>
 <p><b>{_n(sends.deferred)}</b> sends waited for the send window; <b>{_n(sends.deferred_sent)}</b>
 went out when it opened, <b>{_n(sends.deferred_sent_in_window)}</b> of them at an instant the
 user's window was open{first}. The others were capped or suppressed when re-checked.</p>
+{_splits(summary)}
+<p><b>{_n(summary.early_projects)}</b> users created their first project before the activation
+nudge began waiting for it; its wait looks back an hour in the audit log, so
+<b>{_n(summary.needless_nudges)}</b> nudges went to a user whose project came before the nudge's
+timeout. <b>{_n(summary.late_nudges)}</b> nudges were decided at the timeout, waited for the send
+window, and went out although the user created a project meanwhile: ending the journey on its
+goal (a goal exit) would drop those.</p>
 <h2>Goal conversion, treated vs held out</h2>
 <p class="meta">Executions of each workflow with a goal, split by the holdout rule; conversion =
 the goal event recorded within the goal's window after the start. Lift: treated minus held-out
@@ -138,8 +163,9 @@ the interval tells how much a real program would need to show.</p>
          "lift, pp [95% CI]"), conversion_rows, {1, 2, 3, 4, 5, 6})}"""
 
 
-def render(summary: Summary, meta: dict[str, Any]) -> str:
-    """The whole page. `meta`: title facts of the run (seed, days, durations, ...)."""
+def render(summary: Summary, meta: dict[str, Any], pictures: Sequence[str] = ()) -> str:
+    """The whole page. `meta`: title facts of the run (seed, days, durations, ...);
+    `pictures`: each workflow drawn with its per-node counts (workers/reports/diagram.py)."""
     reached = summary.reached
     executions = summary.executions
     cards = [
@@ -192,6 +218,7 @@ the workflows' <code>set_lifecycle_stage</code>.</p>
 
 <h2>Workflows</h2>
 {workflow_section(summary)}
+{"".join(pictures)}
 
 <h2>Triggers</h2>
 {_table(("trigger", "evaluated", "matched", "started", "matched / evaluated"), trigger_rows,
@@ -216,7 +243,8 @@ batch and wrote each bad one to <code>dead_letters</code> (<code>fleet dlq list<
 """
 
 
-def write_report(path: Path, summary: Summary, meta: dict[str, Any]) -> Path:
+def write_report(path: Path, summary: Summary, meta: dict[str, Any],
+                 pictures: Sequence[str] = ()) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(summary, meta), encoding="utf-8")
+    path.write_text(render(summary, meta, pictures), encoding="utf-8")
     return path

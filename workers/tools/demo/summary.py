@@ -7,6 +7,7 @@ name that domain. So a summary is right on a database shared with other runs.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from db.models import ACTIVE_EXECUTION_STATUSES, LIFECYCLE_STAGES, ExecutionStatus, sql_list
 from workers.reports.metrics import Conversion, held_out_sql
+from workers.reports.splits import Split, split_conversions
 from workers.sends.gateway import TIMEZONE_ATTRIBUTE
 from workers.sends.policy import SendPolicy
 from workers.sends.policy import load as load_policy
@@ -92,6 +94,10 @@ class Summary:
     in_flight: int  # ... with a step or operator call on its way
     sends: SendFigures
     conversions: list[Conversion]  # per workflow with a goal: treated vs held out
+    splits: list[Split]  # A/B splits of the last day: branches and their goal conversion
+    early_projects: int  # users whose first project came before the nudge began waiting
+    needless_nudges: int  # nudges sent though the wait should have caught the project
+    late_nudges: int  # nudges deferred to the send window, the project created meanwhile
 
     @property
     def reached(self) -> dict[str, int]:
@@ -187,6 +193,7 @@ def summarize(session: Session, domain: str) -> Summary:
         "ORDER BY id"), needle).scalars().all()
     waits = progress(session, domain)
     policy = load_policy(session)
+    early, needless, late = _nudges(session, p)
     return Summary(
         domain=domain, users=sum(stages.values()), stages=stages,
         events=sum(events_by_type.values()), events_by_type=events_by_type,
@@ -197,7 +204,36 @@ def summarize(session: Session, domain: str) -> Summary:
         waiting_timers=waits["timers"], waiting_messages=waits["messages"],
         in_flight=waits["in_flight"],
         sends=_sends(session, p, policy), conversions=_conversions(session, p, policy),
+        splits=split_conversions(session, dt.datetime.now(dt.UTC) - dt.timedelta(days=1)),
+        early_projects=early, needless_nudges=needless, late_nudges=late,
     )
+
+
+NUDGE_WORKFLOW, NUDGE_FOR, NUDGE_TIMEOUT = "activation-nudge", "project.created", "no_project_yet"
+
+
+def _nudges(session: Session, p: dict[str, Any]) -> tuple[int, int, int]:
+    """The look-back wait's proof, from the activation nudge's executions: (users whose
+    first project was recorded before the execution began; nudges sent though the project
+    was recorded before the wait timed out, i.e. the wait missed it; nudges sent though
+    the project came after the timeout, while the nudge waited for the send window)."""
+    row = session.execute(text(
+        f"WITH nudge AS (SELECT e.id, e.user_id, e.started_at, "
+        f"    (SELECT min(s.started_at) FROM execution_steps s WHERE s.execution_id = e.id "
+        f"     AND s.node_id = :timeout) AS timed_out FROM workflow_executions e "
+        f"  JOIN workflows w ON w.id = e.workflow_id WHERE w.name = :nudge "
+        f"  AND e.user_id IN ({RUN_USERS})), "
+        f"first_project AS (SELECT user_id, min(created_at) AS at FROM lifecycle_events "
+        f"  WHERE event_type = :for AND user_id IN (SELECT user_id FROM nudge) GROUP BY 1), "
+        f"sent AS (SELECT n.timed_out, f.at FROM message_log m "
+        f"  JOIN nudge n ON n.id = m.execution_id "
+        f"  JOIN first_project f ON f.user_id = n.user_id WHERE f.at < m.sent_at) "
+        f"SELECT (SELECT count(*) FROM nudge n JOIN first_project f USING (user_id) "
+        f"        WHERE f.at <= n.started_at) AS early, "
+        f"  (SELECT count(*) FROM sent WHERE timed_out IS NULL OR at < timed_out) AS missed, "
+        f"  (SELECT count(*) FROM sent WHERE at >= timed_out) AS late"),
+        {**p, "nudge": NUDGE_WORKFLOW, "for": NUDGE_FOR, "timeout": NUDGE_TIMEOUT}).one()
+    return int(row.early), int(row.missed), int(row.late)
 
 
 def _sends(session: Session, p: dict[str, Any], policy: SendPolicy) -> SendFigures:
