@@ -24,7 +24,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from db.session import session_scope
-from tests.workflow_helpers import deploy_xml, execution, new_user
+from tests.workflow_helpers import BPMN, deploy_xml, execution, new_user, nodes
 from workers.engine import control, executions, stepper
 from workers.engine.bpmn import BpmnError
 from workers.engine.validate import validate_bpmn
@@ -107,10 +107,11 @@ def _step(execution_id: uuid.UUID, version: int) -> stepper.StepResult:
 
 
 def _run(execution_id: uuid.UUID, version: int = 0) -> int:
-    """Step until no next step is asked for; returns the version it rests at."""
+    """Step until no next step is asked for now (a timer's delayed one is not taken);
+    returns the version it rests at."""
     while True:
         result = _step(execution_id, version)
-        if result.next_version is None:
+        if result.next_version is None or result.send_at is not None:
             return execution(execution_id).state_version
         version = result.next_version
 
@@ -298,3 +299,53 @@ def test_an_ingest_meeting_a_step_in_progress_stores_the_message_for_its_wait(
     assert len(_messages(execution_id)) == 1
     _run(execution_id, version)
     assert execution(execution_id).status == "completed"
+
+
+# --------------------------------------------------------------------------- message vs. timer
+
+
+def _timed_wait(execution_id: uuid.UUID) -> tuple[int, dt.datetime]:
+    """Step into message_timeout's wait; returns (version, the boundary timer's due time)."""
+    version = _run(execution_id)
+    row = execution(execution_id)
+    assert row.awaiting_events == ["order.completed"] and row.wake_at is not None
+    return version, row.wake_at
+
+
+def _store(execution_id: uuid.UUID, received_at: dt.datetime) -> None:
+    with session_scope() as session:
+        session.execute(text(
+            "INSERT INTO execution_messages (execution_id, event_id, event_type, payload, "
+            "received_at) VALUES (:e, :i, 'order.completed', CAST(:p AS jsonb), :r)"),
+            {"e": execution_id, "i": uuid.uuid4(), "r": received_at,
+             "p": '{"event_type": "order.completed", "data": {"total": 5}, "occurred_at": null}'})
+
+
+@pytest.mark.servers
+def test_a_message_that_came_before_the_timeout_wins_though_the_step_runs_after_it() -> None:
+    """The step runs late (a backlog): both the message and the boundary timer are there.
+    The message came first, so the wait completes with it, and the timer is cancelled
+    instead of firing as well (it used to: both ways ran and the timer's won)."""
+    execution_id = _start(deploy_xml((BPMN / "message_timeout.bpmn").read_text()), new_user())
+    version, due = _timed_wait(execution_id)
+    _store(execution_id, received_at=due - dt.timedelta(milliseconds=250))
+    time.sleep(max(0.0, (due - dt.datetime.now(dt.UTC)).total_seconds()) + 0.3)
+    _run(execution_id, version)
+    row = execution(execution_id)
+    assert row.status == "completed" and row.current_node_id == "end_ordered"
+    assert [n for n in nodes(execution_id) if n in ("thank", "timeout", "nudge")] == ["thank"]
+    assert row.variables["outcome"] == "ordered"
+
+
+@pytest.mark.servers
+def test_a_message_that_came_after_the_timeout_leaves_the_timer_its_way() -> None:
+    execution_id = _start(deploy_xml((BPMN / "message_timeout.bpmn").read_text()), new_user())
+    version, due = _timed_wait(execution_id)
+    time.sleep(max(0.0, (due - dt.datetime.now(dt.UTC)).total_seconds()) + 0.3)
+    _store(execution_id, received_at=dt.datetime.now(dt.UTC))
+    _run(execution_id, version)
+    row = execution(execution_id)
+    assert row.status == "completed" and row.current_node_id == "end_timed_out"
+    assert "thank" not in nodes(execution_id)
+    [message] = _messages(execution_id)
+    assert message.consumed_at is None  # kept, as any message no wait caught

@@ -100,9 +100,32 @@ def _first_event_only(workflow: BpmnWorkflow) -> None:
                 task.internal_data["seen_events"] = seen[:1]
 
 
+def _caught_message(workflow: BpmnWorkflow) -> Task | None:
+    """A wait made ready by a message this step delivered (see `next_node`)."""
+    for wf in _workflows(workflow):
+        for task in _ready(wf):
+            definition = getattr(task.task_spec, "event_definition", None)
+            # An event-based gateway's race is its own (_timer_came_first, _first_event_only).
+            if is_node(task) and isinstance(definition, MessageEventDefinition) \
+                    and not isinstance(task.task_spec, EventBasedGateway):
+                return task
+    return None
+
+
 def next_node(workflow: BpmnWorkflow) -> Task | None:
-    """The next ready drawn node (control tasks before it are run), or None."""
+    """The next ready drawn node (control tasks before it are run), or None.
+
+    A wait that caught a message is run before timers are looked at: its cancelling
+    boundary timer, due by now too, is then cancelled as the wait completes instead
+    of firing beside it and taking the other way as well. Which of the two came
+    first is decided before the message is handed over (the stepper keeps one whose
+    event occurred after a due timer for the next step). An event-based gateway's
+    race is decided by `_timer_came_first` and `_first_event_only` instead.
+    """
     _run_control(workflow)
+    caught = _caught_message(workflow)
+    if caught is not None:
+        return caught
     workflow.refresh_timers()
     _first_event_only(workflow)
     _run_control(workflow)
@@ -213,9 +236,14 @@ def waits(workflow: BpmnWorkflow) -> Waits:
     return Waits(wake_at, tuple(sorted(messages)))
 
 
+def occurred_at(payload: dict[str, Any]) -> dt.datetime | None:
+    """When a message's event occurred (its producer's `occurred_at`), if it says."""
+    return _parse_when(payload.get("occurred_at"))
+
+
 def _timer_came_first(task: Task, payload: dict[str, Any]) -> bool:
     """An event-based gateway's timer was due before the event occurred (the step ran late)."""
-    occurred = _parse_when(payload.get("occurred_at"))
+    occurred = occurred_at(payload)
     if occurred is None or not isinstance(task.task_spec, EventBasedGateway):
         return False
     for definition in _definitions(task):

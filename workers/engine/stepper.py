@@ -47,7 +47,7 @@ from db.models import (
     WorkflowExecution,
 )
 from workers.engine import executions, runner, state
-from workers.engine.specs import SPECS, LoadedSpec, SpecNotFound
+from workers.engine.specs import SPECS, LoadedSpec
 from workers.engine.values import Refused, check_storable
 from workers.errors import is_transient
 from workers.log import get_logger
@@ -104,14 +104,20 @@ class _Batch:
 
 
 def _may_wait_for_events(session: Session, row: WorkflowExecution) -> bool:
-    """An active execution whose workflow has message waits (a missing spec: no)."""
+    """An active execution whose workflow has message waits.
+
+    A spec that cannot be loaded says no: the step's own load then fails the execution
+    at its node (`_cannot_run`), as it does for any definition that cannot run.
+    """
     if row.status in TERMINAL_EXECUTION_STATUSES or row.paused_at is not None:
         return False
     if row.awaiting_events:
         return True
     try:
         return bool(SPECS.get(session, row.workflow_id, row.workflow_version or "").awaited_events)
-    except SpecNotFound:
+    except Exception as exc:
+        if _is_infrastructure(exc):
+            raise
         return False
 
 
@@ -147,11 +153,18 @@ def _deliver_messages(batch: _Batch, execution: WorkflowExecution, workflow: Any
     Only a message the workflow caught is consumed; one no wait caught (its
     correlation values differ, say) stays pending for a later wait.
     """
-    awaited = runner.waits(workflow).messages
+    waits = runner.waits(workflow)
     pending = batch.messages.get(execution.id)
-    if not awaited or not pending:
+    if not waits.messages or not pending:
         return
-    for message in [m for m in pending if m.event_type in awaited]:
+    # An event that occurred after a timer of the workflow came due waits for the next
+    # step: the timer fires first (a boundary timer then ends the wait), as it would
+    # have had the step run on time. One that occurred before it is caught first, even
+    # by a late step (runner.next_node). When it occurred is its `occurred_at`, as for
+    # an event-based gateway's race (runner._timer_came_first), else when it arrived.
+    due = waits.wake_at
+    for message in [m for m in pending if m.event_type in waits.messages
+                    and (due is None or (runner.occurred_at(m.payload) or m.received_at) < due)]:
         caught = runner.deliver(workflow, message.event_type, message.payload)
         if caught:
             executions.consume(message, now)
