@@ -12,7 +12,6 @@ for a 1:1 split the two orders give every user the other branch, so matching
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -22,14 +21,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from celery import Celery
 from sqlalchemy import text
 
 from db.session import session_scope
+from tests.fleet_namespace import Fleet
 from tests.helpers import ROOT, SERVERS, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
 from tests.workflow_helpers import deploy, execution, new_user
 from workers.broker import delete_prefixed_keys
@@ -47,51 +45,8 @@ from workers.settings import Settings
 
 pytestmark = pytest.mark.servers
 
-STARTUP_SECONDS = 90  # a worker's start on a busy two-core machine
 DECLARED = {"treatment": 1, "control": 1}  # tests/bpmn/ab_split.bpmn's order
 GOAL = "ab.converted"
-
-
-@dataclass
-class Fleet:
-    """A broker namespace, a Celery app that sends to it, and the workers started on it."""
-
-    prefix: str
-    app: Celery
-    workers: list[WorkerProcess] = field(default_factory=list)
-
-    def start_workers(self, queues: str, count: int = 1) -> list[WorkerProcess]:
-        started = [WorkerProcess(queues, concurrency=2, FLEET_BROKER_KEY_PREFIX=self.prefix)
-                   for _ in range(count)]
-        self.workers += started
-        for worker in started:
-            _wait_ready(worker)
-        return started
-
-    def start(self, workflow: str, users: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-        """One execution per user (one transaction), their first steps sent together."""
-        with session_scope() as session:
-            ids = [control.start(session, workflow, user) for user in users]
-        with self.app.producer_or_acquire() as producer:
-            for execution_id in ids:
-                self.app.send_task(TaskNames.STEP, args=[str(execution_id), 0],
-                                   producer=producer)
-        return ids
-
-    def stop(self, since: int = 0) -> None:
-        for worker in self.workers[since:]:
-            if worker.proc.poll() is None:
-                worker.proc.terminate()
-        for worker in self.workers[since:]:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.proc.wait(timeout=30)
-            worker.stop()
-        del self.workers[since:]
-
-
-def _wait_ready(worker: WorkerProcess) -> None:
-    wait_for(lambda: " ready." in worker.log(), timeout=STARTUP_SECONDS,
-             message=f"worker {worker.hostname} to start")
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def show(days: int = typer.Option(30, help="how many days back"),
                 s: {"users_in_stage": figures.get((s, "users_in_stage"), 0),
                     "stage_entries": figures.get((s, "stage_entries"), 0)}
                 for s in LIFECYCLE_STAGES}} for day, figures in by_day.items()],
-            "conversions": [_conversion_json(c) for c in converted],
+            "conversions": [c.to_json() for c in converted],
             "splits": [_split_json(s) for s in splits],
             "sends": [{"workflow": workflow, "channel": channel, **counts}
                       for (workflow, channel), counts in sends.items()]})
@@ -131,18 +131,6 @@ def conversion_table(converted: list[Conversion]) -> Table:
                       _share(lifted.treated_rate), str(c.held_out), str(c.held_out_converted),
                       _share(lifted.control_rate), difference, relative)
     return table
-
-
-def _conversion_json(c: Conversion) -> dict[str, object]:
-    lifted = c.lift
-    return {"workflow": c.workflow,
-            "treated": {"executions": c.treated, "converted": c.treated_converted,
-                        "rate": lifted.treated_rate},
-            "held_out": {"executions": c.held_out, "converted": c.held_out_converted,
-                         "rate": lifted.control_rate},
-            "lift": None if lifted.difference is None else {
-                "difference": lifted.difference, "low": lifted.low, "high": lifted.high,
-                "relative": lifted.relative, "interval": "newcombe-hybrid-score-95"}}
 
 
 def split_table(splits: list[Split], since: dt.date) -> Table:

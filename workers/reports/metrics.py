@@ -327,6 +327,18 @@ class Conversion:
         """Treated minus held-out rate with its 95% CI (None figures while a group is empty)."""
         return lift(self.treated, self.treated_converted, self.held_out, self.held_out_converted)
 
+    def to_json(self) -> dict[str, object]:
+        """The `--json` form (`fleet metrics show`, `fleet workflow report`): rates as fractions."""
+        lifted = self.lift
+        return {"workflow": self.workflow,
+                "treated": {"executions": self.treated, "converted": self.treated_converted,
+                            "rate": lifted.treated_rate},
+                "held_out": {"executions": self.held_out, "converted": self.held_out_converted,
+                             "rate": lifted.control_rate},
+                "lift": None if lifted.difference is None else {
+                    "difference": lifted.difference, "low": lifted.low, "high": lifted.high,
+                    "relative": lifted.relative, "interval": "newcombe-hybrid-score-95"}}
+
 
 def conversions(session: Session, since: dt.date) -> list[Conversion]:
     """Each workflow's goal figures summed over the start days from `since`, by name."""

@@ -257,17 +257,7 @@ class WorkflowReport:
 
     def to_json(self) -> dict[str, Any]:
         """The `--json` document (ids as strings, times ISO 8601, rates as fractions)."""
-        conversion: dict[str, Any] | None = None
-        if self.conversion is not None:
-            c, lifted = self.conversion, self.conversion.lift
-            conversion = {
-                "treated": {"executions": c.treated, "converted": c.treated_converted,
-                            "rate": lifted.treated_rate},
-                "held_out": {"executions": c.held_out, "converted": c.held_out_converted,
-                             "rate": lifted.control_rate},
-                "lift": None if lifted.difference is None else {
-                    "difference": lifted.difference, "low": lifted.low, "high": lifted.high,
-                    "relative": lifted.relative, "interval": "newcombe-hybrid-score-95"}}
+        conversion = self.conversion.to_json() if self.conversion is not None else None
         return {
             "workflow": self.workflow, "workflow_id": str(self.workflow_id),
             "version": self.version, "current_version": self.current_version,
