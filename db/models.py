@@ -344,6 +344,11 @@ class Trigger(Base):
                         name="chk_trigger_max_runs"),
         CheckConstraint("cooldown_seconds IS NULL OR cooldown_seconds >= 0",
                         name="chk_trigger_cooldown"),
+        CheckConstraint("(segment_id IS NOT NULL) = "
+                        "(event_type IN ('segment.entered', 'segment.exited'))",
+                        name="chk_trigger_segment"),
+        Index("idx_triggers_segment", "segment_id",
+              postgresql_where=text("enabled = true AND segment_id IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -362,6 +367,9 @@ class Trigger(Base):
     # Start variables of the executions it starts: {name: path}, e.g.
     # {"order_id": "event.data.order_id"} (not in the seed).
     start_variables: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    # The segment a `segment.entered` / `segment.exited` trigger watches (not in the seed).
+    segment_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("user_segments.id", ondelete="RESTRICT", name="fk_triggers_segment"))
 
 
 class TriggerExecution(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import asdict
 
 from db.partitions import ensure_partitions_ahead
@@ -30,9 +31,16 @@ def ensure_partitions(self: FleetTask) -> list[str]:
     return created
 
 
+RELAY_BUDGET_SECONDS = 5.0  # one run's publishing; the beat's next run goes on from there
+
+
 @app.task(base=FleetTask, bind=True, name=TaskNames.RELAY_OUTBOX)
 def relay_outbox(self: FleetTask, limit: int = 500) -> int:
-    """Publish pending outbox rows (beat, every few seconds), after confirming older ones."""
+    """Publish pending outbox rows (beat, every few seconds), after confirming older ones.
+
+    A backlog (a refresh's 100,000 segment entries) is published batch after batch,
+    each committed with its rows marked, for up to RELAY_BUDGET_SECONDS a run.
+    """
     settings = get_settings()
     confirmed, again = outbox.confirm_published(
         self.session, dt.timedelta(seconds=settings.outbox_confirm_seconds),
@@ -40,7 +48,12 @@ def relay_outbox(self: FleetTask, limit: int = 500) -> int:
                              (EVENTS,))[EVENTS] > 0)
     if again:
         log.warning("outbox.republishing", events=again, confirmed=confirmed)
-    published = outbox.relay_outbox(self.session, publish_batch, limit)
+    started = time.monotonic()
+    published = batch = outbox.relay_outbox(self.session, publish_batch, limit)
+    while batch == limit and time.monotonic() - started < RELAY_BUDGET_SECONDS:
+        self.session.commit()  # these rows are published: mark them before the next batch
+        batch = outbox.relay_outbox(self.session, publish_batch, limit)
+        published += batch
     if published:
         log.info("outbox.relayed", published=published)
     return published

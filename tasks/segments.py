@@ -6,8 +6,10 @@ import datetime as dt
 import uuid
 from functools import partial
 
+from tasks.maintenance import relay_outbox
 from workers.base_task import FleetTask
 from workers.celery_app import app
+from workers.events.outbox import add_segment_transitions
 from workers.log import get_logger
 from workers.queues import TaskNames
 from workers.rules.segments import refresh_segment, segments_due
@@ -21,8 +23,10 @@ def refresh(self: FleetTask, segment_id: str) -> int | None:
     """Recompute one dynamic segment's memberships (set-based)."""
     result = refresh_segment(self.session, uuid.UUID(segment_id))
     if result is not None:
+        if add_segment_transitions(self.session, result.transitions):
+            self.after_commit(relay_outbox.delay)  # entries and exits go out now, not in 2 s
         log.info("segment.refreshed", segment_id=segment_id, members=result.members,
-                 removed=result.removed)
+                 removed=result.removed, transitions=len(result.transitions))
     return None if result is None else result.members
 
 

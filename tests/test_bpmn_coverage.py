@@ -445,8 +445,8 @@ def test_add_to_segment_counts_the_members_it_added() -> None:
     segment_id, _ = _static_segment()
     user_id = new_user()
     with session_scope() as session:
-        assert set_static_members(session, segment_id, [user_id], add=True) == 1
-        assert set_static_members(session, segment_id, [user_id], add=True) == 0
+        assert set_static_members(session, segment_id, [user_id], add=True).changed == 1
+        assert set_static_members(session, segment_id, [user_id], add=True).changed == 0
 
 
 @pytest.mark.servers

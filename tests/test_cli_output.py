@@ -139,7 +139,8 @@ def test_definitions_list_in_human_units_and_json(tmp_path: Path) -> None:
     line = next(ln for ln in triggers.stdout.splitlines() if f"trig-{tag}" in ln)
     assert "30d" in line and f"{{in_segment: seg-{tag}}}" in line and "2592000" not in line
     trigger = next(t for t in as_json("trigger", "list") if t["name"] == f"trig-{tag}")
-    assert trigger == {"name": f"trig-{tag}", "event_type": f"out.e{tag}", "workflow": f"out-{tag}",
+    assert trigger == {"name": f"trig-{tag}", "event_type": f"out.e{tag}", "segment": None,
+                       "workflow": f"out-{tag}",
                        "enabled": True, "reentry": trigger["reentry"], "max_runs_per_user": None,
                        "cooldown_seconds": 2592000, "cooldown": "30d",
                        "conditions": {"in_segment": f"seg-{tag}"}}

@@ -47,7 +47,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import Text, cast, select, update
 from sqlalchemy.orm import Session
 
@@ -61,7 +69,7 @@ from db.models import (
 )
 from workers.engine.bpmn import BpmnError
 from workers.engine.validate import ValidatedWorkflow, validate_bpmn
-from workers.event_types import EVENT_TYPE_RULE, is_event_type
+from workers.event_types import EVENT_TYPE_RULE, SEGMENT_ENTERED, SEGMENT_EXITED, is_event_type
 from workers.operators.registry import PARAM_CHECKS, operator_names
 from workers.rules.conditions import (
     MAX_COST,
@@ -166,9 +174,46 @@ class SegmentDef(_Strict):
         return _seconds(self.ttl) or 3600
 
 
+_SEGMENT_KEYS = {"segment_entered": SEGMENT_ENTERED, "segment_exited": SEGMENT_EXITED}
+
+
+def _trigger_event_type(value: str) -> str:
+    if not is_event_type(value):
+        raise ValueError(f"{value!r} is not an event type ({EVENT_TYPE_RULE}): no event "
+                         "could ever match it")
+    if value in _SEGMENT_KEYS.values():
+        raise ValueError(f"{value!r} is the fleet's own event: write "
+                         f"on: {{{value.replace('.', '_')}: SEGMENT}}")
+    return value
+
+
+class TriggerOn(_Strict):
+    """What starts a trigger's workflow: one event type, or a user entering or leaving a segment."""
+
+    event: str | None = Field(default=None, min_length=1, max_length=255)
+    segment_entered: str | None = Field(default=None, min_length=1, max_length=255)
+    segment_exited: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @field_validator("event")
+    @classmethod
+    def _is_event_type(cls, value: str | None) -> str | None:
+        return None if value is None else _trigger_event_type(value)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TriggerOn:
+        given = [k for k in ("event", *_SEGMENT_KEYS) if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("name exactly one of event, segment_entered, segment_exited "
+                             f"(got {', '.join(given) or 'none'})")
+        return self
+
+
 class TriggerDef(_Strict):
+    """A trigger: `event_type: X`, or `on: {event: X}`, `{segment_entered: S}`, `{segment_exited: S}`."""
+
     name: str = Field(min_length=1, max_length=255)
-    event_type: str = Field(min_length=1, max_length=255)
+    event_type: str | None = Field(default=None, min_length=1, max_length=255)
+    on: TriggerOn | None = None
     conditions: dict[str, Any] = {}
     workflow: str | None = None
     enabled: bool = True
@@ -178,13 +223,36 @@ class TriggerDef(_Strict):
     # Start variables mapped from the event and the user (workers/rules/triggers.py).
     variables: dict[str, Any] = {}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` key as the boolean true (as in GitHub Actions files).
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
     @field_validator("event_type")
     @classmethod
-    def _is_event_type(cls, value: str) -> str:
-        if not is_event_type(value):
-            raise ValueError(f"{value!r} is not an event type ({EVENT_TYPE_RULE}): no event "
-                             "could ever match it")
-        return value
+    def _is_event_type(cls, value: str | None) -> str | None:
+        return None if value is None else _trigger_event_type(value)
+
+    @model_validator(mode="after")
+    def _one_start(self) -> TriggerDef:
+        if (self.event_type is None) == (self.on is None):
+            raise ValueError("give either event_type or on, not both or neither")
+        return self
+
+    @property
+    def starts_on(self) -> tuple[str, str | None]:
+        """(event type, watched segment's name or None)."""
+        if self.on is None:
+            assert self.event_type is not None
+            return self.event_type, None
+        for key, event_type in _SEGMENT_KEYS.items():
+            if getattr(self.on, key) is not None:
+                return event_type, getattr(self.on, key)
+        assert self.on.event is not None
+        return self.on.event, None
 
     @property
     def cooldown_seconds(self) -> int | None:
@@ -397,8 +465,18 @@ def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSour
                 problems.append(f"{trig._at}/workflow: trigger {trig.name}: no workflow named "
                                 f"{trig.workflow!r}")
                 continue
-        values = {"event_type": trig.event_type, "conditions": trig.conditions,
-                  "workflow_id": workflow_id, "enabled": trig.enabled, "reentry": trig.reentry,
+        event_type, segment_name = trig.starts_on
+        segment_id = None
+        if segment_name is not None:
+            session.flush()  # the document's segments, added above
+            segment_id = session.execute(select(UserSegment.id).where(
+                UserSegment.name == segment_name)).scalar_one_or_none()
+            if segment_id is None:
+                problems.append(f"{trig._at}/on: trigger {trig.name}: no segment named "
+                                f"{segment_name!r}")
+                continue
+        values = {"event_type": event_type, "segment_id": segment_id,
+                  "conditions": trig.conditions, "workflow_id": workflow_id, "enabled": trig.enabled, "reentry": trig.reentry,
                   "max_runs_per_user": trig.max_runs_per_user,
                   "cooldown_seconds": trig.cooldown_seconds,
                   "start_variables": trig.variables}

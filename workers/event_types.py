@@ -15,3 +15,7 @@ EVENT_TYPE_RULE = "1-100 characters of lowercase dotted words, like `order.compl
 
 def is_event_type(value: str) -> bool:
     return 1 <= len(value) <= MAX_EVENT_TYPE_LENGTH and EVENT_TYPE_PATTERN.fullmatch(value) is not None
+
+# The fleet's own events: a user's membership of a segment changed (workers/rules/transitions.py).
+SEGMENT_ENTERED = "segment.entered"
+SEGMENT_EXITED = "segment.exited"

@@ -120,12 +120,17 @@ def segments(
     users: int = typer.Option(1_000_000, help="generated users"),
     as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
 ) -> None:
-    """Refresh of one segment over generated users, and the bare INSERT … SELECT ratio."""
+    """Refresh of one segment over generated users, and the bare INSERT … SELECT ratio; then a
+    refresh moving a tenth of them into a watched segment, until each entry's journey started."""
     with dev_extra("fleet bench segments"):
         from workers.tools.bench.scheduled import bench_segments
+        from workers.tools.bench.segment_entries import bench_segment_entries
     ensure_servers()
 
-    _report(bench_segments(users), as_json)
+    refresh = bench_segments(users)
+    entries = bench_segment_entries(users)
+    _report({**refresh, **{f"entries_{k}": v for k, v in entries.items() if k != "users"}},
+            as_json)
 
 
 @app.command()

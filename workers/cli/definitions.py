@@ -15,6 +15,7 @@ from db.session import session_scope
 from workers.cli.context import ensure_servers, err, out
 from workers.cli.output import as_yaml, duration, print_json, utc
 from workers.events.envelope import normalise_email
+from workers.events.outbox import add_segment_transitions
 from workers.rules.segments import set_static_members
 
 if TYPE_CHECKING:
@@ -60,26 +61,31 @@ def print_report(report: ApplyReport) -> None:
 
 @trigger_app.command("list")
 def trigger_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Every trigger with its event type, workflow, conditions and re-entry rules."""
+    """Every trigger with its event type (and watched segment), workflow, conditions and
+    re-entry rules."""
     ensure_servers()
     with session_scope() as session:
         rows: list[dict[str, Any]] = [
-            {"name": trigger.name, "event_type": trigger.event_type, "workflow": workflow,
+            {"name": trigger.name, "event_type": trigger.event_type, "segment": segment,
+             "workflow": workflow,
              "enabled": trigger.enabled, "reentry": trigger.reentry,
              "max_runs_per_user": trigger.max_runs_per_user,
              "cooldown_seconds": trigger.cooldown_seconds,
              "cooldown": duration(trigger.cooldown_seconds) if trigger.cooldown_seconds else None,
              "conditions": trigger.conditions}
-            for trigger, workflow in session.execute(
-                select(Trigger, Workflow.name)
-                .outerjoin(Workflow, Workflow.id == Trigger.workflow_id).order_by(Trigger.name))]
+            for trigger, workflow, segment in session.execute(
+                select(Trigger, Workflow.name, UserSegment.name)
+                .outerjoin(Workflow, Workflow.id == Trigger.workflow_id)
+                .outerjoin(UserSegment, UserSegment.id == Trigger.segment_id)
+                .order_by(Trigger.name))]
     if as_json:
         print_json(rows)
         return
     table = Table("name", "event type", "workflow", "enabled", "reentry", "max runs", "cooldown",
                   "conditions")
     for row in rows:
-        table.add_row(row["name"], row["event_type"], row["workflow"] or "-",
+        on = row["event_type"] + (f" of {row['segment']}" if row["segment"] else "")
+        table.add_row(row["name"], on, row["workflow"] or "-",
                       "yes" if row["enabled"] else "no", row["reentry"],
                       str(row["max_runs_per_user"] or "-"), row["cooldown"] or "-",
                       escape(as_yaml(row["conditions"], limit=200)))
@@ -175,7 +181,8 @@ def _static_members(name: str, emails: list[str], add: bool) -> None:
             raise typer.Exit(1)
         normalised = [normalise_email(e) for e in emails]  # as ingest stores them
         ids = session.execute(select(User.id).where(User.email.in_(normalised))).scalars().all()
-        set_static_members(session, seg.id, list(ids), add=add)
+        change = set_static_members(session, seg.id, list(ids), add=add)
+        add_segment_transitions(session, change.transitions)
     out.print(f"{'added' if add else 'removed'} {len(ids)} of {len(emails)} users "
               f"({len(emails) - len(ids)} unknown)")
 

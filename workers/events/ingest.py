@@ -43,6 +43,7 @@ from workers.engine import executions
 from workers.events.consent import record_consents
 from workers.events.envelope import HASH_BYTES, IDENTIFY, Event, InvalidEvent, parse_event
 from workers.events.goals import record_goals
+from workers.events.outbox import add_segment_transitions
 from workers.rules.membership import MembershipResolver
 from workers.rules.triggers import ActiveTriggers, CompiledTrigger, TriggerCache, UserView
 
@@ -529,7 +530,7 @@ def _decide(session: Session, admitted: _Admitted, recorded: _Recorded,
     woken = _wake_waiting(session, events, users, now)
     # Goals reached -> execution_goals (their foreign key locks executions: after the wake-ups).
     record_goals(session, events, users, recorded.definitions, recorded.membership, now)
-    relevant = [(e, recorded.definitions.for_event_type(e.event_type)) for e in events]
+    relevant = [(e, recorded.definitions.for_event(e)) for e in events]
     membership = recorded.membership
     membership.prefetch([users[e.user].id for e, ts in relevant if ts],
                         {ref for _, ts in relevant for t in ts for ref in t.segment_refs})
@@ -549,6 +550,8 @@ def _decide(session: Session, admitted: _Admitted, recorded: _Recorded,
             ((t.id, u.id, {"event_type": e.event_type, "data": e.data}, met,
               started.get((t.id, e.event_id)), e.event_id) for e, t, u, met in evaluations),
         )
+    # Entries and exits these events caused (identify, a cold cache) -> the outbox.
+    add_segment_transitions(session, membership.transitions, now)
     return _Decided(evaluated=len(evaluations),
                     matched=sum(1 for *_, met in evaluations if met),
                     started=tuple(started.values()), woken=tuple(woken))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select, text, update
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from db.models import EventOutbox
 from workers.events.envelope import build_event
 from workers.queues import TaskNames
+from workers.rules.transitions import Transition
 
 MAX_PUBLISH_ATTEMPTS = 10
 
@@ -44,6 +45,33 @@ def add_to_outbox(session: Session, event_type: str, *, user: str | uuid.UUID,
         payload=event.to_message(),
     ))
     return event.event_id
+
+
+def add_segment_transitions(session: Session, transitions: Sequence[Transition],
+                            now: dt.datetime | None = None) -> int:
+    """Write `segment.entered` / `segment.exited` events for these transitions, in one statement.
+
+    Called in the transaction that changed the memberships, so an entry or exit is
+    published if and only if it committed. Each event is `{segment, segment_id}` about
+    its user, with a fresh event_id kept in the row (a re-publish is a duplicate).
+    """
+    if not transitions:
+        return 0
+    occurred = (now or dt.datetime.now(dt.UTC)).isoformat()
+    session.execute(text(
+        "INSERT INTO event_outbox (event_id, topic, partition_key, headers, payload) "
+        "SELECT k.id, :topic, CAST(k.user_id AS text), jsonb_build_object('event_type', k.type), "
+        "  jsonb_build_object('event_id', CAST(k.id AS text), 'event_type', k.type, "
+        "    'user', CAST(k.user_id AS text), 'occurred_at', CAST(:occurred AS text), "
+        "    'data', jsonb_build_object('segment', s.name, 'segment_id', CAST(s.id AS text))) "
+        # The volatile id keeps the subquery from being flattened: one id per row.
+        "FROM (SELECT gen_random_uuid() AS id, u.* FROM unnest(CAST(:users AS uuid[]), "
+        "  CAST(:segments AS uuid[]), CAST(:types AS text[])) AS u(user_id, segment_id, type)) k "
+        "JOIN user_segments s ON s.id = k.segment_id"),
+        {"topic": TaskNames.INGEST_BATCH, "occurred": occurred,
+         "users": [t.user_id for t in transitions], "segments": [t.segment_id for t in transitions],
+         "types": [t.event_type for t in transitions]})
+    return len(transitions)
 
 
 def relay_outbox(session: Session, publish: Callable[[list[dict[str, Any]]], None],

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 
 from db.models import UserSegment
+from workers.events.outbox import add_segment_transitions
 from workers.operators.context import OperatorContext, OperatorError, param
 from workers.rules.segments import set_static_members
 
@@ -22,11 +23,13 @@ def _static_segment(ctx: OperatorContext, params: dict[str, Any]) -> UserSegment
 
 def add_to_segment(ctx: OperatorContext, params: dict[str, Any]) -> dict[str, Any]:
     segment = _static_segment(ctx, params)
-    changed = set_static_members(ctx.session, segment.id, [ctx.user_id], add=True)
-    return {"segment": segment.name, "added": changed}
+    change = set_static_members(ctx.session, segment.id, [ctx.user_id], add=True)
+    add_segment_transitions(ctx.session, change.transitions, ctx.now)
+    return {"segment": segment.name, "added": change.changed}
 
 
 def remove_from_segment(ctx: OperatorContext, params: dict[str, Any]) -> dict[str, Any]:
     segment = _static_segment(ctx, params)
-    changed = set_static_members(ctx.session, segment.id, [ctx.user_id], add=False)
-    return {"segment": segment.name, "removed": changed}
+    change = set_static_members(ctx.session, segment.id, [ctx.user_id], add=False)
+    add_segment_transitions(ctx.session, change.transitions, ctx.now)
+    return {"segment": segment.name, "removed": change.changed}

@@ -6,8 +6,11 @@ from typing import Any
 
 from db.models import LIFECYCLE_STAGES, UserLifecycleHistory
 from workers.events.envelope import IDENTIFY
+from workers.events.outbox import add_segment_transitions
 from workers.operators.context import OperatorContext, OperatorError, load_user, param
 from workers.operators.events import emit
+from workers.rules.membership import MembershipResolver
+from workers.rules.triggers import process_triggers
 
 
 def set_lifecycle_stage(ctx: OperatorContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +29,11 @@ def set_lifecycle_stage(ctx: OperatorContext, params: dict[str, Any]) -> dict[st
         user_id=user.id, from_stage=previous, to_stage=stage, transitioned_at=ctx.now,
         workflow_execution_id=ctx.execution_id, metadata_={"node_id": ctx.node_id}))
     ctx.session.flush()
+    # Segments on user.stage change with it: recompute now, entries and exits included.
+    membership = MembershipResolver(ctx.session, ctx.now,
+                                    process_triggers().get(ctx.session).segments)
+    membership.reevaluate([user.id])
+    add_segment_transitions(ctx.session, membership.transitions, ctx.now)
     emit(ctx, "lifecycle.stage_changed",
          {"from": previous, "to": stage, "execution_id": str(ctx.execution_id)}, "stage")
     return {"changed": True, "from": previous, "stage": stage}

@@ -7,6 +7,10 @@ neither (cold or expired cache) are evaluated on the spot with the segment's SQL
 condition and the answer is written back to both tables, in one statement per
 segment. A cold cache is never read as "not a member". Static segments are never
 computed: their membership rows are the truth.
+
+For watched segments (workers/rules/transitions.py) each evaluation takes the
+segment's shared write lock first and collects the rows it inserted or deleted in
+`transitions`, which the caller writes to the outbox in the same transaction.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import cast, delete, func, literal, select, text
+from sqlalchemy import cast, delete, exists, func, literal, literal_column, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -28,6 +32,7 @@ from db.models import User
 from db.models import UserSegmentMembership as M
 from workers.rules.conditions import Node, parse
 from workers.rules.sql_backend import compile_sql
+from workers.rules.transitions import Transition, lock_for_writes, transitions
 
 TS = TIMESTAMP(timezone=True)
 
@@ -39,12 +44,13 @@ class SegmentInfo:
     kind: str
     condition: Node  # parsed once, when the definitions are loaded
     ttl: dt.timedelta
+    watch: frozenset[str] = frozenset()  # the transition events enabled triggers want
 
 
-def segment_info(row: Any) -> SegmentInfo:
+def segment_info(row: Any, watch: frozenset[str] = frozenset()) -> SegmentInfo:
     """From a user_segments row; raises ConditionError for invalid stored conditions."""
     return SegmentInfo(row.id, row.name, row.kind, parse(row.conditions, allow_event=False),
-                       dt.timedelta(seconds=row.ttl_seconds))
+                       dt.timedelta(seconds=row.ttl_seconds), watch)
 
 
 # Joined with unnest(:users), not `user_id = ANY(:users)`: once prepared, PostgreSQL's
@@ -70,6 +76,7 @@ class MembershipResolver:
         self.segments = segments  # by name and by id; a ref naming none has no members
         self.members: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self.known: set[tuple[uuid.UUID, uuid.UUID]] = set()
+        self.transitions: list[Transition] = []  # of watched segments, for the outbox
 
     def prefetch(self, user_ids: Iterable[uuid.UUID], refs: Iterable[str]) -> None:
         """Resolve every (user, segment) pair not known yet, in a few set-based queries."""
@@ -107,7 +114,13 @@ class MembershipResolver:
         return (user_id, segment.id) in self.members
 
     def _evaluate(self, segment: SegmentInfo, user_ids: list[uuid.UUID]) -> None:
-        """Compute membership of `user_ids` now and write both answers back, in one statement."""
+        """Compute membership of `user_ids` now and write both answers back, in one statement.
+
+        The statement returns, per user, whether it is a member and whether this
+        write inserted (entered) or deleted (exited) its membership row.
+        """
+        if segment.watch:
+            lock_for_writes(self.session, [segment.id])
         condition = compile_sql(segment.condition, now=self.now)
         until = literal(self.now + segment.ttl, TS)
         now = literal(self.now, TS)
@@ -123,18 +136,30 @@ class MembershipResolver:
         add_m = pg_insert(M).from_select(columns, members)
         add_x = pg_insert(X).from_select(columns, excluded)
         refresh = {"evaluated_at": now, "valid_until": until}
-        statement = select(evaluated.c.user_id, evaluated.c.member).add_cte(
-            add_m.on_conflict_do_update(index_elements=["user_id", "segment_id"], set_=refresh)
-            .cte("add_members"),
+        # xmax = 0 on a row an upsert returns: the row was inserted, not updated.
+        added = add_m.on_conflict_do_update(index_elements=["user_id", "segment_id"],
+                                            set_=refresh) \
+            .returning(M.user_id, literal_column("xmax = 0").label("inserted")) \
+            .cte("add_members")
+        dropped = delete(M).where(M.segment_id == segment.id, M.user_id.in_(
+            select(evaluated.c.user_id).where(~evaluated.c.member))) \
+            .returning(M.user_id).cte("drop_members")
+        entered = exists().where(added.c.user_id == evaluated.c.user_id, added.c.inserted)
+        exited = exists().where(dropped.c.user_id == evaluated.c.user_id)
+        statement = select(evaluated.c.user_id, evaluated.c.member, entered, exited).add_cte(
+            added,
             add_x.on_conflict_do_update(index_elements=["user_id", "segment_id"], set_=refresh)
             .cte("add_exclusions"),
-            delete(M).where(M.segment_id == segment.id, M.user_id.in_(
-                select(evaluated.c.user_id).where(~evaluated.c.member))).cte("drop_members"),
+            dropped,
             delete(X).where(X.segment_id == segment.id, X.user_id.in_(
                 select(evaluated.c.user_id).where(evaluated.c.member))).cte("drop_exclusions"),
         )
-        for user_id, member in self.session.execute(statement):
+        rows = self.session.execute(statement).all()
+        for user_id, member, _, _ in rows:
             if member:
                 self.members.add((user_id, segment.id))
             else:
                 self.members.discard((user_id, segment.id))
+        self.transitions += transitions(segment.id, segment.watch,
+                                        entered=[r[0] for r in rows if r[2]],
+                                        exited=[r[0] for r in rows if r[3]])

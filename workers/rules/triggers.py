@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from workers.event_types import SEGMENT_ENTERED, SEGMENT_EXITED
 from workers.log import get_logger
 from workers.rules.conditions import ConditionError, parse
 from workers.rules.conditions import segment_refs as node_segment_refs
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from workers.events.envelope import Event
 
 log = get_logger(__name__)
+SEGMENT_EVENTS = (SEGMENT_ENTERED, SEGMENT_EXITED)
 
 
 @dataclass
@@ -169,6 +171,8 @@ class CompiledTrigger:
     predicate: Callable[[EvalContext], bool]
     segment_refs: frozenset[str]
     start_variables: tuple[tuple[str, StartPath], ...] = ()
+    # The segment a segment.entered / segment.exited trigger watches; None for the others.
+    segment_id: uuid.UUID | None = None
 
     def evaluate(self, event: Event, user: UserView, now: dt.datetime,
                  membership: MembershipResolver, session: Session) -> bool:
@@ -216,8 +220,13 @@ class ActiveTriggers:
     # Workflows' goals by their event type (workers/events/goals.py records them).
     goals: dict[str, list[CompiledGoal]] = field(default_factory=dict)
 
-    def for_event_type(self, event_type: str) -> list[CompiledTrigger]:
-        return self.by_event_type.get(event_type, [])
+    def for_event(self, event: Event) -> list[CompiledTrigger]:
+        """The triggers an event is evaluated by: its type's, and for a segment event its segment's."""
+        triggers = self.by_event_type.get(event.event_type, [])
+        if event.event_type not in SEGMENT_EVENTS:
+            return triggers
+        segment = event.data.get("segment_id")
+        return [t for t in triggers if str(t.segment_id) == segment]
 
     def goals_for(self, event_type: str) -> list[CompiledGoal]:
         return self.goals.get(event_type, [])
@@ -244,7 +253,8 @@ SEGMENTS_SQL = text("SELECT id, name, kind, conditions, ttl_seconds FROM user_se
 
 LOAD_SQL = text(
     "SELECT t.id, t.name, t.event_type, t.conditions, t.workflow_id, t.reentry, "
-    "t.max_runs_per_user, t.cooldown_seconds, t.start_variables, w.version AS workflow_version, "
+    "t.max_runs_per_user, t.cooldown_seconds, t.start_variables, t.segment_id, "
+    "w.version AS workflow_version, "
     "w.status AS workflow_status "
     "FROM triggers t LEFT JOIN workflows w ON w.id = t.workflow_id WHERE t.enabled"
 )
@@ -266,6 +276,7 @@ def compile_trigger(row: Any) -> CompiledTrigger:
         predicate=compile_python(node),
         segment_refs=node_segment_refs(node),
         start_variables=compile_start_variables(row.start_variables or {}),
+        segment_id=row.segment_id,
     )
 
 
@@ -299,9 +310,13 @@ class TriggerCache:
                 log.error("trigger.invalid", trigger_id=str(row.id), error=str(exc))
                 continue
             active.by_event_type.setdefault(trigger.event_type, []).append(trigger)
+        watch: dict[uuid.UUID, set[str]] = {}
+        for trigger in active:
+            if trigger.segment_id is not None:
+                watch.setdefault(trigger.segment_id, set()).add(trigger.event_type)
         for row in session.execute(SEGMENTS_SQL):
             try:
-                segment = segment_info(row)
+                segment = segment_info(row, frozenset(watch.get(row.id, ())))
             except ConditionError as exc:
                 log.error("segment.invalid_conditions", segment_id=str(row.id), error=str(exc))
                 continue

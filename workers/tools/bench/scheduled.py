@@ -41,6 +41,7 @@ class ScratchDatabase:
         self.name = f"fleet_bench_{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> str:
+        self.saved = os.environ.get("DATABASE_URL")  # _session_for points it at the scratch one
         url = create_database(self.admin_url, self.name)
         upgrade(to_sqlalchemy_url(url))
         return url
@@ -48,6 +49,11 @@ class ScratchDatabase:
     def __exit__(self, *exc: Any) -> None:
         reset_engine()
         drop_database(self.admin_url, self.name)
+        if self.saved is None:
+            os.environ.pop("DATABASE_URL", None)
+        else:
+            os.environ["DATABASE_URL"] = self.saved
+        get_settings.cache_clear()
 
 
 def _session_for(url: str) -> Any:
