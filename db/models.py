@@ -63,6 +63,14 @@ class StepOutcome(StrEnum):
     RETRYING = "retrying"
     CANCELLED = "cancelled"
     STALLED = "stalled"  # running, but nothing is ready, due, awaited or in flight
+    EXITED = "exited"  # ended by a goal exit or an exit condition (node type `Exit`)
+
+
+class ExitReason(StrEnum):
+    """`workflow_executions.outcome` of an execution that left its workflow early."""
+
+    GOAL = "goal"  # its goal was reached and the workflow has `exit_on_goal`
+    EXITED = "exited"  # the workflow's `exit_when` condition held for its user
 
 
 def sql_list(values: Iterable[StrEnum]) -> str:
@@ -178,6 +186,8 @@ class WorkflowExecution(Base):
             name="valid_execution_status",
         ),
         CheckConstraint("state_version >= 0", name="chk_execution_state_version"),
+        CheckConstraint(f"outcome IS NULL OR outcome IN ({sql_list(ExitReason)})",
+                        name="chk_execution_outcome"),
         Index("idx_executions_workflow", "workflow_id", text("started_at DESC")),
         Index("idx_executions_user", "user_id", text("started_at DESC")),
         Index("idx_executions_status", "status", text("started_at DESC")),
@@ -262,6 +272,8 @@ class WorkflowExecution(Base):
     # True when the trigger's re-entry rule allows one active execution per user.
     single_active: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    # How a completed execution ended when not at an end event (ExitReason); else NULL.
+    outcome: Mapped[str | None] = mapped_column(String(20))
 
 
 class UserSegment(Base):
@@ -568,7 +580,8 @@ class ActionDelivery(Base):
     run_after: Mapped[dt.datetime | None]
 
 
-SEND_OUTCOMES = ("sent", "suppressed", "capped", "deferred", "held_out")
+# 'dropped': a deferred send whose execution ended (a goal exit) before it went out.
+SEND_OUTCOMES = ("sent", "suppressed", "capped", "deferred", "held_out", "dropped")
 
 
 class Send(Base):
@@ -648,6 +661,26 @@ class ExecutionGoal(Base):
     event_type: Mapped[str] = mapped_column(String(100))
     reached_at: Mapped[dt.datetime]  # the goal event's occurred_at
     recorded_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class ExecutionExit(Base):
+    """An exit requested for an execution (its goal reached, or its `exit_when` met).
+
+    Written by ingest in the goal's (or the identify's) transaction, whatever the
+    execution is doing; its next step ends it (workers/engine/stepper.py). Once per
+    execution: the first request wins.
+    """
+
+    __tablename__ = "execution_exits"
+    __table_args__ = (
+        CheckConstraint(f"reason IN ({sql_list(ExitReason)})", name="chk_execution_exit_reason"),
+    )
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_executions.id", ondelete="CASCADE"), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(20))
+    event_id: Mapped[uuid.UUID | None]  # the goal event (NULL for an exit condition)
+    requested_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
 class SplitExposure(Base):

@@ -12,12 +12,18 @@ from workers.base_task import FleetTask
 from workers.batches import FleetBatches
 from workers.broker import queue_depths
 from workers.celery_app import app
-from workers.engine import batch, dispatch, timers
+from workers.engine import batch, dispatch, stepper, timers
+from workers.events.exits import exit_when_met
 from workers.log import get_logger
 from workers.queues import ACTIONS, WORKFLOWS, TaskNames
+from workers.sends.gateway import drop_deferred
 from workers.settings import get_settings
 
 log = get_logger(__name__)
+
+# What a step's exit needs from above the engine (layer rule): the workflows' exit_when,
+# and the send records of the calls an exit drops. Installed where steps run.
+stepper.HOOKS = stepper.ExitHooks(exit_when=exit_when_met, drop_sends=drop_deferred)
 
 
 @app.task(base=FleetBatches, bind=True, name=TaskNames.STEP, acks_late=True,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from db.models import (
     Base,
+    ExecutionExit,
     ExecutionGoal,
     ExecutionMessage,
     ExecutionStep,
@@ -37,6 +38,7 @@ OWNERS: dict[type[Base], str] = {
     WorkflowExecution: "workers.engine.executions",
     ExecutionStep: "workers.engine.executions",
     ExecutionMessage: "workers.engine.executions",
+    ExecutionExit: "workers.engine.executions",
     ExecutionGoal: "workers.events.goals",
     UserConsent: "workers.events.consent",
     Suppression: "workers.sends.suppressions",

@@ -53,6 +53,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -125,30 +126,43 @@ class WorkflowDef(_Strict):
     holdout: float = Field(default=0, ge=0, le=100)
     caps: list[CapDef] = []
     lookback: str | None = None  # how far back its message waits look ('1h'; validated below)
+    exit_on_goal: bool = False  # the goal ends a running execution wherever it is
+    exit_when: dict[str, Any] | None = None  # so does this condition on the user
 
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
         return _stages(value)
 
-    @field_validator("lookback")
+    @field_validator("lookback", "exit_when")
     @classmethod
-    def _lookback(cls, value: str | None) -> str | None:
+    def _setting(cls, value: Any, info: ValidationInfo) -> Any:
+        """Checked by the model workers load the settings with (one meaning for both)."""
         try:
-            return WorkflowSettings(lookback=value).lookback
+            name = str(info.field_name)
+            return getattr(WorkflowSettings.model_validate({name: value}), name)
         except ValidationError as exc:
             raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
     @property
     def settings(self) -> dict[str, Any]:
         return WorkflowSettings(goal=self.goal, holdout=self.holdout, caps=self.caps,
-                                lookback=self.lookback).model_dump(mode="json")
+                                lookback=self.lookback, exit_on_goal=self.exit_on_goal,
+                                exit_when=self.exit_when).model_dump(mode="json")
 
     @field_validator("file")
     @classmethod
     def _some_file(cls, value: Path | list[Path]) -> Path | list[Path]:
         if value == []:
             raise ValueError("names no file")
+        return value
+
+    @field_validator("exit_on_goal")
+    @classmethod
+    def _exit_needs_goal(cls, value: bool, info: ValidationInfo) -> bool:
+        # An invalid goal is missing from info.data: reported at /goal, not here.
+        if value and "goal" in info.data and info.data["goal"] is None:
+            raise ValueError("exit_on_goal needs a goal: the goal is what ends the execution")
         return value
 
     @property

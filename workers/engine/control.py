@@ -95,6 +95,9 @@ def complete(session: Session, execution_id: uuid.UUID, node_id: str,
         raise ControlError(f"execution is {row.status}: no task waits for completion")
     if row.paused_at is not None:
         raise ControlError("execution is paused: resume it before completing a task")
+    exiting = executions.exit_requests(session, [row.id]).get(row.id)
+    if exiting is not None:  # its next step (already sent) ends it
+        raise ControlError(f"execution is leaving its workflow: {exiting.describe()}")
     waiting = row.awaiting_tasks or []
     if node_id not in waiting:
         raise ControlError(f"node {node_id} is not waiting for completion; "

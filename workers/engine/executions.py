@@ -1,7 +1,7 @@
-"""The one writer of executions, their step history and the messages they wait for.
+"""The one writer of executions, their step history, the messages they wait for, their exits.
 
-Every change of `workflow_executions`, `execution_steps` and `execution_messages`
-goes through these functions, so the rules that hold across the tables live in one
+Every change of `workflow_executions`, `execution_steps`, `execution_messages` and
+`execution_exits` goes through these functions, so the rules that hold across the tables live in one
 place: a history row's `seq` is the execution's new `state_version` (gap-free per
 execution); an execution that ends waits for nothing and has no step on its way;
 `step_enqueued_at` is stamped whenever a step or an operator call is on its way
@@ -29,6 +29,7 @@ from db.models import (
     ExecutionMessage,
     ExecutionStatus,
     ExecutionStep,
+    ExitReason,
     StepOutcome,
     WorkflowExecution,
     sql_list,
@@ -37,6 +38,7 @@ from workers.durations import parse_lookback
 
 MAX_ERROR = 2000  # characters of an error message kept on the execution and its step
 STALL_NODE_TYPE = "Stalled"  # execution_steps.node_type of the row that marks a stall
+EXIT_NODE_TYPE = "Exit"  # ... of the row that ends an execution by a goal exit or exit_when
 Due = list[tuple[uuid.UUID, int]]  # (execution, version) to step
 _ACTIVE = sql_list(ACTIVE_EXECUTION_STATUSES)
 
@@ -176,6 +178,74 @@ def lock_users(session: Session, user_ids: Sequence[uuid.UUID]) -> None:
     if user_ids:
         session.execute(text("SELECT 1 FROM users WHERE id = ANY(CAST(:ids AS uuid[])) "
                              "ORDER BY id FOR UPDATE"), {"ids": sorted(set(user_ids))})
+
+
+@dataclass(frozen=True)
+class ExitRequest:
+    """Why an execution is to leave its workflow: a goal reached (with its event), or
+    its workflow's `exit_when` met."""
+
+    execution_id: uuid.UUID
+    reason: ExitReason
+    event_id: uuid.UUID | None = None
+
+    def describe(self) -> str:
+        if self.reason == ExitReason.GOAL:
+            return f"goal reached (event {self.event_id})"
+        return "exit condition met (exit_when)"
+
+
+def request_exits(session: Session, requests: Sequence[ExitRequest], now: dt.datetime) -> Due:
+    """Record exits for these executions, whatever each is doing; returns the steps to send.
+
+    Called by ingest, in the transaction that recorded the goal (or the identify). The
+    request is a row of its own (`execution_exits`, the first per execution wins): its
+    insert takes only `FOR KEY SHARE` on the execution, which does not wait for a step
+    holding it (`FOR NO KEY UPDATE`), so an ingest never waits for a step (which may be
+    waiting for this ingest's user lock: `lock_users`). The step it sends ends the
+    execution before running any node, whatever version it carries (`stepper`): if a
+    step holds the row now, the message finds it busy and comes back after that step's
+    commit, and then sees this committed request, so no exit is lost. Rows no other
+    transaction holds are stamped as sent (`SKIP LOCKED`), so the reaper re-sends a
+    lost one. Ended executions are left alone.
+    """
+    first: dict[uuid.UUID, ExitRequest] = {}
+    for request in requests:
+        first.setdefault(request.execution_id, request)
+    if not first:
+        return []
+    params = {"ids": sorted(first)}
+    active_sql = ("SELECT id, state_version, step_enqueued_at FROM workflow_executions "
+                  f"WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ({_ACTIVE}) ORDER BY id")
+    seen = {row.id: row for row in session.execute(text(active_sql), params).all()}
+    if not seen:
+        return []
+    locked = {row.id: row for row in session.execute(
+        text(active_sql + " FOR NO KEY UPDATE SKIP LOCKED"), params).all()}
+    wanted = [first[execution_id] for execution_id in sorted(seen)]
+    session.execute(text(
+        "INSERT INTO execution_exits (execution_id, reason, event_id, requested_at) "
+        "SELECT k.id, k.reason, k.event_id, :now FROM unnest(CAST(:ids AS uuid[]), "
+        "CAST(:reasons AS varchar[]), CAST(:events AS uuid[])) AS k(id, reason, event_id) "
+        "ORDER BY k.id ON CONFLICT DO NOTHING"),
+        {"ids": [r.execution_id for r in wanted], "reasons": [str(r.reason) for r in wanted],
+         "events": [r.event_id for r in wanted], "now": now})
+    mark_enqueued(session, [execution_id for execution_id, row in locked.items()
+                            if row.step_enqueued_at is None], now)
+    return [(execution_id, locked.get(execution_id, row).state_version)
+            for execution_id, row in seen.items()]
+
+
+def exit_requests(session: Session, execution_ids: Sequence[uuid.UUID]
+                  ) -> dict[uuid.UUID, ExitRequest]:
+    """The exits requested for these executions (one query; none asked, none run)."""
+    if not execution_ids:
+        return {}
+    rows = session.execute(text(
+        "SELECT execution_id, reason, event_id FROM execution_exits "
+        "WHERE execution_id = ANY(CAST(:ids AS uuid[]))"), {"ids": list(execution_ids)}).all()
+    return {r.execution_id: ExitRequest(r.execution_id, ExitReason(r.reason), r.event_id)
+            for r in rows}
 
 
 def workflow_lookback(session: Session, workflow_id: uuid.UUID) -> dt.timedelta | None:
@@ -407,12 +477,31 @@ def stall(session: Session, row: WorkflowExecution, *, engine_state: dict[str, A
                     StepOutcome.STALLED, now, now, reason)
 
 
-def cancel(session: Session, row: WorkflowExecution, now: dt.datetime) -> None:
-    """Stop for good: timers, waits and a pause are dropped; a late step finds a new version."""
-    row.status, row.completed_at = ExecutionStatus.CANCELLED, now
+def _end(row: WorkflowExecution, status: ExecutionStatus, now: dt.datetime) -> None:
+    """Stop for good where it is: timers, message waits, human tasks and a pause are dropped."""
+    row.status, row.completed_at = status, now
     row.wake_at = row.awaiting_events = row.awaiting_tasks = None
     row.step_enqueued_at = row.paused_at = row.stalled_at = None
+
+
+def cancel(session: Session, row: WorkflowExecution, now: dt.datetime) -> None:
+    """Stop for good: timers, waits and a pause are dropped; a late step finds a new version."""
+    _end(row, ExecutionStatus.CANCELLED, now)
     _history(session, row, row.current_node_id or "-", "Cancel", StepOutcome.CANCELLED, now, now)
+
+
+def exit_now(session: Session, row: WorkflowExecution, request: ExitRequest,
+             now: dt.datetime) -> int:
+    """The (locked) execution leaves its workflow where it is: `completed`, outcome the reason.
+
+    Ended as `cancel` ends it (no timer, wait, human task or pause is left, so nothing
+    wakes it again), with a history row (node type `Exit`, outcome `exited`, the reason
+    in its message) at the node it was at. Returns the version of that row.
+    """
+    _end(row, ExecutionStatus.COMPLETED, now)
+    row.outcome = request.reason
+    return _history(session, row, row.current_node_id or "-", EXIT_NODE_TYPE,
+                    StepOutcome.EXITED, now, now, request.describe())
 
 
 def pause(row: WorkflowExecution, now: dt.datetime) -> None:

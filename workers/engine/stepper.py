@@ -15,6 +15,17 @@ the delivery `deferred`: the execution waits on a timer, and the step it wakes
 asks for the operator call again. User and manual tasks wait for a person: the execution
 lists them in `awaiting_tasks` and `complete_task` runs one with the data given.
 
+An execution with an exit requested (`executions.request_exits`: its goal reached
+while its workflow has `exit_on_goal`), or whose workflow's `exit_when` holds for its
+user (`HOOKS.exit_when`), is ended by its next step before any node runs, whatever
+version the step message carries and whatever it waits for: a timer, a message, an
+event-based gateway, a human task, a send deferred to the user's window, a pause.
+Its operator calls not yet run are dropped (`_exit`). Locking: the request is written
+by ingest under `FOR KEY SHARE` only, so it never waits for a step; a step that holds
+the row when the goal arrives has read no request, and the step message ingest sends
+after its commit finds the row busy, comes back after that step commits and then
+ends it (`executions.request_exits`).
+
 An execution that is running with nothing ready, due, awaited or in flight can
 never go on by itself: the step that finds it so marks it stalled, with the
 reason, and sends nothing (the reaper leaves it alone until it is retried).
@@ -35,13 +46,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from db.models import (
     TERMINAL_EXECUTION_STATUSES,
     ActionDelivery,
     ExecutionMessage,
+    ExitReason,
     StepOutcome,
     User,
     WorkflowExecution,
@@ -55,7 +67,7 @@ from workers.settings import get_settings
 
 log = get_logger(__name__)
 R = TypeVar("R", bound="StepResult | None")
-Outcome = Literal["noop", "busy", "completed", "waiting", "failed", "stalled"]
+Outcome = Literal["noop", "busy", "completed", "waiting", "failed", "stalled", "exited"]
 BUSY_RESEND = dt.timedelta(milliseconds=100)  # an execution another worker holds: try again then
 
 
@@ -76,20 +88,43 @@ def action_key(execution_id: uuid.UUID, task_id: uuid.UUID) -> str:
     return f"{execution_id}:{task_id}"
 
 
+ExitCheck = Callable[[Session, Sequence[WorkflowExecution], dt.datetime], set[uuid.UUID]]
+DropSends = Callable[[Session, Sequence[str], str, dt.datetime], None]
+
+
+@dataclass
+class ExitHooks:
+    """What an exit needs that the engine may not import (layer rule: no rules, no sends).
+
+    `exit_when`: which of these active executions' users meet their workflow's exit
+    condition (workers/events/exits.py); `drop_sends`: record the sends of the operator
+    calls an exit dropped as `dropped` (workers/sends/gateway.py). tasks/workflows.py
+    installs both when it is imported, so every worker that steps has them; without
+    them a step still applies the exits ingest requested.
+    """
+
+    exit_when: ExitCheck | None = None
+    drop_sends: DropSends | None = None
+
+
+HOOKS = ExitHooks()
+
+
 @dataclass
 class _Batch:
     """What a batch's steps read, fetched once for all of its executions.
 
-    The users of executions about to start (their `user` variable) and the messages
-    waiting for any of them (`executions.pending_messages_of`): one query each per
-    batch instead of one per step.
+    The users of executions about to start (their `user` variable), the messages
+    waiting for any of them (`executions.pending_messages_of`) and the exits due for
+    them (requested, or `exit_when` met): one query each per batch instead of one per step.
     """
 
     users: dict[uuid.UUID, dict[str, Any]]
     messages: dict[uuid.UUID, list[ExecutionMessage]]
+    exits: dict[uuid.UUID, executions.ExitRequest]
 
     @classmethod
-    def of(cls, session: Session, rows: Sequence[WorkflowExecution]) -> _Batch:
+    def of(cls, session: Session, rows: Sequence[WorkflowExecution], now: dt.datetime) -> _Batch:
         """Lock the users whose messages are read (see `executions.lock_users`), then read."""
         executions.lock_users(session, [row.user_id for row in rows if _may_wait_for_events(
             session, row)])
@@ -99,8 +134,15 @@ class _Batch:
                            "attributes": user.attributes or {}}
                  for user in (session.execute(select(User).where(User.id.in_(starting)))
                               .scalars() if starting else ())}
-        active = [row.id for row in rows if row.status not in TERMINAL_EXECUTION_STATUSES]
-        return cls(users, executions.pending_messages_of(session, active))
+        live = [row for row in rows if row.status not in TERMINAL_EXECUTION_STATUSES]
+        active = [row.id for row in live]
+        exits = executions.exit_requests(session, active)
+        if HOOKS.exit_when is not None:
+            unasked = [row for row in live if row.id not in exits]
+            exits |= {execution_id: executions.ExitRequest(execution_id, ExitReason.EXITED)
+                      for execution_id in (HOOKS.exit_when(session, unasked, now)
+                                           if unasked else ())}
+        return cls(users, executions.pending_messages_of(session, active), exits)
 
 
 def _may_wait_for_events(session: Session, row: WorkflowExecution) -> bool:
@@ -192,8 +234,8 @@ def step(session: Session, execution_id: uuid.UUID, expected_version: int,
     execution = executions.lock(session, execution_id)
     if execution is None:
         return StepResult("noop", reason="no such execution")
-    return _step_locked(session, _Batch.of(session, [execution]), execution, expected_version,
-                        now, isolated=True)
+    return _step_locked(session, _Batch.of(session, [execution], now), execution,
+                        expected_version, now, isolated=True)
 
 
 def step_many(session: Session, requests: Sequence[tuple[uuid.UUID, int]],
@@ -213,7 +255,7 @@ def step_many(session: Session, requests: Sequence[tuple[uuid.UUID, int]],
     results: dict[int, StepResult] = {}
     with session.no_autoflush:
         locked = executions.lock_many(session, [execution_id for execution_id, _ in requests])
-        batch = _Batch.of(session, list(locked.values()))
+        batch = _Batch.of(session, list(locked.values()), now)
         by_execution: dict[uuid.UUID, list[tuple[int, int]]] = defaultdict(list)
         for index, (execution_id, version) in enumerate(requests):
             by_execution[execution_id].append((version, index))
@@ -240,6 +282,9 @@ def _step_locked(session: Session, batch: _Batch, execution: WorkflowExecution,
     """One step message of a locked execution (see `step` and `step_many`)."""
     if execution.status in TERMINAL_EXECUTION_STATUSES:
         return StepResult("noop", reason=f"execution is {execution.status}")
+    request = batch.exits.get(execution.id)
+    if request is not None:  # before the pause and version checks: any step message ends it
+        return _exit(session, execution, request, now)
     if execution.paused_at is not None:
         return StepResult("noop", reason="execution is paused")
     if execution.state_version != expected_version:
@@ -265,7 +310,7 @@ def complete_task(session: Session, execution: WorkflowExecution, node_id: str,
     """
     attempt = _Attempt(node_id)
     return _saved_or_failed(session, execution, attempt, now,
-                            lambda: _complete(session, _Batch.of(session, [execution]),
+                            lambda: _complete(session, _Batch.of(session, [execution], now),
                                               execution, attempt, node_id, data, now))
 
 
@@ -347,6 +392,34 @@ def _complete(session: Session, batch: _Batch, execution: WorkflowExecution, att
         return _node_failed(session, execution, task, node_id, exc, now)
     return _persist(session, batch, execution, workflow, task,
                     StepResult("completed", node_id=node_id), now)
+
+
+# An exit drops the execution's operator calls not yet run (a send deferred to the user's
+# window, a call queued on the actions queue). One being run right now is skipped (SKIP
+# LOCKED: its runner holds the row and may wait for this step's locks); the runner then
+# finds the execution ended (workers/operators/deliveries.py).
+DROP_CALLS = text(
+    "UPDATE action_deliveries d SET status = 'failed', finished_at = :now, error_message = :why, "
+    "send_outcome = CASE WHEN d.status = 'deferred' THEN 'dropped' ELSE d.send_outcome END "
+    "FROM (SELECT key FROM action_deliveries WHERE execution_id = :e "
+    "      AND status IN ('pending', 'deferred') ORDER BY key FOR UPDATE SKIP LOCKED) open "
+    "WHERE d.key = open.key RETURNING d.key")
+
+
+def _exit(session: Session, execution: WorkflowExecution, request: executions.ExitRequest,
+          now: dt.datetime) -> StepResult:
+    """End the execution where it is (goal reached or exit_when met); drop its pending calls."""
+    node_id = execution.current_node_id
+    executions.exit_now(session, execution, request, now)
+    why = f"dropped: the execution exited ({request.describe()})"
+    dropped = list(session.execute(DROP_CALLS, {"e": execution.id, "now": now, "why": why})
+                   .scalars())
+    if dropped and HOOKS.drop_sends is not None:
+        HOOKS.drop_sends(session, dropped, why, now)
+    log.info("execution.exited", execution_id=str(execution.id), reason=str(request.reason),
+             event_id=str(request.event_id) if request.event_id else None, node_id=node_id,
+             dropped=len(dropped))
+    return StepResult("exited", node_id=node_id, reason=request.describe())
 
 
 def _runaway(session: Session, execution: WorkflowExecution, budget: int,

@@ -13,6 +13,8 @@ the start. (`reached_at` keeps `occurred_at`.) An event backfilled long after it
 happened therefore counts for the executions running when it is recorded.
 Each execution records its goal once, with the first such event: a redelivered
 or later event changes nothing. This is what "conversion" means in the metrics.
+A workflow with `exit_on_goal` also ends the executions that reached it
+(workers/events/exits.py, called by ingest right after `record_goals`).
 
 Conditions are the trigger language, evaluated by the same compiled predicates
 with the same memberships (`workers/rules/triggers.py` loads and caches the goals

@@ -42,6 +42,7 @@ from workers.dead_letters import record_dead_letter
 from workers.engine import executions
 from workers.events.consent import record_consents
 from workers.events.envelope import HASH_BYTES, IDENTIFY, Event, InvalidEvent, parse_event
+from workers.events.exits import request_exits
 from workers.events.goals import record_goals
 from workers.events.outbox import add_segment_transitions
 from workers.rules.membership import MembershipResolver
@@ -530,6 +531,8 @@ def _decide(session: Session, admitted: _Admitted, recorded: _Recorded,
     woken = _wake_waiting(session, events, users, now)
     # Goals reached -> execution_goals (their foreign key locks executions: after the wake-ups).
     record_goals(session, events, users, recorded.definitions, recorded.membership, now)
+    # ... and the exits they cause (exit_on_goal, exit_when after identify): steps to send.
+    woken += request_exits(session, events, users, admitted.changed, recorded.definitions, now)
     relevant = [(e, recorded.definitions.for_event(e)) for e in events]
     membership = recorded.membership
     membership.prefetch([users[e.user].id for e, ts in relevant if ts],

@@ -9,6 +9,13 @@ A send the gateway puts off (outside the user's send window) leaves the row
 `deferred` with `run_after`, and the execution waiting on a durable timer
 (`executions.defer`): when it is due, the execution's step sends the call again
 (workers/engine/stepper.py), and the operator and its gateway run once more.
+
+No call runs for an execution that has ended or has an exit requested (its goal was
+reached: workers/events/exits.py): checked in the call's own transaction, before the
+operator, and again, under the execution's row lock, before a send is deferred. Such a
+call is `failed` with the reason, and a send deferred earlier is recorded `dropped`.
+An exit whose goal commits while the operator is running is not seen by it: that
+send was decided before the goal was recorded.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from workers.events.ingest import IngestResult
 from workers.log import get_logger
 from workers.operators.context import Deferred, OperatorContext, OperatorError
 from workers.operators.registry import OPERATORS
+from workers.sends.gateway import drop_deferred
 
 log = get_logger(__name__)
 
@@ -66,9 +74,12 @@ def run_action(session: Session, key: str, now: dt.datetime | None = None) -> Ac
                             _step_after(session, delivery.execution_id))
     execution = session.get(WorkflowExecution, delivery.execution_id)
     if execution is None or execution.status in TERMINAL_EXECUTION_STATUSES:
-        delivery.status, delivery.finished_at = "failed", now
-        delivery.error_message = "execution ended before the operator ran"
+        _drop(session, delivery, "execution ended before the operator ran", now)
         return ActionResult("failed", delivery.execution_id)
+    exiting = executions.exit_requests(session, [execution.id]).get(execution.id)
+    if exiting is not None:  # a call queued before the goal: its execution's next step ends it
+        _drop(session, delivery, f"dropped: the execution exited ({exiting.describe()})", now)
+        return ActionResult("failed", execution.id, _step_after(session, execution.id))
     operator = OPERATORS.get(delivery.operator)
     if operator is None:
         raise OperatorError(f"no operator named {delivery.operator!r} in this worker")
@@ -79,9 +90,20 @@ def run_action(session: Session, key: str, now: dt.datetime | None = None) -> Ac
     try:
         result = operator(ctx, dict(delivery.params))
     except Deferred as deferral:
+        session.refresh(execution, with_for_update=True)  # a step of it may be writing
+        ended = execution.status in TERMINAL_EXECUTION_STATUSES
+        exiting = None if ended else executions.exit_requests(session, [execution.id]).get(
+            execution.id)
+        if ended or exiting is not None:  # an exit came meanwhile: the send never goes out
+            why = exiting.describe() if exiting is not None else f"it is {execution.status}"
+            delivery.status, delivery.run_after = "deferred", deferral.until
+            _drop(session, delivery, f"dropped: the execution exited ({why})", now)
+            ctx.send = (ctx.send[0], "dropped") if ctx.send else None
+            return ActionResult("failed", execution.id,
+                                None if ended else _step_after(session, execution.id),
+                                send=ctx.send)
         delivery.status, delivery.run_after = "deferred", deferral.until
         delivery.send_outcome = "deferred"
-        session.refresh(execution, with_for_update=True)  # a step of it may be writing
         executions.defer(execution, deferral.until, now)
         log.info("action.deferred", execution_id=str(execution.id), operator=delivery.operator,
                  node_id=delivery.node_id, until=deferral.until.isoformat())
@@ -92,6 +114,14 @@ def run_action(session: Session, key: str, now: dt.datetime | None = None) -> Ac
              node_id=delivery.node_id)
     return ActionResult("succeeded", execution.id, _step_after(session, execution.id),
                         tuple(ctx.ingested), ctx.send)
+
+
+def _drop(session: Session, delivery: ActionDelivery, why: str, now: dt.datetime) -> None:
+    """The call will never run: failed with the reason; a deferred send becomes `dropped`."""
+    if delivery.status == "deferred":
+        delivery.send_outcome = "dropped"
+        drop_deferred(session, [delivery.key], why, now)
+    delivery.status, delivery.finished_at, delivery.error_message = "failed", now, why
 
 
 def fail_action(session: Session, key: str, error: str, attempts: int,

@@ -11,6 +11,8 @@
     workflows:
       - name: onboarding
         goal: {event_type: project.created, conditions: {}, within: 14d}
+        exit_on_goal: true              # the goal ends a running execution where it is
+        exit_when: {not: {in_segment: trial}}   # so does this condition on the user
         holdout: 10                     # percent, on top of the program's
         caps: [{max: 2, per: 7d}]       # this workflow's sends only
 
@@ -163,6 +165,11 @@ class WorkflowSettings(_Strict):
     # How far back the workflow's message waits look in the audit log when they begin
     # (a catch event's own `lookback` property wins): none by default.
     lookback: str | None = None
+    # Leave the workflow as soon as the goal is reached (workers/events/exits.py).
+    exit_on_goal: bool = False
+    # Leave it when this condition holds for the user (no event in scope; in_segment
+    # allowed), checked on each step and when an identify changes the user.
+    exit_when: dict[str, Any] | None = None
 
     @field_validator("lookback")
     @classmethod
@@ -170,6 +177,22 @@ class WorkflowSettings(_Strict):
         if value is not None:
             parse_lookback(value)
         return value
+
+    @field_validator("exit_when")
+    @classmethod
+    def _exit_condition(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                parse(value, allow_event=False, max_cost=MAX_COST)
+            except ConditionError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _exit_needs_goal(self) -> WorkflowSettings:
+        if self.exit_on_goal and self.goal is None:
+            raise ValueError("exit_on_goal needs a goal: the goal is what ends the execution")
+        return self
 
     @property
     def lookback_window(self) -> dt.timedelta | None:

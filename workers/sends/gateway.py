@@ -17,6 +17,9 @@ order; the first that applies decides:
    user at once cannot both pass a cap of 1.
 5. **sent**: the channel is called next; the row's `sent_at` is what caps count.
 
+A deferred send whose execution ends before it goes out (a goal exit) becomes
+**dropped** (`drop_deferred`).
+
 Transactional sends skip 2-4. Outcomes are counted in `fleet_sends_total` once the
 call commits (from the actions task's result, workers/metrics.py).
 """
@@ -41,7 +44,7 @@ from workers.sends.windows import local_day_bounds, next_open, resolve_timezone
 
 log = get_logger(__name__)
 
-Outcome = Literal["sent", "suppressed", "capped", "deferred", "held_out"]
+Outcome = Literal["sent", "suppressed", "capped", "deferred", "held_out", "dropped"]
 TIMEZONE_ATTRIBUTE = "timezone"
 
 
@@ -203,6 +206,18 @@ SELECT :key, :execution_id, :workflow_id, :user_id, :channel, :transactional,
   FROM verdict v
 {_ON_CONFLICT}
 RETURNING outcome, reason""")
+
+
+DROP = text("UPDATE sends SET outcome = 'dropped', reason = :reason, decided_at = :now "
+            "WHERE key = ANY(CAST(:keys AS varchar[])) AND outcome = 'deferred'")
+
+
+def drop_deferred(session: Session, keys: Sequence[str], reason: str, now: dt.datetime) -> None:
+    """These operator calls will not run again (their execution ended: a goal exit): a
+    send deferred to the user's window is recorded as `dropped`, with the reason, so the
+    figures do not count it as still deferred. Other decisions stay as they were."""
+    if keys:
+        session.execute(DROP, {"keys": list(keys), "reason": reason, "now": now})
 
 
 def sends_of(session: Session, execution_id: uuid.UUID) -> list[dict[str, Any]]:
