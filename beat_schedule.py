@@ -38,6 +38,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": 60.0,
             "options": {"queue": SEGMENTS, "expires": 55},
         },
+        "start-due-schedules": {  # scheduled journeys due now, and runs whose worker died
+            "task": TaskNames.START_DUE_SCHEDULES,
+            "schedule": 30.0,
+            "options": {"queue": SEGMENTS, "expires": 25},
+        },
         "metrics-daily": {  # yesterday's figures, once the day is over everywhere in UTC
             "task": TaskNames.METRICS_DAILY,
             "schedule": crontab(minute=15, hour=0),

@@ -837,6 +837,99 @@ class EventOutbox(Base):
     confirmed_at: Mapped[dt.datetime | None]
 
 
+
+# --------------------------------------------------------------------------- schedules
+# Seed 003 names `workflow_schedules` with trigger types cron, interval, event and
+# manual; its columns are the fleet's (workers/schedules/runs.py owns both tables).
+SCHEDULE_TRIGGER_TYPES: tuple[str, ...] = ("cron", "interval", "event", "manual")
+SCHEDULE_RUN_STATUSES: tuple[str, ...] = ("running", "completed", "failed")
+
+
+class WorkflowSchedule(Base):
+    """Starts a workflow for every member of a segment (or everyone) on a cron or an interval.
+
+    'cron' and 'interval' schedules are started by the beat at `next_run_at`; 'manual'
+    ones only by `fleet schedule run`. 'event' is the seed's name for event-driven
+    starts: those are the `triggers` table's, so the fleet never writes one here.
+    """
+
+    __tablename__ = "workflow_schedules"
+    __table_args__ = (
+        Index("uq_workflow_schedules_name", "name", unique=True),
+        CheckConstraint("trigger_type IN ('cron', 'interval', 'event', 'manual')",
+                        name="chk_schedule_trigger_type"),
+        CheckConstraint("(trigger_type = 'cron') = (cron_expression IS NOT NULL) AND "
+                        "(trigger_type = 'interval') = (interval_seconds IS NOT NULL)",
+                        name="chk_schedule_when"),
+        CheckConstraint("interval_seconds IS NULL OR interval_seconds > 0",
+                        name="chk_schedule_interval"),
+        CheckConstraint("next_run_at IS NULL OR trigger_type IN ('cron', 'interval')",
+                        name="chk_schedule_next_run"),
+        CheckConstraint("batch_size BETWEEN 1 AND 10000", name="chk_schedule_batch_size"),
+        CheckConstraint("reentry IN ('no_concurrent', 'allow')", name="chk_schedule_reentry"),
+        # The beat's sweep: schedules due now.
+        Index("idx_workflow_schedules_due", "next_run_at",
+              postgresql_where=text("paused_at IS NULL AND next_run_at IS NOT NULL")),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    name: Mapped[str] = mapped_column(String(255))
+    workflow_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflows.id", name="fk_workflow_schedules_workflow"))
+    trigger_type: Mapped[str] = mapped_column(String(20))
+    cron_expression: Mapped[str | None] = mapped_column(String(255))
+    # The IANA zone the cron expression's wall-clock times are read in.
+    timezone: Mapped[str] = mapped_column(String(64), server_default=text("'UTC'"))
+    interval_seconds: Mapped[int | None] = mapped_column(Integer)
+    # NULL: every user. RESTRICT: deleting a segment a schedule starts for is refused.
+    segment_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("user_segments.id", ondelete="RESTRICT", name="fk_workflow_schedules_segment"))
+    # Users started per transaction of a run.
+    batch_size: Mapped[int] = mapped_column(Integer, server_default=text("1000"))
+    # 'no_concurrent': a member with an active execution of the workflow is skipped.
+    reentry: Mapped[str] = mapped_column(String(20), server_default=text("'no_concurrent'"))
+    # Set by `fleet schedule pause`: no run starts, a running one stops at its next batch.
+    paused_at: Mapped[dt.datetime | None]
+    next_run_at: Mapped[dt.datetime | None]
+    last_run_at: Mapped[dt.datetime | None]  # the scheduled time of the latest run
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class WorkflowScheduleRun(Base):
+    """One scheduled (or manual) run of a schedule: its progress, committed with each batch.
+
+    Unique per (schedule, scheduled_for), so a beat that runs twice creates one run.
+    Members are taken in `users.id` order after `last_user_id`; `batches` is the
+    version a run message expects (a copy of a message finds it moved on and does
+    nothing); `updated_at` is the heartbeat the beat's sweep resumes a dead run by.
+    """
+
+    __tablename__ = "workflow_schedule_runs"
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "scheduled_for", name="uq_schedule_runs_scheduled_for"),
+        CheckConstraint("status IN ('running', 'completed', 'failed')",
+                        name="chk_schedule_run_status"),
+        # The sweep: running runs whose heartbeat is old.
+        Index("idx_schedule_runs_running", "updated_at",
+              postgresql_where=text("status = 'running'")),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    schedule_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_schedules.id", ondelete="CASCADE", name="fk_schedule_runs_schedule"))
+    scheduled_for: Mapped[dt.datetime]
+    manual: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    status: Mapped[str] = mapped_column(String(20), server_default=text("'running'"))
+    last_user_id: Mapped[uuid.UUID | None]  # the keyset cursor: members up to it are done
+    batches: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    started: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    skipped: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    finished_at: Mapped[dt.datetime | None]
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
 PARTITIONED_TABLES: dict[str, tuple[str, str]] = {
     # table: (partition column, interval)
     "lifecycle_events": ("created_at", "month"),

@@ -32,6 +32,10 @@ FORBIDDEN: tuple[tuple[str, str, str], ...] = (
     ("workers.engine", "workers.events", "the engine knows BPMN, not events"),
     ("workers.engine", "workers.rules", "the engine knows BPMN, not triggers or segments"),
     ("workers.engine", "workers.operators", "operators sit beside the engine, not in it"),
+    ("workers.engine", "workers.schedules", "the engine knows BPMN, not schedules"),
+    ("workers.rules", "workers.schedules", "schedules read segments, not the other way"),
+    ("workers.schedules", "workers.events", "a schedule starts executions, it ingests nothing"),
+    ("workers.schedules", "workers.operators", "a schedule starts executions, it runs no node"),
 )
 
 # `import workers.producer` (a producer's process) must not load these.

@@ -28,6 +28,8 @@ from db.models import (
     Suppression,
     UserConsent,
     WorkflowExecution,
+    WorkflowSchedule,
+    WorkflowScheduleRun,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,8 @@ OWNERS: dict[type[Base], str] = {
     Send: "workers.sends.gateway",
     SplitExposure: "workers.operators.split",
     ProgramSetting: "workers.definitions",
+    WorkflowSchedule: "workers.schedules.runs",
+    WorkflowScheduleRun: "workers.schedules.runs",
 }
 # Packages that may write any table: tools that make test data for benchmarks and drills.
 TOOLS = ("workers.tools",)

@@ -28,7 +28,7 @@ WORKER_MODULES: tuple[str, ...] = ("workers.signals",)
 # `tasks.bench` is not here: bench workers load it with `--include tasks.bench`, so a
 # normal worker refuses (dead-letters) a `bench.*` message as an unknown task.
 TASK_MODULES: tuple[str, ...] = ("tasks.events", "tasks.workflows", "tasks.actions",
-                                 "tasks.segments", "tasks.maintenance")
+                                 "tasks.segments", "tasks.maintenance", "tasks.schedules")
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

@@ -28,6 +28,14 @@
         variables:                       # start variables: {name: path into event or user}
           order_id: event.data.order_id  # a missing key gives None
           plan: user.attributes.plan
+    schedules:                           # scheduled audience journeys (workers/schedules/)
+      - name: weekly-win-back
+        workflow: win_back
+        segment: dormant                 # optional: every user when left out
+        cron: "0 10 * * 1"               # or every: 7d, or manual: true (fleet schedule run)
+        timezone: Europe/Berlin          # the zone the cron's wall-clock times are read in
+        batch_size: 1000                 # users started per transaction
+        reentry: no_concurrent           # skip users in the workflow already (or allow)
 
 Everything is validated before anything is written (conditions, BPMN, references
 between definitions), and every problem is named by its JSON pointer in the file
@@ -80,6 +88,8 @@ from workers.rules.conditions import (
     segment_refs,
 )
 from workers.rules.triggers import compile_start_variables
+from workers.schedules import runs as schedule_runs
+from workers.schedules.cron import parse_cron, zone
 from workers.sends.config import CapDef, GoalDef, MessagingDef, WorkflowSettings
 from workers.sends.policy import MESSAGING
 
@@ -144,6 +154,14 @@ class WorkflowDef(_Strict):
         except ValidationError as exc:
             raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
+    @field_validator("exit_on_goal")
+    @classmethod
+    def _exit_needs_goal(cls, value: bool, info: ValidationInfo) -> bool:
+        # An invalid goal is missing from info.data: reported at /goal, not here.
+        if value and "goal" in info.data and info.data["goal"] is None:
+            raise ValueError("exit_on_goal needs a goal: the goal is what ends the execution")
+        return value
+
     @property
     def settings(self) -> dict[str, Any]:
         return WorkflowSettings(goal=self.goal, holdout=self.holdout, caps=self.caps,
@@ -155,14 +173,6 @@ class WorkflowDef(_Strict):
     def _some_file(cls, value: Path | list[Path]) -> Path | list[Path]:
         if value == []:
             raise ValueError("names no file")
-        return value
-
-    @field_validator("exit_on_goal")
-    @classmethod
-    def _exit_needs_goal(cls, value: bool, info: ValidationInfo) -> bool:
-        # An invalid goal is missing from info.data: reported at /goal, not here.
-        if value and "goal" in info.data and info.data["goal"] is None:
-            raise ValueError("exit_on_goal needs a goal: the goal is what ends the execution")
         return value
 
     @property
@@ -273,11 +283,60 @@ class TriggerDef(_Strict):
         return _seconds(self.cooldown)
 
 
+MIN_EVERY_SECONDS = 60  # the beat looks for due schedules every 30 s
+
+
+class ScheduleDef(_Strict):
+    """A scheduled audience journey: exactly one of `cron` (read in `timezone`), `every`, `manual`."""
+
+    name: str = Field(min_length=1, max_length=255)
+    workflow: str = Field(min_length=1, max_length=255)
+    segment: str | None = Field(default=None, min_length=1, max_length=255)  # None: everyone
+    cron: str | None = None
+    timezone: str = "UTC"
+    every: str | int | None = None
+    manual: bool = False
+    batch_size: int = Field(default=1000, ge=1, le=10000)
+    reentry: Literal["no_concurrent", "allow"] = "no_concurrent"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str | int | None) -> str | int | None:
+        seconds = _seconds(value)
+        if seconds is not None and seconds < MIN_EVERY_SECONDS:
+            raise ValueError(f"must be at least {MIN_EVERY_SECONDS}s (got {seconds}s)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_when(self) -> ScheduleDef:
+        given = [k for k, v in (("cron", self.cron), ("every", self.every),
+                                ("manual", self.manual or None)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of cron, every or manual: true "
+                             f"(got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def when(self) -> schedule_runs.When:
+        if self.cron is not None:
+            return schedule_runs.When("cron", " ".join(self.cron.split()), self.timezone)
+        if self.every is not None:
+            return schedule_runs.When("interval", interval_seconds=_seconds(self.every))
+        return schedule_runs.When("manual")
+
+
 class Definitions(_Strict):
     messaging: MessagingDef | None = None  # None: the stored policy is left as it is
     workflows: list[WorkflowDef] = []
     segments: list[SegmentDef] = []
     triggers: list[TriggerDef] = []
+    schedules: list[ScheduleDef] = []
 
 
 @dataclass(frozen=True)
@@ -351,8 +410,12 @@ def load(path: Path) -> tuple[Definitions, dict[str, WorkflowSource]]:
                               conditions=partial(parse, trig.conditions, max_cost=MAX_COST),
                               cooldown=partial(_seconds, trig.cooldown),
                               variables=partial(compile_start_variables, trig.variables))
+    for sched in doc.schedules:
+        if sched.cron is not None:
+            problems += _problems(sched, f"schedule {sched.name}",
+                                  cron=partial(parse_cron, sched.cron, sched.timezone))
     for kind, items in (("workflow", doc.workflows), ("segment", doc.segments),
-                        ("trigger", doc.triggers)):
+                        ("trigger", doc.triggers), ("schedule", doc.schedules)):
         names = [i.name for i in items]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             where = ", ".join(i._at for i in items if i.name == dup)
@@ -376,7 +439,7 @@ def _read_yaml(path: Path) -> object:
 
 _SECTIONS: dict[str, tuple[str, type[_Strict]]] = {
     "workflows": ("workflow", WorkflowDef), "segments": ("segment", SegmentDef),
-    "triggers": ("trigger", TriggerDef)}
+    "triggers": ("trigger", TriggerDef), "schedules": ("schedule", ScheduleDef)}
 
 
 def _parse(raw: object, problems: list[str]) -> Definitions:
@@ -495,9 +558,43 @@ def apply(session: Session, doc: Definitions, sources: Mapping[str, WorkflowSour
                   "cooldown_seconds": trig.cooldown_seconds,
                   "start_variables": trig.variables}
         changes.append(_upsert(session, Trigger, trig.name, values, now, "trigger"))
+    changes += _apply_schedules(session, doc.schedules, workflow_ids, now, problems)
     if problems:  # the caller's transaction rolls back what was written
         raise DefinitionError("\n".join(problems))
     return ApplyReport.of(changes)
+
+
+def _apply_schedules(session: Session, schedules: Sequence[ScheduleDef],
+                     workflow_ids: Mapping[str, Any], now: dt.datetime,
+                     problems: list[str]) -> list[Change]:
+    """Create or update each schedule by name (workers/schedules/runs.py writes them).
+
+    A workflow or segment named neither in the document nor in the database adds a
+    problem with its path instead.
+    """
+    changes: list[Change] = []
+    if schedules:
+        session.flush()  # the document's segments, added above
+    for sched in schedules:
+        workflow_id = workflow_ids.get(sched.workflow) or session.execute(
+            select(Workflow.id).where(Workflow.name == sched.workflow)).scalar_one_or_none()
+        if workflow_id is None:
+            problems.append(f"{sched._at}/workflow: schedule {sched.name}: no workflow named "
+                            f"{sched.workflow!r}")
+        segment_id = None
+        if sched.segment is not None:
+            segment_id = session.execute(select(UserSegment.id).where(
+                UserSegment.name == sched.segment)).scalar_one_or_none()
+            if segment_id is None:
+                problems.append(f"{sched._at}/segment: schedule {sched.name}: no segment named "
+                                f"{sched.segment!r}")
+        if workflow_id is None or (sched.segment is not None and segment_id is None):
+            continue
+        verb = schedule_runs.upsert(session, sched.name, schedule_runs.ScheduleValues(
+            workflow_id=workflow_id, when=sched.when, segment_id=segment_id,
+            batch_size=sched.batch_size, reentry=sched.reentry), now)
+        changes.append((verb, f"schedule {sched.name}"))
+    return changes
 
 
 def _apply_messaging(session: Session, messaging: MessagingDef, now: dt.datetime) -> Change:

@@ -35,6 +35,8 @@ class TaskNames:
     RUN_ACTION = "actions.run"
     REFRESH_SEGMENT = "segments.refresh"
     REFRESH_EXPIRED_SEGMENTS = "segments.refresh_expired"
+    START_DUE_SCHEDULES = "segments.start_due_schedules"
+    RUN_SCHEDULE = "segments.run_schedule"
     RELAY_OUTBOX = "maintenance.relay_outbox"
     ENSURE_PARTITIONS = "maintenance.ensure_partitions"
     METRICS_DAILY = "maintenance.metrics_daily"

@@ -19,6 +19,7 @@ from workers.cli.context import (
 )
 from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.events import emit
+from workers.cli.schedules import schedule_app
 from workers.cli.status import status
 from workers.cli.workflows import execution_app, workflow_app
 from workers.queues import QUEUE_NAMES
@@ -34,6 +35,7 @@ app.add_typer(trigger_app, name="trigger")
 app.add_typer(segment_app, name="segment")
 app.add_typer(workflow_app, name="workflow")
 app.add_typer(execution_app, name="execution")
+app.add_typer(schedule_app, name="schedule")
 app.command()(emit)
 app.command()(apply)
 app.command()(status)

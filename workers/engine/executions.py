@@ -13,6 +13,7 @@ and never commit or send.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ class NewExecution:
     trigger_id: uuid.UUID | None = None
     source_event_id: uuid.UUID | None = None
     single_active: bool = False  # the trigger allows one active execution per user
+    start_key: str | None = None  # unique per workflow: a second start with it creates nothing
 
 
 class Started(NamedTuple):
@@ -71,18 +73,31 @@ def create(session: Session, new: Sequence[NewExecution], now: dt.datetime) -> l
     """
     if not new:
         return []
-    rows = session.execute(
-        pg_insert(WorkflowExecution)
-        .values([{"workflow_id": n.workflow_id, "workflow_version": n.workflow_version,
-                  "user_id": n.user_id, "status": ExecutionStatus.PENDING,
-                  "variables": n.variables, "trigger_id": n.trigger_id,
-                  "source_event_id": n.source_event_id, "single_active": n.single_active,
-                  "step_enqueued_at": now} for n in new])
-        .on_conflict_do_nothing()
-        .returning(WorkflowExecution.id, WorkflowExecution.trigger_id,
-                   WorkflowExecution.source_event_id)
-    ).all()
+    rows = session.execute(CREATE, {
+        "workflows": [n.workflow_id for n in new], "versions": [n.workflow_version for n in new],
+        "users": [n.user_id for n in new], "triggers": [n.trigger_id for n in new],
+        "sources": [n.source_event_id for n in new], "single": [n.single_active for n in new],
+        "keys": [n.start_key for n in new],
+        "variables": json.dumps([n.variables for n in new], default=str),
+        "status": ExecutionStatus.PENDING.value, "now": now}).all()
     return [Started(r.id, r.trigger_id, r.source_event_id) for r in rows]
+
+
+# Arrays, not one VALUES row per execution: the statement text is the same whatever the
+# batch size (parsed and planned once), where a 500-row VALUES cost 0.14 s to compile.
+CREATE = text(
+    "INSERT INTO workflow_executions (workflow_id, workflow_version, user_id, status, variables, "
+    "  trigger_id, source_event_id, single_active, start_key, step_enqueued_at) "
+    "SELECT k.workflow_id, k.workflow_version, k.user_id, :status, v.value, k.trigger_id, "
+    "  k.source_event_id, k.single_active, k.start_key, :now "
+    "FROM unnest(CAST(:workflows AS uuid[]), CAST(:versions AS text[]), CAST(:users AS uuid[]), "
+    "  CAST(:triggers AS uuid[]), CAST(:sources AS uuid[]), CAST(:single AS boolean[]), "
+    "  CAST(:keys AS text[])) "
+    "  WITH ORDINALITY AS k(workflow_id, workflow_version, user_id, trigger_id, source_event_id, "
+    "  single_active, start_key, n) "
+    "JOIN jsonb_array_elements(CAST(:variables AS jsonb)) WITH ORDINALITY AS v(value, n) "
+    "  ON v.n = k.n "
+    "ON CONFLICT DO NOTHING RETURNING id, trigger_id, source_event_id")
 
 
 def create_keyed(session: Session, new: NewExecution, key: str, now: dt.datetime) -> uuid.UUID:
