@@ -29,7 +29,8 @@ log = get_logger(__name__)
 RUN_BUDGET_SECONDS = 5.0  # well below runs.STALE_AFTER: a live run never looks dead
 
 
-def _send_run(message: runs.RunMessage) -> None:
+def send_run(message: runs.RunMessage) -> None:
+    """Send a run's next message (the beat's sweep, the run itself, `fleet schedule run`)."""
     run.delay(str(message.run_id), message.batches)
 
 
@@ -41,7 +42,7 @@ def start_due_schedules(self: FleetTask, stale_seconds: float | None = None) -> 
     started = runs.start_due(self.session, now)
     resumed = runs.resume_stale(self.session, now, older_than)
     for message in started + resumed:
-        self.after_commit(partial(_send_run, message))
+        self.after_commit(partial(send_run, message))
     if started or resumed:
         log.info("schedules.swept", started=len(started), resumed=len(resumed))
     return len(started) + len(resumed)
@@ -64,7 +65,7 @@ def run(self: FleetTask, run_id: str, batches: int) -> str:
     self.after_commit(partial(dispatch.send_steps,
                               [(execution_id, 0) for execution_id in batch.started]))
     if batch.status == "more":
-        self.after_commit(partial(_send_run, runs.RunMessage(uuid.UUID(run_id), batch.batches)))
+        self.after_commit(partial(send_run, runs.RunMessage(uuid.UUID(run_id), batch.batches)))
     log.info("schedule.run", run_id=run_id, status=batch.status, batches=batch.batches,
              started=started)
     return batch.status

@@ -228,7 +228,13 @@ def print_sends(summary: Any) -> None:
               f"the activation nudge began waiting (its wait looks back); "
               f"{summary.needless_nudges:,} nudges went to a user whose project came before the "
               f"nudge's timeout; {summary.late_nudges:,} went out after waiting for the send "
-              f"window, the project created meanwhile (a goal exit would drop them)")
+              f"window with the project created meanwhile (the nudge exits on its goal: such a "
+              f"send is dropped)")
+    if summary.early_exits:
+        out.print("exits     " + "; ".join(
+            f"{workflow}: {n:,} ended early ({'goal reached' if outcome == 'goal' else outcome})"
+            for (workflow, outcome), n in summary.early_exits.items())
+            + f"; {summary.sends.by_outcome.get('dropped', 0):,} deferred sends dropped")
 
 
 def print_summary(summary: Any, result: Any, flower: str) -> None:
@@ -244,6 +250,13 @@ def print_summary(summary: Any, result: Any, flower: str) -> None:
         triggers.add_row(t.name, t.event_type, f"{t.evaluated:,}", f"{t.matched:,}",
                          f"{t.started:,}")
     out.print(triggers)
+    for (schedule, workflow), n in summary.scheduled.items():
+        out.print(f"schedules {schedule} started {workflow} for {n:,} of the run's users "
+                  "(every member of its segment, once per run)")
+    if summary.segment_moves:
+        out.print("segments  " + "; ".join(
+            f"{segment} {kind} by {n:,} users" for (segment, kind), n in
+            summary.segment_moves.items()) + " (segment.entered/exited events, from the outbox)")
 
     executions = Table("workflow", "completed", "failed", "active", "outcomes", box=None)
     for wf in summary.workflows:

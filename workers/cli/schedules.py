@@ -45,10 +45,10 @@ def _fail(exc: runs.ScheduleError) -> typer.Exit:
 
 def _send(messages: list[runs.RunMessage]) -> None:
     # Lazy: the task module loads the Celery app, which `list` does without.
-    from tasks.schedules import run
+    from tasks.schedules import send_run
 
     for message in messages:
-        run.delay(str(message.run_id), message.batches)
+        send_run(message)
 
 
 @schedule_app.command("list")

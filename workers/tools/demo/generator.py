@@ -25,9 +25,10 @@ malformed event type, data that is not an object, a truncated JSON line, ...)
 travel with the good events, to show dead-lettering.
 
 The stream is cut into phases the demo sends one after the other: one per simulated
-day (events in order of `occurred_at`), then the nightly account sync (one
-`user.heartbeat` per user at `end`), then the replies to the win-back mails
-(sessions of some users who had gone quiet; no `occurred_at`: they happen now).
+day (events in order of `occurred_at`), then the weekly win-back (no events: the demo
+runs the program's `weekly-win-back` schedule, which starts the win-back for every
+member of `churn-risk`), then the replies to the win-back mails (sessions of some
+users who had gone quiet; no `occurred_at`: they happen now).
 
 The same arguments give the same stream, event ids included: behaviour comes from
 a `random.Random` per user seeded with (seed, user number), ids are UUIDv5 of
@@ -46,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+WIN_BACK_SCHEDULE = "weekly-win-back"  # program.yaml's schedule for the quiet users
 NAMESPACE = uuid.UUID("0b9e2d53-6f7c-4c1e-9a44-3d8f2a61c0de")
 PERSONAS: tuple[tuple[str, float], ...] = (
     ("bouncer", 0.30), ("explorer", 0.20), ("casual", 0.25), ("fader", 0.12), ("power", 0.13))
@@ -82,11 +84,12 @@ WIN_BACK_REPLY_RATE = 0.35
 
 @dataclass(frozen=True)
 class Phase:
-    """What the demo sends in one go: a simulated day, the nightly sync, the replies."""
+    """What the demo sends in one go: a simulated day, the weekly run, the replies."""
 
     name: str
     events: tuple[dict[str, Any], ...]
     bad: tuple[Any, ...] = ()  # deliberately bad inputs, sent among the good events
+    schedule: str | None = None  # a schedule the demo runs at this point (no events)
 
     def to_send(self) -> list[Any]:
         """The good events with the bad inputs spread evenly among them (a fixed order)."""
@@ -281,7 +284,7 @@ class _Simulation:
         p = _PROFILE[user.persona]
         user.sessions += 1
         user.last_active_day = day
-        self._emit(user, t, "user.identify", {"last_seen_at": _iso(t)})
+        self._emit(user, t, "user.identify", {"last_seen_at": _iso(t), "sessions": user.sessions})
         self._emit(user, t + dt.timedelta(seconds=1), "session.started",
                    {"device": rng.choice(DEVICES)})
         # The upsell trigger counts sessions and projects when a session starts, and wants
@@ -337,13 +340,8 @@ class _Simulation:
         if leftover:
             phases[0] = Phase(phases[0].name, phases[0].events, phases[0].bad + leftover)
 
-        sync = self.end
-        heartbeats = []
-        for user in self.users:
-            heartbeats.append({"event_id": self._event_id(user.email, len(user.events)),
-                               "event_type": "user.heartbeat", "user": user.email,
-                               "occurred_at": _iso(sync), "data": {"source": "nightly-sync"}})
-        phases.append(Phase("nightly sync", tuple(heartbeats)))
+        # The weekly win-back's Monday comes after the last day: the demo runs it then.
+        phases.append(Phase("weekly win-back", (), schedule=WIN_BACK_SCHEDULE))
 
         replies = []
         reply_rng = random.Random(f"{self.seed}:replies")

@@ -14,7 +14,7 @@ from workers.tools.demo.summary import SEND_OUTCOMES, Summary
 
 PALETTE = ("#3fb68b", "#5b8def", "#f2a93b", "#9b6bd3", "#2bb5c9", "#e58fb8", "#8c9a3b")
 OUTCOME_COLORS = {"sent": "#3fb68b", "deferred": "#5b8def", "suppressed": "#d64545",
-                  "capped": "#f2a93b", "held_out": "#9aa0a6"}
+                  "capped": "#f2a93b", "held_out": "#9aa0a6", "dropped": "#7b61a8"}
 STATUS_COLORS = {"failed": "#d64545", "cancelled": "#9aa0a6", "running": "#c7d2e0",
                  "pending": "#e3e8ef"}
 
@@ -142,7 +142,7 @@ user's time zone (deferred: waits on a durable timer, every rule re-checked when
 frequency caps. One decision per send, table <code>sends</code> (a deferred send shows its
 latest decision).</p>
 <div class="legend">{legend}</div>
-{_table(("workflow", *SEND_OUTCOMES, ""), rows, {1, 2, 3, 4, 5})}
+{_table(("workflow", *SEND_OUTCOMES, ""), rows, {1, 2, 3, 4, 5, 6})}
 <p><b>{_n(sends.deferred)}</b> sends waited for the send window; <b>{_n(sends.deferred_sent)}</b>
 went out when it opened, <b>{_n(sends.deferred_sent_in_window)}</b> of them at an instant the
 user's window was open{first}. The others were capped or suppressed when re-checked.</p>
@@ -151,8 +151,9 @@ user's window was open{first}. The others were capped or suppressed when re-chec
 nudge began waiting for it; its wait looks back an hour in the audit log, so
 <b>{_n(summary.needless_nudges)}</b> nudges went to a user whose project came before the nudge's
 timeout. <b>{_n(summary.late_nudges)}</b> nudges were decided at the timeout, waited for the send
-window, and went out although the user created a project meanwhile: ending the journey on its
-goal (a goal exit) would drop those.</p>
+window, and went out although the user created a project meanwhile: the nudge ends on its goal
+(<code>exit_on_goal</code>), so such a send is dropped instead.</p>
+{_early_exits(summary)}
 <h2>Goal conversion, treated vs held out</h2>
 <p class="meta">Executions of each workflow with a goal, split by the holdout rule; conversion =
 the goal event recorded within the goal's window after the start. Lift: treated minus held-out
@@ -161,6 +162,37 @@ The demo's synthetic users do not read their mail, so the lift of this stream is
 the interval tells how much a real program would need to show.</p>
 {_table(("workflow", "treated", "converted", "rate", "held out", "converted", "rate",
          "lift, pp [95% CI]"), conversion_rows, {1, 2, 3, 4, 5, 6})}"""
+
+
+def _early_exits(summary: Summary) -> str:
+    """Executions ended before their end event: a goal exit, or `exit_when`."""
+    if not summary.early_exits:
+        return ""
+    rows = [(f"<b>{_e(workflow)}</b>", "goal reached" if outcome == "goal" else _e(outcome),
+             _n(n)) for (workflow, outcome), n in summary.early_exits.items()]
+    dropped = summary.sends.by_outcome.get("dropped", 0)
+    return (f"<p>Journeys ended early, wherever they were (a wait, a send deferred to the "
+            f"window): <b>{_n(dropped)}</b> deferred sends were dropped by those exits.</p>"
+            + _table(("workflow", "why", "executions"), rows, {2}))
+
+
+def _segment_moves(summary: Summary) -> str:
+    """Entries and exits of watched segments, and the schedules' starts: the audience journeys."""
+    html = ""
+    if summary.segment_moves:
+        rows = [(f"<b>{_e(segment)}</b>", _e(kind), _n(n))
+                for (segment, kind), n in summary.segment_moves.items()]
+        html += ("<p class=\"meta\">Segment entries and exits, as <code>segment.entered</code> "
+                 "/ <code>segment.exited</code> events: each membership change of a watched "
+                 "segment, written to the outbox by the transaction that made it.</p>"
+                 + _table(("segment", "transition", "users"), rows, {2}))
+    if summary.scheduled:
+        rows = [(f"<b>{_e(schedule)}</b>", _e(workflow), _n(n))
+                for (schedule, workflow), n in summary.scheduled.items()]
+        html += ("<p class=\"meta\">Scheduled journeys: a run starts the workflow for every "
+                 "member of the schedule's segment, in batches, once per user per run.</p>"
+                 + _table(("schedule", "workflow", "executions started"), rows, {2}))
+    return html
 
 
 def render(summary: Summary, meta: dict[str, Any], pictures: Sequence[str] = ()) -> str:
@@ -225,6 +257,7 @@ the workflows' <code>set_lifecycle_stage</code>.</p>
         {1, 2, 3})}
 <p class="meta">Matched but not started: the re-entry rules (one active execution per user, at
 most one run, cooldown) held the start back.</p>
+{_segment_moves(summary)}
 
 <h2>Send gateway</h2>
 {sends_section(summary)}

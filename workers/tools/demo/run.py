@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -31,6 +32,7 @@ from sqlalchemy import text
 from db.session import session_scope
 from workers.definitions import ApplyReport, apply, load
 from workers.queues import ACTIONS, EVENTS, WORKFLOWS
+from workers.schedules import runs
 from workers.sends.config import MessagingDef, SendWindowDef
 from workers.settings import get_settings
 from workers.tools.demo.generator import DemoStream, Phase
@@ -80,6 +82,7 @@ class StreamResult:
     bad: int = 0
     unsettled: list[str] = field(default_factory=list)  # phases that did not settle in time
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock time per phase
+    schedule_runs: dict[str, uuid.UUID] = field(default_factory=dict)  # schedule -> its run
     drained: bool = False
     seconds: float = 0.0
 
@@ -187,9 +190,29 @@ def _describe(figures: dict[str, int], depths: dict[str, int] | None) -> str:
     return line
 
 
+def run_schedule(name: str) -> uuid.UUID:
+    """Start a run of the named schedule now, as `fleet schedule run NAME` does."""
+    # Lazy: the task module loads the Celery app, which the rest of this module does without.
+    from tasks.schedules import send_run
+
+    with session_scope() as session:
+        message = runs.start_manual(session, name, dt.datetime.now(dt.UTC))
+    send_run(message)
+    return message.run_id
+
+
+def _run_over(run_id: uuid.UUID | None) -> bool:
+    if run_id is None:
+        return True
+    with session_scope() as session:
+        run = runs.run_view(session, run_id)
+    return run is not None and run.status != "running"
+
+
 def settle(stream: DemoStream, phase: Phase, timeout: float, reporter: Reporter,
-           probe: QueueProbe | None = None) -> bool:
-    """Until the phase's events are in the inbox and no execution of the run is stepping."""
+           probe: QueueProbe | None = None, run_id: uuid.UUID | None = None) -> bool:
+    """Until the phase's events are in the inbox, its schedule's run (if any) is over, and
+    no execution of the run is stepping."""
     ids = [e["event_id"] for e in phase.events]
     deadline = time.monotonic() + timeout
     while True:
@@ -198,7 +221,7 @@ def settle(stream: DemoStream, phase: Phase, timeout: float, reporter: Reporter,
             figures = progress(session, stream.domain)
         depths = probe.depths() if probe else None
         reporter.status(f"ingested {ingested}/{len(ids)} · {_describe(figures, depths)}")
-        if ingested >= len(ids) and figures["in_flight"] == 0:
+        if ingested >= len(ids) and figures["in_flight"] == 0 and _run_over(run_id):
             return True
         if time.monotonic() > deadline:
             return False
@@ -241,7 +264,10 @@ def send(stream: DemoStream, *, day_seconds: float = 1.0, settle_timeout: float 
                 reporter.sent(len(batch))
             result.good += len(phase.events)
             result.bad += len(phase.bad)
-            if not settle(stream, phase, settle_timeout, reporter, probe):
+            run_id = run_schedule(phase.schedule) if phase.schedule else None
+            if run_id is not None:
+                result.schedule_runs[phase.schedule or ""] = run_id
+            if not settle(stream, phase, settle_timeout, reporter, probe, run_id):
                 result.unsettled.append(phase.name)
             rest = day_seconds - (time.monotonic() - phase_started)
             if rest > 0 and phase.name.startswith("day "):

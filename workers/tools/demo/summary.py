@@ -23,7 +23,7 @@ from workers.sends.policy import SendPolicy
 from workers.sends.policy import load as load_policy
 from workers.sends.windows import next_open, resolve_timezone
 
-SEND_OUTCOMES = ("sent", "deferred", "suppressed", "capped", "held_out")
+SEND_OUTCOMES = ("sent", "deferred", "suppressed", "capped", "held_out", "dropped")
 
 # The run's users; every query below starts from it.
 RUN_USERS = "SELECT id FROM users WHERE email LIKE :pattern"
@@ -98,6 +98,9 @@ class Summary:
     early_projects: int  # users whose first project came before the nudge began waiting
     needless_nudges: int  # nudges sent though the wait should have caught the project
     late_nudges: int  # nudges deferred to the send window, the project created meanwhile
+    segment_moves: dict[tuple[str, str], int]  # (segment, entered|exited) -> transitions
+    early_exits: dict[tuple[str, str], int]  # (workflow, goal|exited) -> executions ended early
+    scheduled: dict[tuple[str, str], int]  # (schedule, workflow) -> executions its runs started
 
     @property
     def reached(self) -> dict[str, int]:
@@ -126,7 +129,11 @@ class Summary:
 
 
 def progress(session: Session, domain: str) -> dict[str, int]:
-    """Cheap figures for a progress line: active executions by what they wait for."""
+    """Cheap figures for a progress line: active executions by what they wait for.
+
+    An event of the run's users still in the outbox counts as in flight (and active):
+    the execution it starts does not exist yet.
+    """
     row = session.execute(text(
         f"SELECT count(*) FILTER (WHERE step_enqueued_at IS NOT NULL) AS in_flight, "
         f"count(*) FILTER (WHERE step_enqueued_at IS NULL AND wake_at IS NOT NULL) AS timers, "
@@ -135,12 +142,17 @@ def progress(session: Session, domain: str) -> dict[str, int]:
         f"count(*) AS active "
         f"FROM workflow_executions WHERE status IN ({sql_list(ACTIVE_EXECUTION_STATUSES)}) "
         f"AND user_id IN ({RUN_USERS})"), _params(domain)).one()
+    # Segment entries and exits of the run's users not yet relayed: executions to come.
+    outbox = session.execute(text(
+        "SELECT count(*) FROM event_outbox WHERE status = 'PENDING' AND partition_key IN "
+        "(SELECT CAST(id AS text) FROM users WHERE email LIKE :pattern)"),
+        _params(domain)).scalar_one()
     done = session.execute(text(
         f"SELECT count(*) FROM workflow_executions "
         f"WHERE status NOT IN ({sql_list(ACTIVE_EXECUTION_STATUSES)}) "
         f"AND user_id IN ({RUN_USERS})"), _params(domain)).scalar_one()
-    return {"in_flight": row.in_flight, "timers": row.timers, "messages": row.messages,
-            "active": row.active, "finished": done}
+    return {"in_flight": row.in_flight + outbox, "timers": row.timers,
+            "messages": row.messages, "active": row.active + outbox, "finished": done}
 
 
 def summarize(session: Session, domain: str) -> Summary:
@@ -194,6 +206,20 @@ def summarize(session: Session, domain: str) -> Summary:
     waits = progress(session, domain)
     policy = load_policy(session)
     early, needless, late = _nudges(session, p)
+    exits = {(r.name, r.outcome): r.n for r in session.execute(text(
+        f"SELECT w.name, e.outcome, count(*) AS n FROM workflow_executions e "
+        f"JOIN workflows w ON w.id = e.workflow_id WHERE e.outcome IS NOT NULL "
+        f"AND e.user_id IN ({RUN_USERS}) GROUP BY 1, 2 ORDER BY 1, 2"), p)}
+    scheduled = {(r.schedule, r.name): r.n for r in session.execute(text(
+        f"SELECT e.variables->'schedule'->>'name' AS schedule, w.name, count(*) AS n "
+        f"FROM workflow_executions e JOIN workflows w ON w.id = e.workflow_id "
+        f"WHERE e.start_key IS NOT NULL AND e.variables ? 'schedule' "
+        f"AND e.user_id IN ({RUN_USERS}) GROUP BY 1, 2 ORDER BY 1, 2"), p)}
+    moves = {(r.segment, r.kind): r.n for r in session.execute(text(
+        f"SELECT event_data->>'segment' AS segment, split_part(event_type, '.', 2) AS kind, "
+        f"count(*) AS n FROM lifecycle_events WHERE user_id IN ({RUN_USERS}) "
+        f"AND event_type IN ('segment.entered', 'segment.exited') GROUP BY 1, 2 ORDER BY 1, 2"),
+        p)}
     return Summary(
         domain=domain, users=sum(stages.values()), stages=stages,
         events=sum(events_by_type.values()), events_by_type=events_by_type,
@@ -205,7 +231,8 @@ def summarize(session: Session, domain: str) -> Summary:
         in_flight=waits["in_flight"],
         sends=_sends(session, p, policy), conversions=_conversions(session, p, policy),
         splits=split_conversions(session, dt.datetime.now(dt.UTC) - dt.timedelta(days=1)),
-        early_projects=early, needless_nudges=needless, late_nudges=late,
+        early_projects=early, needless_nudges=needless, late_nudges=late, segment_moves=moves,
+        early_exits=exits, scheduled=scheduled,
     )
 
 
