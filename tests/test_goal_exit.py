@@ -32,6 +32,7 @@ from workers.engine.stepper import StepResult
 from workers.events import exits
 from workers.events.ingest import IngestResult, ingest
 from workers.operators.deliveries import run_action
+from workers.reports.nodes import workflow_report
 from workers.rules.triggers import TriggerCache
 from workers.sends.config import GoalDef, WorkflowSettings
 
@@ -231,9 +232,8 @@ def test_the_goal_ends_an_execution_where_it_waits_and_nothing_is_sent_after(wai
     execution_id, user, goal_event, ingested = _goal_while_waiting(wait, exit_on_goal=True)
     assert execution_id in {e for e, _ in ingested.woken}  # ingest sends its step
     assert _exit_row(execution_id).reason == "goal"
-    node = execution(execution_id).current_node_id
     result = _step(execution_id, dict(ingested.woken)[execution_id])
-    assert (result.outcome, result.node_id) == ("exited", node)
+    assert (result.outcome, result.node_id) == ("exited", "wait")  # where it waited
     _assert_exited(execution_id, goal_event)
     # Whatever would have woken it finds it ended: its reply, a late timer step, the person.
     assert execution_id not in {e for e, _ in _ingest([_event(REPLY, user)]).woken}
@@ -241,6 +241,26 @@ def test_the_goal_ends_an_execution_where_it_waits_and_nothing_is_sent_after(wai
     with session_scope() as session, pytest.raises(control.ControlError):
         control.complete(session, execution_id, "wait", {})
     assert _sent(execution_id) == ([], 0)
+
+
+def test_the_workflow_report_counts_goal_exits_at_the_node_they_left() -> None:
+    goal = _etype()
+    workflow = _workflow("message", goal=goal)
+    users = [new_user() for _ in range(3)]
+    ids = [_start(workflow, user) for user in users]
+    for execution_id in ids:
+        _settle(execution_id)
+    node = "wait"  # the message catch: it waits there, its last history row is the start's
+    ingested = _ingest([_event(goal, user) for user in users[:2]])  # the third stays
+    for execution_id in ids[:2]:
+        assert _step(execution_id, dict(ingested.woken)[execution_id]).outcome == "exited"
+    with session_scope() as session:
+        report = workflow_report(session, workflow)
+    stats = report.node(node)
+    assert (stats.exited, stats.waiting) == (2, 1)
+    assert report.outcomes["goal_exits"] == 2 and report.outcomes["completed"] == 2
+    assert report.outcomes["condition_exits"] == 0
+    assert {n["node_id"]: n["exited"] for n in report.to_json()["nodes"]}[node] == 2
 
 
 @pytest.mark.parametrize("wait", ["message", "human"])

@@ -274,7 +274,8 @@ def test_counts_agree_with_execution_steps(ran: dict[str, Any]) -> None:
 def test_outcomes_and_goal_conversion_treated_vs_held_out(ran: dict[str, Any]) -> None:
     report = _report(ran["name"])
     assert dict(report.outcomes) == {"pending": 1, "running": 2, "completed": 3, "failed": 1,
-                                     "cancelled": 0, "paused": 0, "stalled": 0}
+                                     "cancelled": 0, "paused": 0, "stalled": 0,
+                                     "goal_exits": 0, "condition_exits": 0}
     assert report.goal == ran["goal"]
     # The holdout rule's Python twin (the send gateway's) splits the same users.
     with session_scope() as session:
@@ -421,7 +422,7 @@ def test_the_command_prints_json_tables_and_writes_the_svg(ran: dict[str, Any], 
     assert "7 executions (all)" in table.stdout
     row = next(line for line in table.stdout.splitlines() if " wait_timer " in line)
     assert re.search(r"intermediateCatchEvent\s*│\s*2\s*│\s*1\s*│\s*1\s*│\s*0\s*│\s*0\s*│"
-                     r"\s*3600\.0s", row), row
+                     r"\s*0\s*│\s*3600\.0s", row), row  # ... failed, stalled, exited, median
     assert "goal conversion" in table.stdout
 
     missing = _fleet("workflow", "report", f"missing-{uuid.uuid4().hex[:6]}")

@@ -142,11 +142,11 @@ def report(
     out.print(f"{found.workflow} v{found.version}: {found.executions} executions ({period}): "
               f"{outcomes}", markup=False, highlight=False, soft_wrap=True)
     nodes = Table("node", "name", "kind", "reached", "completed", "waiting", "failed", "stalled",
-                  "median", title="executions at each node")
+                  "exited", "median", title="executions at each node")
     for n in found.nodes:
         median = "-" if n.median_seconds is None else f"{n.median_seconds:.1f}s"
         nodes.add_row(n.node_id, escape(n.name or ""), n.kind, str(n.reached), str(n.completed),
-                      str(n.waiting), str(n.failed), str(n.stalled), median)
+                      str(n.waiting), str(n.failed), str(n.stalled), str(n.exited), median)
     out.print(nodes)
     edges = Table("from", "to", "executions", "of from", "drop-off", "drawn",
                   title="executions from node to node")

@@ -506,17 +506,20 @@ def cancel(session: Session, row: WorkflowExecution, now: dt.datetime) -> None:
 
 
 def exit_now(session: Session, row: WorkflowExecution, request: ExitRequest,
-             now: dt.datetime) -> int:
+             node_id: str | None, now: dt.datetime) -> int:
     """The (locked) execution leaves its workflow where it is: `completed`, outcome the reason.
 
     Ended as `cancel` ends it (no timer, wait, human task or pause is left, so nothing
     wakes it again), with a history row (node type `Exit`, outcome `exited`, the reason
-    in its message) at the node it was at. Returns the version of that row.
+    in its message) at `node_id`, the node it was at (the wait, not the node before it).
+    Returns the version of that row.
     """
     _end(row, ExecutionStatus.COMPLETED, now)
     row.outcome = request.reason
-    return _history(session, row, row.current_node_id or "-", EXIT_NODE_TYPE,
-                    StepOutcome.EXITED, now, now, request.describe())
+    node_id = node_id or row.current_node_id or "-"
+    row.current_node_id = node_id
+    return _history(session, row, node_id, EXIT_NODE_TYPE, StepOutcome.EXITED, now, now,
+                    request.describe())
 
 
 def pause(row: WorkflowExecution, now: dt.datetime) -> None:

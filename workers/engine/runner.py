@@ -17,7 +17,10 @@ from typing import Any
 from SpiffWorkflow.bpmn.specs.event_definitions.message import MessageEventDefinition
 from SpiffWorkflow.bpmn.specs.event_definitions.multiple import MultipleEventDefinition
 from SpiffWorkflow.bpmn.specs.event_definitions.timer import TimerEventDefinition
-from SpiffWorkflow.bpmn.specs.mixins.events.intermediate_event import EventBasedGateway
+from SpiffWorkflow.bpmn.specs.mixins.events.intermediate_event import (
+    BoundaryEvent,
+    EventBasedGateway,
+)
 from SpiffWorkflow.bpmn.specs.mixins.manual_task import ManualTask
 from SpiffWorkflow.bpmn.specs.mixins.service_task import ServiceTask
 from SpiffWorkflow.bpmn.specs.mixins.user_task import UserTask
@@ -234,6 +237,16 @@ def waits(workflow: BpmnWorkflow) -> Waits:
                 if when is not None and (wake_at is None or when < wake_at):
                     wake_at = when
     return Waits(wake_at, tuple(sorted(messages)))
+
+
+def waiting_nodes(workflow: BpmnWorkflow) -> list[str]:
+    """The drawn nodes the workflow waits at: catch events, receive tasks, event gateways.
+
+    A boundary event waits with the activity it is attached to, which is the node named.
+    """
+    return sorted({task.task_spec.name for task in workflow.get_tasks(state=TaskState.WAITING)
+                   if not isinstance(task.task_spec, BoundaryEvent)
+                   and not task.task_spec.name.startswith(("Start", "End"))})
 
 
 def occurred_at(payload: dict[str, Any]) -> dt.datetime | None:

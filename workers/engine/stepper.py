@@ -284,7 +284,7 @@ def _step_locked(session: Session, batch: _Batch, execution: WorkflowExecution,
         return StepResult("noop", reason=f"execution is {execution.status}")
     request = batch.exits.get(execution.id)
     if request is not None:  # before the pause and version checks: any step message ends it
-        return _exit(session, execution, request, now)
+        return _exit(session, execution, request, _exit_node(session, batch, execution), now)
     if execution.paused_at is not None:
         return StepResult("noop", reason="execution is paused")
     if execution.state_version != expected_version:
@@ -406,11 +406,26 @@ DROP_CALLS = text(
     "WHERE d.key = open.key RETURNING d.key")
 
 
+def _exit_node(session: Session, batch: _Batch, execution: WorkflowExecution) -> str | None:
+    """Where the execution is when it exits: the human task or the wait it is at, else the
+    node it last ran (a service task whose call is in flight or deferred is that node)."""
+    if execution.awaiting_tasks:
+        return str(execution.awaiting_tasks[0])
+    if execution.engine_state is not None:
+        try:
+            waiting = runner.waiting_nodes(_load(session, batch, execution))
+        except Exception:  # noqa: BLE001 - a spec that no longer loads: its last node will do
+            waiting = []
+        if waiting:
+            return waiting[0]
+    return execution.current_node_id
+
+
 def _exit(session: Session, execution: WorkflowExecution, request: executions.ExitRequest,
-          now: dt.datetime) -> StepResult:
-    """End the execution where it is (goal reached or exit_when met); drop its pending calls."""
+          node_id: str | None, now: dt.datetime) -> StepResult:
+    """End the execution at `node_id` (goal reached or exit_when met); drop its pending calls."""
+    executions.exit_now(session, execution, request, node_id, now)
     node_id = execution.current_node_id
-    executions.exit_now(session, execution, request, now)
     why = f"dropped: the execution exited ({request.describe()})"
     dropped = list(session.execute(DROP_CALLS, {"e": execution.id, "now": now, "why": why})
                    .scalars())

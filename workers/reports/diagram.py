@@ -4,7 +4,7 @@ and the demo's HTML report (`workflow_section_html`).
 With a BPMNDI section the shapes are drawn where the modeler put them; without one
 the nodes are laid out left to right in layers (longest path from the start over the
 sequence flows, loops cut where a depth-first walk meets them again). Each node shows
-its name and its counts (reached, completed, waiting, failed, stalled, median time);
+its name and its counts (reached, completed, waiting, failed, stalled, exited, median time);
 each sequence flow the executions that took it and their share of its source's.
 Self-contained, as funnel.py: no scripts, no downloads, so the page opens anywhere.
 """
@@ -250,6 +250,7 @@ def _counts(cx: float, bottom: float, stats: NodeStats | None) -> list[str]:
     extra = [(f"{stats.waiting:,} waiting", WAITING) if stats.waiting else None,
              (f"{stats.failed:,} failed", FAILED) if stats.failed else None,
              (f"{stats.stalled:,} stalled", FAILED) if stats.stalled else None,
+             (f"{stats.exited:,} exited", MUTED) if stats.exited else None,
              (f"median {_seconds(stats.median_seconds)}", MUTED)  # not the queue's latency
              if stats.median_seconds is not None and stats.median_seconds >= 1 else None]
     shown = [e for e in extra if e is not None]

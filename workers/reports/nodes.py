@@ -32,7 +32,8 @@ Per node, counting executions (not rows: a loop counts an execution once):
 * `failed`: the execution is `failed` and its last history row, a failure, names the
   node (a marker failure names the node the execution was last at);
 * `waiting`: an active execution waiting there now (see above); `stalled`: a stalled
-  execution whose current node it is;
+  execution whose current node it is; `exited`: an execution that left the journey
+  there (a goal exit or `exit_when`: its `Exit` row names the node it was at);
 * `median_seconds`: over visits that ended (completed or failed), the time from the
   step that ran the node before to the step that ended the visit: the time a timer,
   a message, a person or an operator call took, or the queue's latency for nodes
@@ -47,7 +48,8 @@ row until it fires). Under a parallel gateway the branches' rows interleave, so 
 edge between two branches can appear that no sequence flow draws (`drawn` false);
 likewise into an embedded subprocess's inner start and out of its inner end.
 
-Outcomes: executions by status (plus `paused` and `stalled`). Goal conversion of
+Outcomes: executions by status (plus `paused` and `stalled`, and the completed ones
+that ended by a goal exit or by `exit_when`: `goal_exits`, `condition_exits`). Goal conversion of
 treated vs held-out users, when the workflow has a goal: `execution_goals` rows of
 these executions, the holdout rule in SQL (`metrics.held_out_sql`, the gateway's),
 the lift with Newcombe's interval (`lift.py`).
@@ -68,11 +70,12 @@ from sqlalchemy.orm import Session
 from db.models import (
     ACTIVE_EXECUTION_STATUSES,
     ExecutionStatus,
+    ExitReason,
     StepOutcome,
     WorkflowVersion,
     sql_list,
 )
-from workers.engine.executions import STALL_NODE_TYPE
+from workers.engine.executions import EXIT_NODE_TYPE, STALL_NODE_TYPE
 from workers.engine.timers import REAPER_NODE_TYPE
 from workers.reports.metrics import Conversion, held_out_sql
 from workers.sends.policy import load
@@ -214,6 +217,7 @@ class NodeStats:
     failed: int
     waiting: int
     stalled: int
+    exited: int  # executions that left the journey here (a goal exit or exit_when)
     visits: int  # node visits of these executions (a loop visits a node more than once)
     median_seconds: float | None  # of the visits that ended (completed or failed)
 
@@ -242,7 +246,7 @@ class WorkflowReport:
     since: dt.datetime | None
     generated_at: dt.datetime
     executions: int
-    outcomes: Mapping[str, int]  # every status, then paused and stalled
+    outcomes: Mapping[str, int]  # every status, then paused, stalled, goal and condition exits
     nodes: tuple[NodeStats, ...]
     edges: tuple[EdgeStats, ...]
     goal: str | None  # the goal's event type, when the workflow has one
@@ -266,7 +270,8 @@ class WorkflowReport:
             "outcomes": dict(self.outcomes),
             "nodes": [{"node_id": n.node_id, "name": n.name, "kind": n.kind,
                        "reached": n.reached, "completed": n.completed, "failed": n.failed,
-                       "waiting": n.waiting, "stalled": n.stalled, "visits": n.visits,
+                       "waiting": n.waiting, "stalled": n.stalled, "exited": n.exited,
+                       "visits": n.visits,
                        "median_seconds": n.median_seconds} for n in self.nodes],
             "edges": [{"source": e.source, "target": e.target, "executions": e.executions,
                        "drawn": e.drawn, "share": e.share, "drop_off": e.drop_off}
@@ -277,7 +282,7 @@ class WorkflowReport:
 # The executions in scope: one workflow version, started in the period.
 _SCOPE = """
 x AS (
-    SELECT id, user_id, workflow_id, status, started_at, paused_at, stalled_at,
+    SELECT id, user_id, workflow_id, status, outcome, started_at, paused_at, stalled_at,
            current_node_id, awaiting_tasks, engine_state
       FROM workflow_executions
      WHERE workflow_id = :workflow AND workflow_version = :version
@@ -380,15 +385,21 @@ stalled AS (
      WHERE x.stalled_at IS NOT NULL AND x.status IN ({sql_list(ACTIVE_EXECUTION_STATUSES)})
      GROUP BY current_node_id
 ),
+exited AS (
+    SELECT s.node_id, count(DISTINCT s.execution_id) AS n FROM execution_steps s
+      JOIN x ON x.id = s.execution_id
+     WHERE s.node_type = '{EXIT_NODE_TYPE}' GROUP BY s.node_id
+),
 ids AS (SELECT node_id FROM reached UNION SELECT node_id FROM failed
-        UNION SELECT node_id FROM stalled)
+        UNION SELECT node_id FROM stalled UNION SELECT node_id FROM exited)
 SELECT ids.node_id, coalesce(reached.n, 0) AS reached, coalesce(completed.n, 0) AS completed,
        coalesce(failed.n, 0) AS failed, coalesce(waiting.n, 0) AS waiting,
-       coalesce(stalled.n, 0) AS stalled, coalesce(per_node.visits, 0) AS visits,
-       per_node.median_seconds
+       coalesce(stalled.n, 0) AS stalled, coalesce(exited.n, 0) AS exited,
+       coalesce(per_node.visits, 0) AS visits, per_node.median_seconds
   FROM ids LEFT JOIN reached USING (node_id) LEFT JOIN completed USING (node_id)
   LEFT JOIN failed USING (node_id) LEFT JOIN waiting USING (node_id)
-  LEFT JOIN stalled USING (node_id) LEFT JOIN per_node USING (node_id)
+  LEFT JOIN stalled USING (node_id) LEFT JOIN exited USING (node_id)
+  LEFT JOIN per_node USING (node_id)
 """
 
 _EDGES_SQL = f"""
@@ -400,7 +411,9 @@ SELECT source, node_id AS target, count(DISTINCT execution_id) AS n FROM arrival
 _OUTCOMES_SQL = f"""
 WITH {_SCOPE}
 SELECT status, count(*) AS n, count(*) FILTER (WHERE paused_at IS NOT NULL) AS paused,
-       count(*) FILTER (WHERE stalled_at IS NOT NULL) AS stalled
+       count(*) FILTER (WHERE stalled_at IS NOT NULL) AS stalled,
+       count(*) FILTER (WHERE outcome = '{ExitReason.GOAL}') AS goal_exits,
+       count(*) FILTER (WHERE outcome = '{ExitReason.EXITED}') AS condition_exits
   FROM x GROUP BY status
 """
 
@@ -445,11 +458,12 @@ def workflow_report(session: Session, name: str, version: str | None = None,
                        row.n / reached[row.source] if reached.get(row.source) else None)
              for row in session.execute(text(_EDGES_SQL), params)]
 
-    outcomes: dict[str, int] = dict.fromkeys(ExecutionStatus, 0) | {"paused": 0, "stalled": 0}
+    outcomes: dict[str, int] = dict.fromkeys(ExecutionStatus, 0) | {
+        "paused": 0, "stalled": 0, "goal_exits": 0, "condition_exits": 0}
     for row in session.execute(text(_OUTCOMES_SQL), params):
         outcomes[row.status] = row.n
-        outcomes["paused"] += row.paused
-        outcomes["stalled"] += row.stalled
+        for key in ("paused", "stalled", "goal_exits", "condition_exits"):
+            outcomes[key] += getattr(row, key)
     executions = sum(outcomes[s] for s in ExecutionStatus)
 
     policy = load(session)
@@ -468,9 +482,9 @@ def workflow_report(session: Session, name: str, version: str | None = None,
 
 
 def _node_stats(node_id: str, node: Node | None, row: Any) -> NodeStats:
-    figures = (row.reached, row.completed, row.failed, row.waiting, row.stalled, row.visits,
-               None if row.median_seconds is None else float(row.median_seconds)
-               ) if row is not None else (0, 0, 0, 0, 0, 0, None)
+    figures = (row.reached, row.completed, row.failed, row.waiting, row.stalled, row.exited,
+               row.visits, None if row.median_seconds is None else float(row.median_seconds)
+               ) if row is not None else (0, 0, 0, 0, 0, 0, 0, None)
     return NodeStats(node_id, node.name if node else None, node.kind if node else "unknown",
                      *figures)
 
