@@ -1,25 +1,30 @@
 """A broker namespace of its own and the real worker processes started on it.
 
-Shared by the worker tests that need several workers side by side
-(tests/test_send_gateway_workers.py, tests/test_split_workers.py).
+Shared by the worker tests that run on a namespace of their own (`own_fleet`, a module
+fixture's body; `per_test` stops what one test started): the send gateway, splits,
+goal exits, schedules and segment triggers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from celery import Celery
 
 from db.session import session_scope
-from tests.helpers import WorkerProcess, wait_for
+from tests.helpers import SERVERS, WorkerProcess, wait_for
 from tests.workflow_helpers import execution
+from workers.broker import delete_prefixed_keys
+from workers.celery_app import create_app
 from workers.engine import control
 from workers.queues import TaskNames
+from workers.settings import Settings
 
 STARTUP_SECONDS = 90  # a worker's start on a busy two-core machine
 
@@ -82,3 +87,28 @@ class Fleet:
 def _wait_ready(worker: WorkerProcess) -> None:
     wait_for(lambda: " ready." in worker.log(), timeout=STARTUP_SECONDS,
              message=f"worker {worker.hostname} to start")
+
+
+@contextlib.contextmanager
+def own_fleet(tag: str, queues: str, **env: str) -> Iterator[Fleet]:
+    """A fleet on a namespace of its own, with a worker of `queues` (and `env`) started;
+    its workers stopped and its broker keys deleted afterwards (a module fixture's body)."""
+    prefix = f"{os.environ['FLEET_BROKER_KEY_PREFIX']}{tag}-{uuid.uuid4().hex[:6]}:"
+    fleet = Fleet(prefix, create_app(Settings(database_url=SERVERS.database_url,
+                                              broker_url=SERVERS.broker_url,
+                                              broker_key_prefix=prefix)))
+    try:
+        fleet.start_workers(queues, 1, **env)
+        yield fleet
+    finally:
+        fleet.stop()
+        delete_prefixed_keys(SERVERS.broker_url, prefix)
+
+
+def per_test(module_fleet: Fleet) -> Iterator[Fleet]:
+    """The module's fleet for one test; the workers the test starts are stopped after it."""
+    before = len(module_fleet.workers)
+    try:
+        yield module_fleet
+    finally:
+        module_fleet.stop(since=before)

@@ -9,7 +9,6 @@ the same journey without `exit_on_goal` sends its nudge (the negative control).
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,30 +17,19 @@ import pytest
 from sqlalchemy import text
 
 from db.session import session_scope
-from tests.fleet_namespace import Fleet
-from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, wait_for
+from tests.fleet_namespace import Fleet, own_fleet
+from tests.helpers import TRIGGER_CACHE_SECONDS, wait_for
 from tests.test_goal_exit import REPLY, _etype, _sent, _workflow
 from tests.workflow_helpers import execution, history, new_user
-from workers.broker import delete_prefixed_keys
-from workers.celery_app import create_app
 from workers.producer import send_event
-from workers.settings import Settings
 
 pytestmark = pytest.mark.servers
 
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    prefix = f"{os.environ['FLEET_BROKER_KEY_PREFIX']}goalexit-{uuid.uuid4().hex[:6]}:"
-    fleet = Fleet(prefix, create_app(Settings(database_url=SERVERS.database_url,
-                                              broker_url=SERVERS.broker_url,
-                                              broker_key_prefix=prefix)))
-    try:
-        fleet.start_workers("workflows,events,actions,maintenance")
+    with own_fleet("goalexit", "workflows,events,actions,maintenance") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        delete_prefixed_keys(SERVERS.broker_url, prefix)
 
 
 def _resting(execution_id: uuid.UUID) -> bool:

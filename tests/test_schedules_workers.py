@@ -23,40 +23,26 @@ import pytest
 from sqlalchemy import text
 
 from db.session import session_scope
-from tests.fleet_namespace import Fleet
-from tests.helpers import SERVERS, wait_for
+from tests.fleet_namespace import Fleet, own_fleet, per_test
+from tests.helpers import wait_for
 from tests.workflow_helpers import deploy
-from workers.broker import delete_prefixed_keys
-from workers.celery_app import create_app
 from workers.queues import TaskNames
 from workers.schedules import runs
-from workers.settings import Settings
 
 pytestmark = pytest.mark.servers
 
 
 @pytest.fixture(scope="module")
 def module_fleet() -> Iterator[Fleet]:
-    prefix = f"{os.environ['FLEET_BROKER_KEY_PREFIX']}schedules-{uuid.uuid4().hex[:6]}:"
-    urls: dict[str, Any] = {"DATABASE_URL": SERVERS.database_url,
-                            "CELERY_BROKER_URL": SERVERS.broker_url}
-    fleet = Fleet(prefix, create_app(Settings(**urls, broker_key_prefix=prefix)))
-    try:
-        # A short reaper cutoff: first steps lost with the killed worker are re-sent soon.
-        fleet.start_workers("workflows,events,maintenance", FLEET_STUCK_STEP_SECONDS="3")
+    with own_fleet("schedules", "workflows,events,maintenance",
+                   # A short reaper cutoff: first steps lost with the killed worker are re-sent soon.
+                   FLEET_STUCK_STEP_SECONDS="3") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        delete_prefixed_keys(SERVERS.broker_url, prefix)
 
 
 @pytest.fixture()
 def fleet(module_fleet: Fleet) -> Iterator[Fleet]:
-    before = len(module_fleet.workers)
-    try:
-        yield module_fleet
-    finally:
-        module_fleet.stop(since=before)
+    yield from per_test(module_fleet)
 
 
 def _members(tag: str, count: int) -> set[uuid.UUID]:

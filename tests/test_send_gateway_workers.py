@@ -28,16 +28,13 @@ import pytest
 from sqlalchemy import text
 
 from db.session import session_scope
-from tests.fleet_namespace import Fleet
-from tests.helpers import SERVERS, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
+from tests.fleet_namespace import Fleet, own_fleet, per_test
+from tests.helpers import TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
 from tests.workflow_helpers import deploy, execution, new_user, store_messaging
-from workers.broker import delete_prefixed_keys
-from workers.celery_app import create_app
 from workers.events.envelope import UNSUBSCRIBED
 from workers.producer import send_event
 from workers.queues import TaskNames
 from workers.sends.holdout import in_holdout
-from workers.settings import Settings
 
 pytestmark = pytest.mark.servers
 
@@ -49,26 +46,14 @@ DECISION_MARGIN = dt.timedelta(seconds=6)
 @pytest.fixture(scope="module")
 def module_fleet() -> Iterator[Fleet]:
     """The namespace, with the worker that steps workflows, ingests events and sweeps timers."""
-    prefix = f"{os.environ['FLEET_BROKER_KEY_PREFIX']}sends-{uuid.uuid4().hex[:6]}:"
-    urls: dict[str, Any] = {"DATABASE_URL": SERVERS.database_url,
-                            "CELERY_BROKER_URL": SERVERS.broker_url}
-    fleet = Fleet(prefix, create_app(Settings(**urls, broker_key_prefix=prefix)))
-    try:
-        fleet.start_workers("workflows,events,maintenance")
+    with own_fleet("sends", "workflows,events,maintenance") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        delete_prefixed_keys(SERVERS.broker_url, prefix)
 
 
 @pytest.fixture()
 def fleet(module_fleet: Fleet) -> Iterator[Fleet]:
     """The module's fleet; the actions workers a test starts are stopped after it."""
-    before = len(module_fleet.workers)
-    try:
-        yield module_fleet
-    finally:
-        module_fleet.stop(since=before)
+    yield from per_test(module_fleet)
 
 
 @pytest.fixture()

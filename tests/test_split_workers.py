@@ -27,11 +27,9 @@ import pytest
 from sqlalchemy import text
 
 from db.session import session_scope
-from tests.fleet_namespace import Fleet
-from tests.helpers import ROOT, SERVERS, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
+from tests.fleet_namespace import Fleet, own_fleet, per_test
+from tests.helpers import ROOT, TRIGGER_CACHE_SECONDS, WorkerProcess, wait_for
 from tests.workflow_helpers import deploy, execution, new_user
-from workers.broker import delete_prefixed_keys
-from workers.celery_app import create_app
 from workers.engine import control
 from workers.operators.context import OperatorContext, OperatorError
 from workers.operators.split import split
@@ -41,7 +39,6 @@ from workers.queues import TaskNames
 from workers.reports.lift import lift
 from workers.reports.splits import split_conversions
 from workers.sends.config import GoalDef, WorkflowSettings
-from workers.settings import Settings
 
 pytestmark = pytest.mark.servers
 
@@ -51,25 +48,13 @@ GOAL = "ab.converted"
 
 @pytest.fixture(scope="module")
 def module_fleet() -> Iterator[Fleet]:
-    prefix = f"{os.environ['FLEET_BROKER_KEY_PREFIX']}splits-{uuid.uuid4().hex[:6]}:"
-    fleet = Fleet(prefix, create_app(Settings(database_url=SERVERS.database_url,
-                                              broker_url=SERVERS.broker_url,
-                                              broker_key_prefix=prefix)))
-    try:
-        fleet.start_workers("workflows,events,maintenance")
+    with own_fleet("splits", "workflows,events,maintenance") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        delete_prefixed_keys(SERVERS.broker_url, prefix)
 
 
 @pytest.fixture()
 def fleet(module_fleet: Fleet) -> Iterator[Fleet]:
-    before = len(module_fleet.workers)
-    try:
-        yield module_fleet
-    finally:
-        module_fleet.stop(since=before)
+    yield from per_test(module_fleet)
 
 
 def _rows(sql: str, **params: Any) -> list[Any]:
