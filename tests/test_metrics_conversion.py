@@ -185,7 +185,8 @@ def test_goal_and_send_figures_of_a_day(session: Session) -> None:
             ca.held_out_converted) == (a, 5, 2, 3, 1)
     assert ca.lift == lift(5, 2, 3, 1) and cb.held_out_converted == 0
     assert sends_by_outcome(session, D)[(a, "email")] == {
-        "sent": 2, "suppressed": 0, "capped": 0, "deferred": 0, "held_out": 1}
+        "sent": 2, "suppressed": 0, "capped": 0, "deferred": 0, "held_out": 1,
+        "dropped": 0}
 
 
 def test_late_conversions_update_their_start_day_while_its_window_is_open(
@@ -257,7 +258,7 @@ def test_metrics_show_reports_the_lift_with_its_interval(shown_figures: str) -> 
     assert f"{expected.relative:+.0%}" in line  # +67%: the rate two thirds higher
     [sends] = [li for li in human.stdout.splitlines() if shown_figures in li and "email" in li]
     cells = [cell.strip() for cell in sends.strip("│┃ ").split("│")]
-    assert cells == [shown_figures, "email", "7", "0", "2", "0", "0"]  # sent ... held_out
+    assert cells == [shown_figures, "email", "7", "0", "2", "0", "0", "0"]  # sent ... dropped
 
     shown = json.loads(_fleet("metrics", "show", "--days", "3", "--json").stdout)
     [c] = [c for c in shown["conversions"] if c["workflow"] == shown_figures]
