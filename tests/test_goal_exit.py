@@ -23,9 +23,16 @@ import pytest
 from sqlalchemy import text
 
 import tasks.workflows  # noqa: F401  (installs the stepper's exit hooks, as in every worker)
-from db.models import TERMINAL_EXECUTION_STATUSES, ExecutionStatus
+from db.models import ExecutionStatus
 from db.session import session_scope
-from tests.workflow_helpers import deploy_xml, execution, history, new_user, store_messaging
+from tests.workflow_helpers import (
+    cancel_unfinished,
+    deploy_xml,
+    execution,
+    history,
+    new_user,
+    store_messaging,
+)
 from workers.definitions import DefinitionError, load
 from workers.engine import control, executions, stepper
 from workers.engine.stepper import StepResult
@@ -107,11 +114,7 @@ STARTED: list[uuid.UUID] = []
 def _cancel_what_waits() -> Iterator[None]:
     """Negative controls leave journeys waiting; other tests' sweeps must not find them."""
     yield
-    for execution_id in STARTED:
-        if execution(execution_id).status not in TERMINAL_EXECUTION_STATUSES:
-            with session_scope() as session:
-                control.cancel(session, execution_id)
-    STARTED.clear()
+    cancel_unfinished(STARTED)
 
 
 def _etype() -> str:

@@ -15,9 +15,16 @@ import pytest
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from db.models import TERMINAL_EXECUTION_STATUSES, ActionDelivery, ExecutionStatus
+from db.models import ActionDelivery, ExecutionStatus
 from db.session import session_scope
-from tests.workflow_helpers import deploy, execution, new_user, nodes, store_messaging
+from tests.workflow_helpers import (
+    cancel_unfinished,
+    deploy,
+    execution,
+    new_user,
+    nodes,
+    store_messaging,
+)
 from workers.engine import control, stepper
 from workers.operators.deliveries import run_action
 
@@ -43,11 +50,7 @@ def _cancel_what_waits() -> Iterator[None]:
     """Executions a test leaves waiting on a timer of its fixed 2030 clock are cancelled:
     other tests' timer sweeps would find them due."""
     yield
-    for execution_id in STARTED:
-        if execution(execution_id).status not in TERMINAL_EXECUTION_STATUSES:
-            with session_scope() as session:
-                control.cancel(session, execution_id)
-    STARTED.clear()
+    cancel_unfinished(STARTED)
 
 
 def _start(user: uuid.UUID, now: dt.datetime, bpmn: str = "one_send.bpmn") -> uuid.UUID:

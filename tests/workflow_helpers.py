@@ -131,3 +131,15 @@ def wake_timers_until(execution_id: uuid.UUID, *statuses: str,
         return None
     return wait_for(done, timeout=timeout, interval=0.05,
                     message=f"execution {execution_id} to be {statuses} (waking timers)")
+
+
+def cancel_unfinished(started: list[uuid.UUID]) -> None:
+    """Cancel the executions a test left unfinished (and forget them): other tests' timer
+    sweeps must not find them due."""
+    from db.models import TERMINAL_EXECUTION_STATUSES
+
+    for execution_id in started:
+        if execution(execution_id).status not in TERMINAL_EXECUTION_STATUSES:
+            with session_scope() as session:
+                control.cancel(session, execution_id)
+    started.clear()
