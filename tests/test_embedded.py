@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -15,7 +16,9 @@ import psycopg
 import pytest
 import redis
 
+from workers.dev import embedded
 from workers.dev.embedded import PG_INSTALL, PG_SYSTEM_USER, EmbeddedServices
+from workers.dev.ports import LOCAL_PORT_RANGE, free_port
 from workers.dev.supervisor import ProcessSpec, Supervisor
 
 
@@ -47,6 +50,22 @@ def _modes(paths: list[Path]) -> dict[Path, int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_ports_are_outside_the_ephemeral_range_and_a_restart_keeps_its_port() -> None:
+    """A server restarted under its clients' URL must get its port back: free ports come
+    from outside the range outgoing connections use, and `exact` never moves."""
+    low = int(LOCAL_PORT_RANGE.read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(port < low for port in ports)
+    port = ports.pop()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        assert embedded._listening_port(port, exact=False) != port  # a first start moves
+        with pytest.raises(RuntimeError, match="still taken"):
+            embedded._listening_port(port, exact=True, wait=0.5)
+    assert embedded._listening_port(port, exact=True, wait=0.5) == port
+
+
 def test_as_root_in_a_closed_folder_the_server_files_go_elsewhere_and_no_mode_changes() -> None:
     closed = Path(tempfile.mkdtemp(prefix="fleet-closed-"))  # mode 0700, like a clone in /root
     home = closed / "fleet"

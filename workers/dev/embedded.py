@@ -80,6 +80,22 @@ def _wait_for_port(port: int, timeout: float) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
+def _listening_port(port: int | None, exact: bool, wait: float = 30.0) -> int:
+    """The port a server is to listen on: `port` when free, else a new one; with `exact`
+    only `port`, waited for, since clients that keep its URL would never find another."""
+    if port is None:
+        return free_port()
+    deadline = time.monotonic() + (wait if exact else 0.0)
+    while not port_is_free(port):
+        if not exact:
+            return free_port()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"127.0.0.1:{port} is still taken after {wait:.0f}s: "
+                               "cannot start the server again where its clients expect it")
+        time.sleep(0.2)
+    return port
+
+
 def _reachable_by_others(path: Path) -> bool:
     """True if a user who is neither owner nor in the group can enter `path` (its nearest
     existing folder, if it is yet to be made): o+x on it and on every folder above."""
@@ -136,10 +152,14 @@ class EmbeddedServices:
             shutil.rmtree(folder, ignore_errors=True)
         (self.home / STATE_FILE).unlink(missing_ok=True)
 
-    def start_postgres(self, port: int | None = None) -> int:
-        """Start PostgreSQL alone (on `port` when free); `fleet chaos pg-stop` stops and starts it."""
+    def start_postgres(self, port: int | None = None, *, exact: bool = False) -> int:
+        """Start PostgreSQL alone (on `port` when free); `fleet chaos pg-stop` stops and starts it.
+
+        `exact`: a restart whose clients keep their URL; it waits for `port` rather than
+        moving to another one, and fails if the port stays taken.
+        """
         self.home.mkdir(parents=True, exist_ok=True)
-        return self._start_postgres(port)
+        return self._start_postgres(port, exact=exact)
 
     def stop_postgres(self, mode: str = "fast") -> None:
         """Stop PostgreSQL alone (`pg_ctl stop -m MODE`); its clients then see connections refused."""
@@ -235,7 +255,7 @@ class EmbeddedServices:
         marker.write_text(stamp)
         _chown_tree(package, uid, gid)
 
-    def _start_postgres(self, port: int | None) -> int:
+    def _start_postgres(self, port: int | None, *, exact: bool = False) -> int:
         running = self.postgres_pid()
         if running is not None and port is not None:
             return port
@@ -254,8 +274,7 @@ class EmbeddedServices:
                 os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
             self._pg("initdb", ["--auth=trust", "--encoding=utf8", "--locale=C", "-U", "postgres"],
                      timeout=120)
-        if port is None or not port_is_free(port):
-            port = free_port()
+        port = _listening_port(port, exact)
         options = (
             f"-c listen_addresses=127.0.0.1 -p {port} -k '' -c max_connections=300 "
             "-c shared_buffers=128MB"
@@ -267,13 +286,13 @@ class EmbeddedServices:
 
     # ---------------------------------------------------------------- valkey
 
-    def start_valkey(self, port: int | None = None) -> int:
-        """Start Valkey alone (on `port` when free); `fleet chaos redis-restart` restarts it."""
+    def start_valkey(self, port: int | None = None, *, exact: bool = False) -> int:
+        """Start Valkey alone (on `port` when free, or only on it: `exact`, as for
+        `start_postgres`); `fleet chaos redis-restart` restarts it."""
         if self.valkey_pid() is not None and port is not None:
             return port
         self.redis_dir.mkdir(parents=True, exist_ok=True)
-        if port is None or not port_is_free(port):
-            port = free_port()
+        port = _listening_port(port, exact)
         conf = self.redis_dir / "valkey.conf"
         conf.write_text(
             valkey_configuration.config(
