@@ -20,7 +20,9 @@ from workers.tools.chaos.invariants import check
 from workers.tools.chaos.program import SentLog
 from workers.tools.chaos.receiver import webhook_server
 
-pytestmark = [pytest.mark.servers, pytest.mark.chaos]
+# Above each scenario's own deadline (scenarios.finish: TIMEOUT, plus the outage, plus
+# per journey), so a fleet that does not settle fails with its report, not a bare timeout.
+pytestmark = [pytest.mark.servers, pytest.mark.chaos, pytest.mark.timeout(600)]
 
 SMALL = {"events": 600, "rate": 60.0, "users": 100}
 

@@ -44,6 +44,23 @@ def _one(conn: Connection, sql: str) -> Any:
     return conn.execute(text(sql)).scalar_one()
 
 
+def _whereabouts(conn: Connection) -> str:
+    """Which sent events are missing, and any dead letter that mentions them without its id."""
+    missing = conn.execute(text(
+        "SELECT s.event_id::text, s.good FROM sent_events s WHERE NOT EXISTS "
+        "(SELECT 1 FROM lifecycle_events e WHERE e.event_id = s.event_id) AND NOT EXISTS "
+        "(SELECT 1 FROM dead_letters d WHERE d.event_id = s.event_id AND NOT s.good)")).all()
+    ids = [row[0] for row in missing]
+    letters = conn.execute(text(
+        "SELECT d.id, d.source, left(d.reason, 200) FROM dead_letters d "
+        "WHERE EXISTS (SELECT 1 FROM unnest(CAST(:ids AS text[])) i "
+        "              WHERE position(convert_to(i, 'UTF8') IN d.raw_payload) > 0)"),
+        {"ids": ids}).all()
+    good = sum(1 for row in missing if row[1])
+    return (f"{good} good, {len(ids) - good} bad, e.g. {ids[:3]}; "
+            f"dead letters mentioning them: {[tuple(r) for r in letters][:5]}")
+
+
 def check(engine: Engine, sent: SentLog, receiver: WebhookServer | None) -> InvariantReport:
     """Compare the settled fleet's database with what was sent (no step may be on its way)."""
     report = InvariantReport(sent=sent.sent)
@@ -64,7 +81,7 @@ def check(engine: Engine, sent: SentLog, receiver: WebhookServer | None) -> Inva
         report.lost = report.sent - report.accepted - report.rejected
         if report.lost:
             bad.append(f"{report.lost} sent events are neither in lifecycle_events "
-                       "nor in dead_letters")
+                       f"nor in dead_letters: {_whereabouts(conn)}")
         if report.duplicated:
             bad.append(f"{report.duplicated} events are in lifecycle_events more than once")
         if wrong := _one(conn, "SELECT count(*) FROM lifecycle_events e "
