@@ -12,7 +12,7 @@ from sqlalchemy import Engine, text
 
 from tasks.maintenance import ensure_partitions
 from tests.helpers import WorkerProcess, wait_for
-from tests.worker_tasks import broken, flaky, write_then_send
+from tests.worker_tasks import broken, flaky, outage_then_flaky, write_then_send
 
 pytestmark = pytest.mark.servers
 
@@ -70,6 +70,17 @@ def test_transient_failures_past_the_bound_are_dead_lettered(engine: Engine,
     [letter] = wait_for(lambda: _dead_letters(engine, key), message="dead letter")
     assert letter["reason"].startswith("gave up after 3 retries")
     assert _runs(engine, key) == []
+
+
+def test_an_outage_ridden_out_does_not_spend_the_transient_bound(
+        engine: Engine, celery_worker: WorkerProcess) -> None:
+    """Six outage retries, then two deadlock-like failures: retried, not dead-lettered (the
+    test settings allow 3 transient retries; the message counts its outage retries apart)."""
+    key = f"outage-{uuid.uuid4()}"
+    outage_then_flaky.delay(key, 6, 2)
+    assert wait_for(lambda: _runs(engine, key), timeout=60,
+                    message="task to succeed after the outage") == [8]
+    assert _dead_letters(engine, key) == []
 
 
 def test_follow_up_is_sent_after_commit(engine: Engine, celery_worker: WorkerProcess) -> None:

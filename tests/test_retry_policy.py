@@ -6,7 +6,7 @@ import psycopg.errors
 import sqlalchemy.exc
 
 from workers.errors import PermanentError
-from workers.retry_policy import GiveUp, RetryLater, RetryPolicy
+from workers.retry_policy import OUTAGE_RETRIES, GiveUp, RetryLater, RetryPolicy, outage_retries
 
 POLICY = RetryPolicy(max_retries=3, outage_max_retries=100, backoff_base=1.0, backoff_max=300.0)
 
@@ -33,9 +33,26 @@ def test_transient_errors_back_off_within_their_bound() -> None:
 
 
 def test_outages_are_retried_for_their_own_longer_bound() -> None:
-    decision = POLICY.decide(OUTAGE, 50)
+    decision = POLICY.decide(OUTAGE, 50, outages=50)
     assert isinstance(decision, RetryLater) and decision.delay <= POLICY.backoff_max
-    assert POLICY.decide(OUTAGE, 100) == GiveUp(transient=True)
+    assert POLICY.decide(OUTAGE, 100, outages=100) == GiveUp(transient=True)
+
+
+def test_each_bound_counts_its_own_retries() -> None:
+    """A message that rode out 39 outage retries still gets its 3 transient ones (and a
+    backoff from their count), and transient retries do not spend the outage bound."""
+    decision = POLICY.decide(DEADLOCK, 39, outages=39)
+    assert isinstance(decision, RetryLater) and decision.delay <= 1
+    assert isinstance(POLICY.decide(DEADLOCK, 41, outages=39), RetryLater)
+    assert POLICY.decide(DEADLOCK, 42, outages=39) == GiveUp(transient=True)
+    assert isinstance(POLICY.decide(OUTAGE, 102, outages=99), RetryLater)
+
+
+def test_the_outage_count_is_read_from_any_header_value() -> None:
+    for value, expected in ((3, 3), (99, 10), (-1, 0), ("3", 0), (True, 0), (None, 0),
+                            (2.5, 0), ([1], 0)):
+        assert outage_retries({OUTAGE_RETRIES: value}, 10) == expected, value
+    assert outage_retries(None, 10) == 0 and outage_retries({}, 10) == 0
 
 
 def test_a_read_only_database_is_an_outage_and_retried() -> None:

@@ -37,6 +37,7 @@ from workers.engine import batch, control, dispatch, executions, sandbox, state,
 from workers.engine.batch import BatchReport
 from workers.engine.stepper import BUSY_RESEND, StepResult
 from workers.queues import TaskNames
+from workers.retry_policy import OUTAGE_RETRIES
 from workers.settings import Settings
 
 pytestmark = pytest.mark.servers
@@ -199,6 +200,21 @@ def _fired_at(execution_id: uuid.UUID) -> dt.datetime:
 
 
 # --------------------------------------------------------------------------- one batch, in process
+
+
+def test_a_step_message_carries_its_outage_retries_apart_from_its_retries() -> None:
+    """A step that rode out an outage keeps its transient retries (workers.retry_policy);
+    the headers may hold anything, and none of it is trusted as a count."""
+    execution_id = str(uuid.uuid4())
+    request = _request([execution_id, 3])
+    request.request_dict = {"retries": 41, OUTAGE_RETRIES: 39}
+    message = batch.parse(request)
+    assert (message.retries, message.outages) == (41, 39)
+    for headers in ({"retries": True, OUTAGE_RETRIES: 5}, {"retries": "7", OUTAGE_RETRIES: "x"},
+                    {"retries": 2, OUTAGE_RETRIES: 9}):
+        request.request_dict = headers
+        message = batch.parse(request)
+        assert 0 <= message.outages <= message.retries <= 2, headers
 
 
 def test_two_steps_of_one_execution_run_in_version_order_and_repeats_are_no_ops() -> None:

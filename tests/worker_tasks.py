@@ -24,6 +24,17 @@ def flaky(self: FleetTask, key: str, fail_times: int) -> None:
         raise TransientError(f"attempt {self.request.retries} fails on purpose")
 
 
+@app.task(base=FleetTask, bind=True, name="maintenance.test_outage_then_flaky")
+def outage_then_flaky(self: FleetTask, key: str, outages: int, fail_times: int) -> None:
+    """Meets an outage (ConnectionError) `outages` times, then fails transiently
+    `fail_times` times: the outage's retries must not spend the transient bound."""
+    _record(self, key)
+    if self.request.retries < outages:
+        raise ConnectionError(f"attempt {self.request.retries}: the database is down on purpose")
+    if self.request.retries < outages + fail_times:
+        raise TransientError(f"attempt {self.request.retries}: a deadlock on purpose")
+
+
 @app.task(base=FleetTask, bind=True, name="maintenance.test_broken")
 def broken(self: FleetTask, key: str) -> None:
     """Writes a row, then fails permanently: the row must roll back, a dead letter appear."""

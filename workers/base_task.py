@@ -29,10 +29,10 @@ from sqlalchemy.orm import Session
 
 from db.session import new_session, session_scope
 from workers.dead_letters import record_dead_letter, storable_key
-from workers.errors import PoisonMessage
+from workers.errors import PoisonMessage, is_outage
 from workers.log import get_logger
 from workers.rejected import GuardedStrategy
-from workers.retry_policy import GiveUp, RetryLater, RetryPolicy
+from workers.retry_policy import OUTAGE_RETRIES, GiveUp, RetryLater, RetryPolicy, outage_retries
 from workers.settings import get_settings
 
 log = get_logger(__name__)
@@ -148,23 +148,27 @@ class FleetTask(GuardedStrategy, Task):
         """
         policy = RetryPolicy.from_settings()
         retries = self.request.retries or 0
-        decision = policy.decide(exc, retries)
+        outages = outage_retries(vars(self.request), retries)
+        decision = policy.decide(exc, retries, outages)
         if isinstance(decision, RetryLater):
             log.warning("task.retry", error=repr(exc), retries=retries + 1)
-            self._retry_later(exc, retries, decision.delay)
+            self._retry_later(exc, retries, decision.delay, outages + is_outage(exc))
         try:
             self._dead_letter(exc, args, kwargs, decision)
         except Exception as db_error:
             # Not even the dead letter stores (the database is down): come back later
             # (counted as a retry, fleet_task_retries_total).
             log.error("task.dead_letter_failed", error=repr(db_error), reason=repr(exc))
-            self._retry_later(db_error, retries, policy.backoff(retries))
+            self._retry_later(db_error, retries, policy.backoff(outages), outages + 1)
 
-    def _retry_later(self, exc: Exception, retries: int, delay: float) -> NoReturn:
-        """Publish this message again after `delay` seconds; if that fails, requeue it."""
+    def _retry_later(self, exc: Exception, retries: int, delay: float,
+                     outages: int) -> NoReturn:
+        """Publish this message again after `delay` seconds, with `outages` of its retries
+        counted as outages (workers.retry_policy); if that fails, requeue it."""
         try:
             # max_retries=None would mean the task's default (3): the bound is ours.
-            raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1)
+            raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1,
+                             headers={**(self.request.headers or {}), OUTAGE_RETRIES: outages})
         except (Retry, Reject):
             raise
         except Exception as send_error:

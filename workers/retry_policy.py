@@ -3,7 +3,12 @@
 Failures are sorted by `workers.errors`: transient ones are retried with
 exponential backoff and full jitter up to a bound, a larger one while the database
 or the broker is unreachable (`is_outage`), so an outage is waited out; permanent
-ones, and transient ones past their bound, are given up on. Giving up is never
+ones, and transient ones past their bound, are given up on.
+
+Each bound counts its own kind of retry: a message carries how many of its retries
+waited out an outage (the `OUTAGE_RETRIES` header). Otherwise a message that rode out
+a minute's outage (dozens of retries) would be given up on at the first deadlock
+after it, its transient bound long spent on retries that were no fault of its own. Giving up is never
 dropping: `FleetTask` commits a dead letter, the micro-batched ingest hands its
 events to a task that does. Both ask this module, so a change of policy happens here.
 """
@@ -16,6 +21,18 @@ from dataclasses import dataclass
 
 from workers.errors import is_outage, is_transient
 from workers.settings import Settings, get_settings
+
+# Message header: how many of a message's retries (Celery's `retries`) were outages.
+OUTAGE_RETRIES = "fleet_outage_retries"
+
+
+def outage_retries(headers: object, retries: int) -> int:
+    """The message's outage retries from its headers (any value the wire allows: 0 if it is
+    not a count, at most `retries`)."""
+    value = headers.get(OUTAGE_RETRIES) if isinstance(headers, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return max(0, min(value, retries))
 
 
 def backoff_delay(retries: int, base: float, cap: float) -> float:
@@ -66,13 +83,17 @@ class RetryPolicy:
                                    backoff_max=min(self.backoff_max, max_delay))
 
     def backoff(self, retries: int) -> float:
-        """The delay before retry number `retries + 1`."""
+        """The delay before retry number `retries + 1` (of the same kind)."""
         return backoff_delay(retries, self.backoff_base, self.backoff_max)
 
-    def decide(self, exc: BaseException, retries: int) -> Decision:
-        """Retry `exc` (after `retries` retries so far) later, or give up on it."""
+    def decide(self, exc: BaseException, retries: int, outages: int = 0) -> Decision:
+        """Retry `exc` later, or give up on it, after `retries` retries so far of which
+        `outages` waited out an outage; each kind has its own bound and backoff."""
         transient = is_transient(exc)
-        limit = self.outage_max_retries if is_outage(exc) else self.max_retries
-        if transient and retries < limit:
-            return RetryLater(self.backoff(retries))
+        if is_outage(exc):
+            done, limit = outages, self.outage_max_retries
+        else:
+            done, limit = retries - outages, self.max_retries
+        if transient and done < limit:
+            return RetryLater(self.backoff(done))
         return GiveUp(transient)

@@ -43,7 +43,7 @@ from workers.engine.stepper import StepResult
 from workers.errors import is_outage
 from workers.log import get_logger
 from workers.queues import TaskNames
-from workers.retry_policy import GiveUp, RetryLater, RetryPolicy
+from workers.retry_policy import OUTAGE_RETRIES, GiveUp, RetryLater, RetryPolicy, outage_retries
 
 log = get_logger(__name__)
 
@@ -58,6 +58,7 @@ class StepMessage:
     version: int
     task_id: str | None
     retries: int
+    outages: int  # of those retries, how many waited out an outage (workers.retry_policy)
 
     @property
     def key(self) -> tuple[uuid.UUID, int]:
@@ -86,8 +87,10 @@ def parse(request: Any) -> StepMessage:
         raise NotAStep(f"expected_version {version!r} is not a version number")
     headers = getattr(request, "request_dict", None) or {}
     retries = headers.get("retries")
-    return StepMessage(parsed, version, getattr(request, "id", None),
-                       retries if isinstance(retries, int) and retries >= 0 else 0)
+    retries = retries if isinstance(retries, int) and not isinstance(retries, bool) \
+        and retries >= 0 else 0
+    return StepMessage(parsed, version, getattr(request, "id", None), retries,
+                       outage_retries(headers, retries))
 
 
 @dataclass(frozen=True)
@@ -164,14 +167,15 @@ def _one_by_one(steps: list[StepMessage]
 
 def _retry_later(message: StepMessage, exc: Exception, policy: RetryPolicy) -> bool:
     """Publish the message again after its backoff (True), or dead-letter it (False)."""
-    decision = policy.decide(exc, message.retries)
+    decision = policy.decide(exc, message.retries, message.outages)
     if isinstance(decision, RetryLater):
         log.warning("task.retry", execution_id=str(message.execution_id), error=repr(exc),
                     retries=message.retries + 1)
         try:
             app.send_task(TaskNames.STEP, args=[str(message.execution_id), message.version],
                           countdown=decision.delay, retries=message.retries + 1,
-                          task_id=message.task_id)
+                          task_id=message.task_id,
+                          headers={OUTAGE_RETRIES: message.outages + is_outage(exc)})
             return True
         except Exception as send_error:  # neither stored nor re-published: do not ack
             log.critical("steps.batch_unsafe", error=repr(send_error))

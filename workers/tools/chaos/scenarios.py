@@ -184,7 +184,8 @@ def log_errors(log_dir: Path, limit: int = 40) -> list[str]:
     for path in sorted(log_dir.glob("*.log")):
         lines += [f"{path.stem}: {line.strip()[:300]}"
                   for line in path.read_text(errors="replace").splitlines()
-                  if any(word in line for word in ("ERROR", "CRITICAL", "Error:", "error="))]
+                  if any(word in line for word in ("ERROR", "CRITICAL", "Error:", "error=",
+                                                   '"level": "error"', '"level": "critical"'))]
     return lines[-limit:]
 
 
