@@ -275,3 +275,40 @@ def test_in_segment_reads_a_cold_cache_by_evaluating_and_caching(session: Sessio
     assert result.matched == 1
     assert _one(session, "SELECT count(*) FROM segment_exclusions WHERE segment_id = :s",
                 s=segment_id) == 0
+
+
+def test_an_ingest_locks_its_users_in_id_order_so_a_step_holding_one_cannot_deadlock_it(
+        engine: Engine) -> None:
+    """A step holds user X `FOR UPDATE` (as `executions.lock_users` does) and then wants Y;
+    an ingest of events for Y, then X, must wait for X before it touches Y. Without
+    `_lock_users` the audit rows' foreign keys lock Y first and PostgreSQL aborts one side
+    with a deadlock."""
+    import threading
+    import time
+
+    with Session(engine) as setup, setup.begin():
+        low, high = sorted(setup.execute(text(
+            "INSERT INTO users (email, current_lifecycle_stage) VALUES (:a, 'Acquisition'), "
+            "(:b, 'Acquisition') RETURNING id"), {"a": _email(), "b": _email()}).scalars())
+    holding, errors = threading.Event(), []
+
+    def step() -> None:
+        try:
+            with Session(engine) as s, s.begin():
+                s.execute(text("SELECT 1 FROM users WHERE id = :i FOR UPDATE"), {"i": low})
+                holding.set()
+                time.sleep(1.5)  # the ingest starts meanwhile
+                s.execute(text("SELECT 1 FROM users WHERE id = :i FOR UPDATE"), {"i": high})
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=step)
+    thread.start()
+    assert holding.wait(10)
+    etype = _etype()
+    try:
+        with Session(engine) as s, s.begin():
+            result = _ingest(s, [_event(etype, str(high)), _event(etype, str(low))])
+    finally:
+        thread.join(30)
+    assert errors == [] and result.accepted == 2

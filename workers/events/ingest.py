@@ -196,6 +196,21 @@ def _claim_event_ids(session: Session, events: list[Event]) -> tuple[set[uuid.UU
                  if r.content_hash is not None and bytes(r.content_hash) != hashes[r.event_id]}
 
 
+def _lock_users(session: Session, events: list[Event], users: dict[str, UserView]) -> None:
+    """Take the `FOR KEY SHARE` locks the inserts below would take, now and in id order.
+
+    Each row inserted for a user (its consents, audit events, evaluations, executions)
+    locks the user `FOR KEY SHARE` through its foreign key, in the order of the events;
+    a step takes `FOR UPDATE` on its users in id order (`executions.lock_users`). Two
+    orders deadlock: an ingest holding Y and waiting for X, a step holding X and
+    waiting for Y. Taken here in id order, the later checks find their locks held.
+    """
+    ids = sorted({users[e.user].id for e in events})
+    if ids:
+        session.execute(text("SELECT 1 FROM users WHERE id = ANY(CAST(:ids AS uuid[])) "
+                             "ORDER BY id FOR KEY SHARE"), {"ids": ids})
+
+
 def _apply_identify(session: Session, events: list[Event],
                     users: dict[str, UserView]) -> set[uuid.UUID]:
     """Merge identify traits into users.attributes (null removes a key), one UPDATE per message.
@@ -229,7 +244,7 @@ def _apply_identify(session: Session, events: list[Event],
             "WHERE u.id = p.id"
         ),
         {"rows": json.dumps([{"id": str(uid), "sets": sets[uid], "removes": sorted(removes[uid])}
-                             for uid in sets])},
+                             for uid in sorted(sets)])},  # rows locked in id order
     )
     return set(sets)
 
@@ -480,6 +495,7 @@ def _admit(session: Session, events: list[Event], source: str) -> _Admitted:
                     "DuplicateEventId")
     duplicates = len(known) - len(fresh) - len(conflicts)
     _create_users(session, fresh, users)
+    _lock_users(session, fresh, users)
     changed = _apply_identify(session, fresh, users)
     record_consents(session, fresh, users)  # user.(un)subscribed -> user_consents
     return _Admitted(fresh, users, changed, rejected + len(conflicts), duplicates)
