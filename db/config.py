@@ -1,9 +1,15 @@
 """The database layer's own configuration: where PostgreSQL is and how to pool connections.
 
-`db` depends on nothing above it. By default it reads DATABASE_URL and the
-FLEET_DB_* pool settings from the environment; a process that resolves them
-another way (the fleet's settings, which fall back to the embedded server) hands
-`configure` a source, read each time an engine is built.
+`db` depends on nothing above it. By default it reads DATABASE_URL (with the optional
+DATABASE_DIRECT_URL and DATABASE_READ_URL) and the FLEET_DB_* settings from the
+environment; a process that resolves them another way (the fleet's settings, which fall
+back to the embedded server) hands `configure` a source, read each time an engine is built.
+
+Three URLs, because a transaction pooler (PgBouncer in transaction mode) keeps no session
+state between transactions: `url` serves every transaction of the fleet and may go
+through the pooler (`pooler` says so); `direct_url` reaches PostgreSQL itself, for what
+holds session state (the beat's leader lock, migrations); `read_url` is a replica for
+reports and status figures. Unset, the last two are `url`.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+# Transaction poolers the engine knows how to work behind (db/session.py): no prepared
+# statements, no startup `options`, the session settings set per transaction instead.
+POOLERS = ("pgbouncer",)
+
 
 @dataclass(frozen=True)
 class DatabaseConfig:
@@ -19,6 +29,14 @@ class DatabaseConfig:
     pool_size: int = 5
     max_overflow: int = 5
     statement_timeout_ms: int = 60_000  # 0 disables it
+    pooler: str | None = None  # "pgbouncer": url and read_url go through a transaction pooler
+    direct_url: str | None = None  # PostgreSQL itself, for session state; None: url
+    read_url: str | None = None  # a replica for reports and status; None: url
+
+    def __post_init__(self) -> None:
+        if self.pooler not in (None, *POOLERS):
+            raise ValueError(f"FLEET_DB_POOLER must be unset or one of {', '.join(POOLERS)}, "
+                             f"not {self.pooler!r}")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> DatabaseConfig:
@@ -29,13 +47,26 @@ class DatabaseConfig:
                    pool_size=number("FLEET_DB_POOL_SIZE", cls.pool_size),
                    max_overflow=number("FLEET_DB_MAX_OVERFLOW", cls.max_overflow),
                    statement_timeout_ms=number("FLEET_DB_STATEMENT_TIMEOUT_MS",
-                                               cls.statement_timeout_ms))
+                                               cls.statement_timeout_ms),
+                   pooler=environ.get("FLEET_DB_POOLER") or None,
+                   direct_url=environ.get("DATABASE_DIRECT_URL") or None,
+                   read_url=environ.get("DATABASE_READ_URL") or None)
 
     @property
     def sqlalchemy_url(self) -> str:
         if self.url is None:
             raise RuntimeError("DATABASE_URL is not set and no embedded server was started")
         return to_sqlalchemy_url(self.url)
+
+    @property
+    def direct_sqlalchemy_url(self) -> str:
+        """PostgreSQL without a pooler in between: DATABASE_DIRECT_URL, else DATABASE_URL."""
+        return to_sqlalchemy_url(self.direct_url) if self.direct_url else self.sqlalchemy_url
+
+    @property
+    def read_sqlalchemy_url(self) -> str:
+        """Where reports read: DATABASE_READ_URL, else DATABASE_URL."""
+        return to_sqlalchemy_url(self.read_url) if self.read_url else self.sqlalchemy_url
 
 
 def to_sqlalchemy_url(url: str) -> str:

@@ -1,4 +1,9 @@
-"""Run Alembic migrations from code (CLI, tests, dev): the only way the schema is made."""
+"""Run Alembic migrations from code (CLI, tests, dev): the only way the schema is made.
+
+Give them a URL that reaches PostgreSQL itself (DATABASE_DIRECT_URL), not a transaction
+pooler: a migration may run long and hold locks, and psycopg would prepare its repeated
+statements on a server connection the pooler hands to others.
+"""
 
 from __future__ import annotations
 

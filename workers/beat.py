@@ -5,6 +5,12 @@ tries `pg_try_advisory_lock` on a connection of its own and keeps that connectio
 open while it leads; the others stand by and retry every few seconds. If the
 leader dies, its connection closes, PostgreSQL releases the lock and a standby
 takes over. Nightly jobs are idempotent, so a takeover never does harm.
+
+The lock belongs to a server session, so its connection must reach PostgreSQL itself
+(DATABASE_DIRECT_URL, else DATABASE_URL): behind a transaction pooler the session that
+took it would serve other clients, and a second beat landing on it would take it again
+(advisory locks are re-entrant within a session). With FLEET_DB_POOLER set and no direct
+URL the beat refuses to start.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ STANDBY_SECONDS = 5.0
 
 class LockedScheduler(PersistentScheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = get_settings()
+        if settings.db_pooler and not settings.database_direct_url:
+            raise RuntimeError("FLEET_DB_POOLER is set: the beat's leader lock needs "
+                               "DATABASE_DIRECT_URL, a connection straight to PostgreSQL")
         self._lock_conn: psycopg.Connection[Any] | None = None
         self._standing_by = False
         super().__init__(*args, **kwargs)
@@ -37,7 +47,7 @@ class LockedScheduler(PersistentScheduler):
                 log.error("beat.lock_lost")
                 self._release()
         try:
-            conn = psycopg.connect(str(get_settings().database_url), autocommit=True,
+            conn = psycopg.connect(str(get_settings().direct_database_url), autocommit=True,
                                    connect_timeout=5, application_name="lifecycle-fleet-beat")
         except psycopg.Error as exc:
             log.warning("beat.lock_unreachable", error=str(exc))

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kombu.utils.url import maybe_sanitize_url
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from db.models import ACTIVE_EXECUTION_STATUSES, ExecutionStatus, sql_list
 from db.partitions import Coverage, coverage
+from db.session import build_engine
 from workers.broker import ping_broker
 from workers.engine.timers import oldest_due_timer
 from workers.settings import Settings
@@ -35,15 +36,15 @@ MAX_STALLED = 0  # a stalled execution never goes on by itself: one is already a
 # ------------------------------------------------------------------------- database
 
 
-def monitor_engine(settings: Settings, pool_size: int = 1) -> Engine:
-    """A small engine with short connect and statement timeouts, for probes and scrapes."""
-    return create_engine(
-        settings.sqlalchemy_url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
-        pool_recycle=1800,
-        connect_args={"connect_timeout": int(TIMEOUT),
-                      "options": "-c statement_timeout=10000 -c timezone=UTC",
-                      "application_name": "lifecycle-fleet-monitor"},
-    )
+def monitor_engine(settings: Settings, pool_size: int = 1, *, read: bool = False) -> Engine:
+    """A small engine with short connect and statement timeouts, for probes and scrapes;
+    `read`: on the replica when DATABASE_READ_URL is set (the exporter's gauges)."""
+    database = settings.database
+    return build_engine(
+        database.read_sqlalchemy_url if read else database.sqlalchemy_url,
+        pooler=database.pooler, statement_timeout_ms=10_000,
+        application_name="lifecycle-fleet-monitor", connect_timeout=int(TIMEOUT),
+        pool_size=pool_size, max_overflow=0)
 
 
 @dataclass(frozen=True)

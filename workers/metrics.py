@@ -228,7 +228,7 @@ class FleetCollector(Collector):
 
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = monitor_engine(self.settings)
+            self._engine = monitor_engine(self.settings, read=True)  # the replica, if any
         return self._engine
 
     def collect(self) -> Iterator[Metric]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,19 @@ class Settings(BaseSettings):
         default=None,
         validation_alias="DATABASE_URL",
         description="PostgreSQL URL. Unset: the embedded server running under FLEET_HOME, if any.",
+    )
+    database_direct_url: str | None = Field(
+        default=None,
+        validation_alias="DATABASE_DIRECT_URL",
+        description="PostgreSQL itself, never a pooler: the beat's leader lock and migrations "
+        "(session state). Unset: DATABASE_URL.",
+    )
+    database_read_url: str | None = Field(
+        default=None,
+        validation_alias="DATABASE_READ_URL",
+        description="A read replica for `fleet metrics show`, `fleet workflow report`, `fleet "
+        "status` and the exporter's gauges (they may trail by its replay lag). Unset: "
+        "DATABASE_URL.",
     )
     broker_url: str | None = Field(
         default=None,
@@ -67,11 +80,18 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(
         default=300.0, description="Longest retry delay, seconds (kept below the visibility timeout)."
     )
-    # The database layer reads these three itself too, with the same defaults (db/config.py).
+    # The database layer reads these four and the URLs itself too, with the same defaults
+    # (db/config.py).
     db_pool_size: int = Field(default=5, description="SQLAlchemy pool size per process.")
     db_max_overflow: int = Field(default=5, description="SQLAlchemy pool overflow per process.")
     db_statement_timeout_ms: int = Field(
         default=60_000, description="statement_timeout for fleet sessions; 0 disables it."
+    )
+    db_pooler: Literal["pgbouncer"] | None = Field(
+        default=None,
+        description="pgbouncer: DATABASE_URL and DATABASE_READ_URL go through PgBouncer in "
+        "transaction mode (no prepared statements; timeout and UTC set in each transaction). "
+        "Set DATABASE_DIRECT_URL too.",
     )
     trigger_cache_seconds: float = Field(
         default=2.0, description="How often a worker checks for changed trigger definitions."
@@ -139,7 +159,8 @@ class Settings(BaseSettings):
         "(liveness probe: python -m workers.heartbeat check FILE 60); unset: no file.",
     )
 
-    @field_validator("database_url", "broker_url", mode="before")
+    @field_validator("database_url", "database_direct_url", "database_read_url", "broker_url",
+                     "db_pooler", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
@@ -187,7 +208,9 @@ class Settings(BaseSettings):
 
         return DatabaseConfig(url=self.database_url, pool_size=self.db_pool_size,
                               max_overflow=self.db_max_overflow,
-                              statement_timeout_ms=self.db_statement_timeout_ms)
+                              statement_timeout_ms=self.db_statement_timeout_ms,
+                              pooler=self.db_pooler, direct_url=self.database_direct_url,
+                              read_url=self.database_read_url)
 
     @property
     def sqlalchemy_url(self) -> str:

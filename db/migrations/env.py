@@ -14,8 +14,9 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
+    # Not through a transaction pooler: DATABASE_DIRECT_URL when set (db/config.py).
     given = config.get_main_option("sqlalchemy.url")
-    return to_sqlalchemy_url(given) if given else database_config().sqlalchemy_url
+    return to_sqlalchemy_url(given) if given else database_config().direct_sqlalchemy_url
 
 
 def run_migrations_offline() -> None:

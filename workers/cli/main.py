@@ -60,9 +60,10 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 @app.command()
 def migrate() -> None:
-    """Apply the Alembic migrations to DATABASE_URL (or to the running embedded database)."""
+    """Apply the Alembic migrations to DATABASE_DIRECT_URL, else DATABASE_URL (or to the running
+    embedded database)."""
     settings = ensure_servers(broker=False)
-    upgrade(settings.sqlalchemy_url)
+    upgrade(settings.database.direct_sqlalchemy_url)  # DATABASE_DIRECT_URL: never via a pooler
     err.print("database migrated to head")
 
 
@@ -89,7 +90,7 @@ def dev(
     try:
         settings = ensure_servers(start=True)
         err.print("migrating the database…")
-        upgrade(settings.sqlalchemy_url)
+        upgrade(settings.database.direct_sqlalchemy_url)
         err.print(f"starting a worker per queue ({', '.join(QUEUE_NAMES)}), the beat and "
                   "Flower…", markup=False, highlight=False)
         supervisor = start_fleet(settings, concurrency, ready_timeout)

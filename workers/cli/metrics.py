@@ -10,7 +10,7 @@ from rich.table import Table
 from sqlalchemy import text
 
 from db.models import LIFECYCLE_STAGES, SEND_OUTCOMES
-from db.session import get_engine, session_scope
+from db.session import get_engine, read_session, session_scope
 from workers.cli.context import ensure_servers, err, out
 from workers.cli.output import print_json
 from workers.reports.funnel import funnel_counts, write_funnel
@@ -64,7 +64,7 @@ def show(days: int = typer.Option(30, help="how many days back"),
     held out, with the lift and its 95% CI; A/B splits by branch; sends by outcome."""
     ensure_servers()
     since = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=days)
-    with session_scope() as session:
+    with read_session() as session:  # the replica when DATABASE_READ_URL is set
         rows = session.execute(text(
             "SELECT metric_date, lifecycle_stage, metric_name, metric_value FROM metrics_daily "
             "WHERE metric_date >= :since AND metric_name IN ('users_in_stage', 'stage_entries') "
@@ -109,7 +109,7 @@ def show(days: int = typer.Option(30, help="how many days back"),
                 table.add_row(workflow, channel, *(str(counts[o]) for o in SEND_OUTCOMES))
             out.print(table)
     if chart is not None:
-        with session_scope() as session:
+        with read_session() as session:
             write_funnel(chart, *funnel_counts(session))
         err.print(f"funnel written to {chart}")
 

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from db.session import session_scope
+from db.session import read_session
 from workers.broker import queue_depths
 from workers.cli.context import ensure_servers, err, out
 from workers.cli.output import print_json, utc
@@ -41,7 +41,7 @@ def status(timeout: float = typer.Option(1.0, help="Seconds to wait for workers 
         err.print(f"[red]broker unreachable[/]: {escape(broker_error)}")
         depths, seen = None, {}
     try:
-        with session_scope() as session:
+        with read_session() as session:  # the replica when DATABASE_READ_URL is set
             figures = database_figures(session)
     except Exception as exc:
         err.print(f"[red]database unreachable[/]: {escape(_first_line(exc))}")

@@ -22,7 +22,7 @@ from db.models import (
     Workflow,
     WorkflowExecution,
 )
-from db.session import session_scope
+from db.session import read_session, session_scope
 from workers.cli.context import ensure_servers, err, json_object_option, out
 from workers.cli.definitions import print_report
 from workers.cli.ids import resolve_id
@@ -126,7 +126,7 @@ def report(
     from workers.reports.nodes import ReportError, workflow_report
 
     try:
-        with session_scope() as session:
+        with read_session() as session:  # the replica when DATABASE_READ_URL is set
             found = workflow_report(session, name, version, days or None)
     except ReportError as exc:
         err.print(f"[red]{escape(str(exc))}[/]")

@@ -49,9 +49,20 @@ class BenchEnvironment:
         self.database = f"fleet_{kind}_{self.tag}"
         self.log_dir = log_dir or base.home / kind
         self.env = dict(os.environ)
+        # Behind a pooler (FLEET_DB_POOLER) the scratch database is made, migrated and
+        # dropped through DATABASE_DIRECT_URL; every URL the processes get names it (the
+        # configured servers' extra URLs mean nothing on a `database_url` of the caller's).
+        self.direct_admin_url = admin_url
+        for name in ("DATABASE_DIRECT_URL", "DATABASE_READ_URL"):
+            if database_url is not None:
+                self.env.pop(name, None)
+            elif self.env.get(name):
+                if name == "DATABASE_DIRECT_URL":
+                    self.direct_admin_url = self.env[name]
+                self.env[name] = self._scratch(self.env[name])
+        self.pooler = base.db_pooler
         self.env.update({
-            "DATABASE_URL": make_url(self.admin_url).set(database=self.database)
-            .render_as_string(hide_password=False),
+            "DATABASE_URL": self._scratch(self.admin_url),
             "CELERY_BROKER_URL": broker_url or base.broker_url or "",
             "FLEET_BROKER_KEY_PREFIX": f"fleet-{kind}-{self.tag}:",
             "FLEET_LOG_LEVEL": "WARNING",
@@ -63,10 +74,15 @@ class BenchEnvironment:
         self.engine: Engine
         self.app: Celery
 
+    def _scratch(self, url: str) -> str:
+        return make_url(url).set(database=self.database).render_as_string(hide_password=False)
+
     def __enter__(self) -> Self:
-        create_database(self.admin_url, self.database)
-        upgrade(to_sqlalchemy_url(self.env["DATABASE_URL"]))
-        self.engine = create_engine(to_sqlalchemy_url(self.env["DATABASE_URL"]))
+        create_database(self.direct_admin_url, self.database)
+        upgrade(to_sqlalchemy_url(self._scratch(self.direct_admin_url)))
+        # Psycopg prepares nothing behind a pooler (db/session.py says why).
+        self.engine = create_engine(to_sqlalchemy_url(self.env["DATABASE_URL"]), connect_args=(
+            {"prepare_threshold": None} if self.pooler else {}))
         self.app = create_app(self.settings())
         return self
 
@@ -167,7 +183,7 @@ class BenchEnvironment:
             _stop(self.worker)
         self.engine.dispose()
         delete_prefixed_keys(self.env["CELERY_BROKER_URL"], self.env["FLEET_BROKER_KEY_PREFIX"])
-        drop_database(self.admin_url, self.database)
+        drop_database(self.direct_admin_url, self.database)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

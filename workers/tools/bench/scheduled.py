@@ -60,11 +60,9 @@ def _session_for(url: str) -> Any:
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()
     reset_engine()
-    from db.session import new_session
+    from db.session import new_session, without_statement_timeout
 
-    session = new_session()
-    session.execute(text("SET statement_timeout = 0"))  # generating millions of rows
-    return session
+    return without_statement_timeout(new_session())  # generating millions of rows
 
 
 def bench_segments(users: int = 1_000_000) -> dict[str, Any]:
@@ -83,7 +81,6 @@ def bench_segments(users: int = 1_000_000) -> dict[str, Any]:
         session.execute(text("CREATE UNLOGGED TABLE bare AS SELECT * FROM "
                              "user_segment_memberships WITH NO DATA"))
         session.commit()
-        session.execute(text("SET statement_timeout = 0"))
         session.execute(text("ANALYZE"))
         now = dt.datetime.now(dt.UTC)
         condition = compile_sql(parse(SEGMENT, allow_event=False), now=now)

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db.session import without_statement_timeout
 from workers.definitions import deploy_workflow
 from workers.events.outbox import add_segment_transitions
 from workers.rules.segments import refresh_segment
@@ -46,7 +47,7 @@ def bench_segment_entries(users: int = 1_000_000, share: int = 10,
                           timeout: float = 1800) -> dict[str, Any]:
     """Refresh timings and the time from refresh commit to every entry's execution started."""
     with BenchEnvironment("segments", 1, kind="bench") as env, Session(env.engine) as session:
-        session.execute(text("SET statement_timeout = 0"))
+        without_statement_timeout(session)
         session.execute(text(
             "INSERT INTO users (email, current_lifecycle_stage, attributes) "
             "SELECT 'u' || i || '@example.com', 'Activation', jsonb_build_object('score', i % 100) "
@@ -58,7 +59,6 @@ def bench_segment_entries(users: int = 1_000_000, share: int = 10,
             "SELECT 'entry', 'segment.entered', '{}', id, :s FROM workflows WHERE name = 'on-entry'"),
             {"s": watched})
         session.commit()
-        session.execute(text("SET statement_timeout = 0"))
         session.execute(text("ANALYZE"))
 
         started = time.perf_counter()
@@ -79,7 +79,6 @@ def bench_segment_entries(users: int = 1_000_000, share: int = 10,
         env.wait(lambda: env.scalar(text("SELECT count(*) FROM workflow_executions")) >= entries,
                  timeout)
         started_s = time.perf_counter() - started
-        session.execute(text("SET statement_timeout = 0"))
         again = time.perf_counter()
         refresh_segment(session, watched, dt.datetime.now(dt.UTC))  # nobody moves
         session.commit()
