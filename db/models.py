@@ -930,6 +930,89 @@ class WorkflowScheduleRun(Base):
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
+
+# --------------------------------------------------------------------------- workspaces
+# Seed 004's tenants. So far a workspace owns only its secrets; migration 0019 inserts
+# 'default' (every single-workspace installation's) with this fixed id.
+DEFAULT_WORKSPACE = "default"
+DEFAULT_WORKSPACE_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+    __table_args__ = (Index("uq_workspaces_name", "name", unique=True),)
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    name: Mapped[str] = mapped_column(String(63))
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class WorkspaceSecret(Base):
+    """A workspace's credential (webhook signing key, a channel's token), encrypted.
+
+    `ciphertext` is a Fernet token of the fleet's keys (workers/secrets/crypto.py binds it
+    to the workspace and name); `key_id` is the fingerprint of the key that made it,
+    never the key. Owned by workers/secrets/store.py.
+    """
+
+    __tablename__ = "workspace_secrets"
+    __table_args__ = (
+        PrimaryKeyConstraint("workspace_id", "name", name="pk_workspace_secrets"),
+        CheckConstraint("name ~ '^[a-z0-9][a-z0-9_.-]*$'", name="chk_workspace_secret_name"),
+    )
+
+    workspace_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE", name="fk_workspace_secrets_workspace"))
+    name: Mapped[str] = mapped_column(String(100))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    key_id: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)  # the value's last change
+
+
+# --------------------------------------------------------------------------- erasure
+# `fleet user forget` (workers/privacy/): tombstones name erased users by keyed hashes only.
+
+
+class ErasureKey(Base):
+    """A workspace's HMAC key for tombstone refs: 32 random bytes made by its first erasure."""
+
+    __tablename__ = "erasure_keys"
+    __table_args__ = (CheckConstraint("octet_length(key) = 32", name="chk_erasure_key_length"),)
+
+    workspace_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workspaces.id", name="fk_erasure_keys_workspace"), primary_key=True)
+    key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+
+
+class ErasureTombstone(Base):
+    """A user's personal data was erased: where, when, by whom, how many rows; nothing personal.
+
+    `identifier_refs` are HMAC-SHA256(the workspace's key, "id:<user id>", "email:…"): an
+    archive row is an erased user's when the HMAC of "id:<its user_id>" is one; `user_ref`
+    is the id's, one tombstone per user (migration 0020 says more).
+    Owned by workers/privacy/tombstones.py.
+    """
+
+    __tablename__ = "erasure_tombstones"
+    __table_args__ = (
+        CheckConstraint("user_ref ~ '^[0-9a-f]{64}$'", name="chk_erasure_user_ref"),
+        Index("uq_erasure_tombstones_user", "workspace_id", "user_ref", unique=True),
+        Index("idx_erasure_tombstones_refs", "identifier_refs", postgresql_using="gin"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    workspace_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workspaces.id", name="fk_erasure_tombstones_workspace"))
+    user_ref: Mapped[str] = mapped_column(String(64))
+    # HMACs of every identifier used: "id:…", "email:…", "external_id:…".
+    identifier_refs: Mapped[list[str]] = mapped_column(ARRAY(String(64)))
+    requested_by: Mapped[str] = mapped_column(String(255))  # the operator
+    erased_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    counts: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+
+
 PARTITIONED_TABLES: dict[str, tuple[str, str]] = {
     # table: (partition column, interval)
     "lifecycle_events": ("created_at", "month"),

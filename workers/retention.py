@@ -38,6 +38,7 @@ from db.models import PARTITIONED_TABLES
 from db.partitions import PartitionRange, default_partition_name, existing_partitions
 from workers.engine import executions
 from workers.log import get_logger
+from workers.privacy.archives import archive_scrubber
 
 log = get_logger(__name__)
 
@@ -130,9 +131,10 @@ def archive_partition(engine: Engine, rng: PartitionRange, archive_dir: Path) ->
         columns = [c for c in conn.execute(text(
             "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
             "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"), {"t": rng.name}).scalars()]
+        scrubber = archive_scrubber(conn, rng.table)  # erased users' rows, scrubbed as written
         with gzip.open(data_path, "wb") as out, driver_connection(conn).cursor() as cur, cur.copy(
                 f"COPY {rng.name} TO STDOUT (FORMAT csv, HEADER true)") as copy:
-            for chunk in copy:
+            for chunk in scrubber.filter(copy) if scrubber else copy:
                 digest.update(chunk)
                 out.write(chunk)
     with gzip.open(data_path, "rt", newline="") as check:
@@ -143,6 +145,7 @@ def archive_partition(engine: Engine, rng: PartitionRange, archive_dir: Path) ->
         "table": rng.table, "partition": rng.name, "from": rng.start.isoformat(),
         "to": rng.end.isoformat(), "rows": rows, "columns": columns, "format": "csv+gzip",
         "sha256_of_csv": digest.hexdigest(), "archived_at": dt.datetime.now(dt.UTC).isoformat(),
+        "scrubbed_rows": scrubber.scrubbed if scrubber else 0,
     }
     (archive_dir / f"{rng.name}.manifest.json").write_text(json.dumps(manifest, indent=2))
     return data_path

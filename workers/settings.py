@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.service_state import read_state
@@ -98,9 +98,23 @@ class Settings(BaseSettings):
     )
     webhook_secret: str | None = Field(
         default=None,
-        description="HMAC-SHA256 key signing send_webhook bodies (X-Fleet-Signature); unsigned if unset.",
+        description="HMAC-SHA256 key signing send_webhook bodies (X-Fleet-Signature) when the "
+        "workspace has no stored `webhook_signing_key` secret; unsigned if neither is set.",
     )
     webhook_timeout: float = Field(default=10.0, description="send_webhook request timeout, seconds.")
+    # Keys of the stored secrets (workers/secrets/): SecretStr, so no repr or log shows them.
+    secret_keys: SecretStr | None = Field(
+        default=None,
+        description="Keys of the secrets stored encrypted per workspace (`fleet secret "
+        "generate-key`), comma-separated: the first encrypts, every one decrypts (a rotation "
+        "puts the new key first). Needed by the actions workers and `fleet secret` only.",
+    )
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="Instead of FLEET_SECRET_KEYS: a file of those keys (one a line or "
+        "comma-separated, the first encrypts; a mounted Kubernetes or Compose secret), read at "
+        "each use, so a changed file needs no restart.",
+    )
     outbox_confirm_seconds: int = Field(
         default=900,
         description="An outbox row published this long ago whose event has not reached the "
@@ -216,6 +230,11 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         """The database URL with the psycopg 3 driver named, as SQLAlchemy wants it."""
         return self.database.sqlalchemy_url
+
+    @property
+    def direct_database_url(self) -> str | None:
+        """PostgreSQL without a pooler in between: DATABASE_DIRECT_URL, else DATABASE_URL."""
+        return self.database_direct_url or self.database_url
 
 
 @lru_cache(maxsize=1)

@@ -9,7 +9,7 @@ import os
 import typer
 
 from db.migrate import upgrade
-from workers.cli import dlq, metrics, monitor, services, suppress
+from workers.cli import dlq, metrics, monitor, secrets, services, suppress
 from workers.cli.context import (
     dev_extra,
     embedded_services,
@@ -21,6 +21,8 @@ from workers.cli.definitions import apply, segment_app, trigger_app
 from workers.cli.events import emit
 from workers.cli.schedules import schedule_app
 from workers.cli.status import status
+from workers.cli.users import app as user_app
+from workers.cli.users import scrub_archives_command
 from workers.cli.workflows import execution_app, workflow_app
 from workers.queues import QUEUE_NAMES
 
@@ -29,8 +31,11 @@ app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle o
 app.add_typer(services.app, name="services")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(suppress.app, name="suppress")
+app.add_typer(secrets.app, name="secret")
 app.add_typer(metrics.app, name="metrics")
 app.add_typer(metrics.retention_app, name="retention")
+metrics.retention_app.command("scrub-archives")(scrub_archives_command)
+app.add_typer(user_app, name="user")
 app.add_typer(trigger_app, name="trigger")
 app.add_typer(segment_app, name="segment")
 app.add_typer(workflow_app, name="workflow")
