@@ -152,3 +152,38 @@ def _lock_waits(engine: Engine) -> int:
         return int(conn.execute(text(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND datname = current_database()")).scalar_one())
+
+
+def test_dropping_the_partition_waits_for_a_writer_instead_of_deadlocking_with_it(
+        fresh_database: str, tmp_path: Path) -> None:
+    """Dropping a foreign key locks both tables ACCESS EXCLUSIVE. A writer holding `users`
+    (an ingest's FOR KEY SHARE) that then wants `workflow_executions` deadlocked with a
+    DROP TABLE holding `workflow_executions` and waiting for `users`."""
+    upgrade(fresh_database)
+    engine = create_engine(fresh_database)
+    today = dt.datetime.now(dt.UTC).date()
+    old = dt.datetime.combine(today - dt.timedelta(days=800), dt.time(12), dt.UTC)
+    with engine.begin() as conn:
+        user = conn.execute(text("INSERT INTO users (email, current_lifecycle_stage) "
+                                 "VALUES ('k@x.io', 'Activation') RETURNING id")).scalar()
+        conn.execute(text("INSERT INTO lifecycle_events (event_type, user_id, created_at) "
+                          "VALUES ('old.event', :u, :c)"), {"u": user, "c": old})
+        split_default(conn, "lifecycle_events")
+    outcome: dict[str, object] = {}
+    with engine.connect() as writer:
+        writer.execute(text("SELECT 1 FROM users WHERE id = :u FOR KEY SHARE"), {"u": user})
+        retention = threading.Thread(
+            target=lambda: outcome.update(report=_capture(run_retention, engine, tmp_path)))
+        retention.start()
+        deadline = time.monotonic() + 10
+        while not _lock_waits(engine):
+            assert time.monotonic() < deadline, "retention never waited for the writer"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        writer.execute(text("LOCK TABLE workflow_executions IN ROW SHARE MODE"))
+        writer.commit()
+        retention.join(timeout=30)
+    report = outcome["report"]
+    assert not isinstance(report, Exception), report
+    assert range_containing("lifecycle_events", old.date()).name in report.dropped
+    engine.dispose()

@@ -119,6 +119,28 @@ def _detach(engine: Engine, rng: PartitionRange) -> None:
         conn.execute(text(f"ALTER TABLE {rng.table} DETACH PARTITION {rng.name}"))
 
 
+def _drop(engine: Engine, rng: PartitionRange) -> None:
+    """Drop a detached partition: its foreign keys one at a time, then the table.
+
+    Dropping a foreign key locks both tables ACCESS EXCLUSIVE. A DROP TABLE drops them
+    all in one transaction: holding `workflow_executions` and waiting for `users`, it
+    deadlocked with an ingest holding `users` and waiting for `workflow_executions`.
+    One key a transaction waits for one busy table only, while holding nothing anyone
+    else uses (the detached partition), so it can wait but never deadlock.
+    """
+    with engine.connect() as conn:
+        keys = conn.execute(text(
+            "SELECT conname FROM pg_constraint WHERE conrelid = CAST(:t AS regclass) "
+            "AND contype = 'f' ORDER BY conname"), {"t": rng.name}).scalars().all()
+    for key in keys:
+        with engine.begin() as conn:
+            conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            conn.execute(text(f'ALTER TABLE {rng.name} DROP CONSTRAINT "{key}"'))
+    with engine.begin() as conn:
+        conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        conn.execute(text(f"DROP TABLE {rng.name}"))
+
+
 def archive_partition(engine: Engine, rng: PartitionRange, archive_dir: Path) -> Path:
     """Write a detached partition to CSV.gz with a manifest; checks the row count."""
     archive_dir.mkdir(parents=True, exist_ok=True)
@@ -169,9 +191,7 @@ def run_retention(engine: Engine, archive_dir: Path, today: dt.date | None = Non
             if archive:
                 archive_partition(engine, rng, archive_dir)
                 archived.append(rng.name)
-            with engine.begin() as conn:
-                conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-                conn.execute(text(f"DROP TABLE {rng.name}"))
+            _drop(engine, rng)
             dropped.append(rng.name)
             log.info("retention.partition_dropped", partition=rng.name, archived=archive)
     deleted = {"workflow_executions": _delete_old_executions(engine, today, dry_run)}
