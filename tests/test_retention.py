@@ -16,7 +16,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from db.migrate import upgrade
 from db.partitions import existing_partitions, range_containing, split_default
-from workers.retention import run_retention
+from workers.retention import RetentionReport, run_retention
 
 pytestmark = pytest.mark.servers
 
@@ -110,6 +110,27 @@ def test_detach_waits_for_a_writer_instead_of_deadlocking_with_it(fresh_database
                                                                   tmp_path: Path) -> None:
     """A writer that holds its user row and then inserts an audit event (set_lifecycle_stage,
     ingest) must not deadlock with DETACH, which also locks `users` (for the foreign key)."""
+    report, old = _retention_meets_a_writer(
+        fresh_database, tmp_path, "UPDATE users SET updated_at = now() WHERE id = :u",
+        "INSERT INTO lifecycle_events (event_type, user_id) VALUES ('new.event', :u)")
+    assert report.archived == (old,)
+
+
+def test_dropping_the_partition_waits_for_a_writer_instead_of_deadlocking_with_it(
+        fresh_database: str, tmp_path: Path) -> None:
+    """Dropping a foreign key locks both tables ACCESS EXCLUSIVE. A writer holding `users`
+    (an ingest's FOR KEY SHARE) that then wants `workflow_executions` deadlocked with a
+    DROP TABLE holding `workflow_executions` and waiting for `users`."""
+    report, old = _retention_meets_a_writer(
+        fresh_database, tmp_path, "SELECT 1 FROM users WHERE id = :u FOR KEY SHARE",
+        "LOCK TABLE workflow_executions IN ROW SHARE MODE")
+    assert old in report.dropped
+
+
+def _retention_meets_a_writer(fresh_database: str, tmp_path: Path, hold: str,
+                              then: str) -> tuple[RetentionReport, str]:
+    """Retention of an expired partition while a writer holds its user (`hold`), waits until
+    retention waits for it, then runs `then`; (the report, the expired partition)."""
     upgrade(fresh_database)
     engine = create_engine(fresh_database)
     today = dt.datetime.now(dt.UTC).date()
@@ -122,7 +143,7 @@ def test_detach_waits_for_a_writer_instead_of_deadlocking_with_it(fresh_database
         split_default(conn, "lifecycle_events")
     outcome: dict[str, object] = {}
     with engine.connect() as writer:
-        writer.execute(text("UPDATE users SET updated_at = now() WHERE id = :u"), {"u": user})
+        writer.execute(text(hold), {"u": user})
         retention = threading.Thread(
             target=lambda: outcome.update(report=_capture(run_retention, engine, tmp_path)))
         retention.start()
@@ -130,14 +151,14 @@ def test_detach_waits_for_a_writer_instead_of_deadlocking_with_it(fresh_database
         while not _lock_waits(engine):
             assert time.monotonic() < deadline, "retention never waited for the writer"
             time.sleep(0.05)
-        writer.execute(text("INSERT INTO lifecycle_events (event_type, user_id) "
-                            "VALUES ('new.event', :u)"), {"u": user})
+        time.sleep(0.2)
+        writer.execute(text(then), {"u": user} if ":u" in then else {})
         writer.commit()
         retention.join(timeout=30)
-    report = outcome["report"]
-    assert not isinstance(report, Exception), report
-    assert report.archived == (range_containing("lifecycle_events", old.date()).name,)
     engine.dispose()
+    report = outcome["report"]
+    assert isinstance(report, RetentionReport), report
+    return report, range_containing("lifecycle_events", old.date()).name
 
 
 def _capture(fn: Callable[..., object], *args: object) -> object:
@@ -152,38 +173,3 @@ def _lock_waits(engine: Engine) -> int:
         return int(conn.execute(text(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND datname = current_database()")).scalar_one())
-
-
-def test_dropping_the_partition_waits_for_a_writer_instead_of_deadlocking_with_it(
-        fresh_database: str, tmp_path: Path) -> None:
-    """Dropping a foreign key locks both tables ACCESS EXCLUSIVE. A writer holding `users`
-    (an ingest's FOR KEY SHARE) that then wants `workflow_executions` deadlocked with a
-    DROP TABLE holding `workflow_executions` and waiting for `users`."""
-    upgrade(fresh_database)
-    engine = create_engine(fresh_database)
-    today = dt.datetime.now(dt.UTC).date()
-    old = dt.datetime.combine(today - dt.timedelta(days=800), dt.time(12), dt.UTC)
-    with engine.begin() as conn:
-        user = conn.execute(text("INSERT INTO users (email, current_lifecycle_stage) "
-                                 "VALUES ('k@x.io', 'Activation') RETURNING id")).scalar()
-        conn.execute(text("INSERT INTO lifecycle_events (event_type, user_id, created_at) "
-                          "VALUES ('old.event', :u, :c)"), {"u": user, "c": old})
-        split_default(conn, "lifecycle_events")
-    outcome: dict[str, object] = {}
-    with engine.connect() as writer:
-        writer.execute(text("SELECT 1 FROM users WHERE id = :u FOR KEY SHARE"), {"u": user})
-        retention = threading.Thread(
-            target=lambda: outcome.update(report=_capture(run_retention, engine, tmp_path)))
-        retention.start()
-        deadline = time.monotonic() + 10
-        while not _lock_waits(engine):
-            assert time.monotonic() < deadline, "retention never waited for the writer"
-            time.sleep(0.05)
-        time.sleep(0.2)
-        writer.execute(text("LOCK TABLE workflow_executions IN ROW SHARE MODE"))
-        writer.commit()
-        retention.join(timeout=30)
-    report = outcome["report"]
-    assert not isinstance(report, Exception), report
-    assert range_containing("lifecycle_events", old.date()).name in report.dropped
-    engine.dispose()
