@@ -1,13 +1,13 @@
-"""COPY for the high-volume audit inserts: one round trip, no SQL to build per row."""
+"""Bulk writes for the high-volume audit inserts: one round trip, no SQL to build per row."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
@@ -21,13 +21,22 @@ def driver_connection(bind: Session | Connection) -> psycopg.Connection[Any]:
     return raw
 
 
-def copy_rows(session: Session, table: str, columns: Sequence[str],
-              rows: Iterable[Sequence[Any]]) -> None:
-    """COPY rows into `table` inside the session's transaction (dicts become jsonb)."""
-    with driver_connection(session).cursor() as cursor, cursor.copy(
-            f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row([Jsonb(v) if isinstance(v, (dict, list)) else v for v in row])
+def insert_rows(session: Session, table: str, columns: Sequence[str],
+                rows: Iterable[Sequence[Any]]) -> None:
+    """Insert rows into `table` inside the session's transaction: one statement, the rows
+    sent as one JSON array and typed by the table's own row type
+    (`jsonb_populate_recordset`), so the statement's text never changes (prepared once)
+    and dicts and lists land in jsonb columns as they are.
+
+    Not COPY: PostgreSQL refuses COPY FROM into a table whose row-level security applies,
+    as it does to every workspace table (db/tenancy.py). Measured on one 100-event ingest
+    transaction: 19 ms this way, 19-20 ms with COPY, 21-22 ms with a multi-row VALUES.
+    """
+    cols = ", ".join(columns)
+    payload = json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str)
+    with driver_connection(session).cursor() as cursor:
+        cursor.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM "
+                       f"jsonb_populate_recordset(NULL::{table}, %s::jsonb)", [payload])
 
 
 @contextmanager

@@ -105,6 +105,22 @@ def uuid_pk() -> Mapped[uuid.UUID]:
     return mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
 
 
+# Migration 0021: every workspace table's `workspace_id` is filled from the transaction's
+# tenant (`app.current_tenant_id`, db/tenancy.py); with none set the INSERT fails.
+CURRENT_WORKSPACE = text("fleet_current_workspace()")
+
+
+def workspace_column() -> Mapped[uuid.UUID]:
+    """The row's workspace, without a foreign key (high-volume tables: migration 0021)."""
+    return mapped_column(server_default=CURRENT_WORKSPACE)
+
+
+def workspace_fk(table: str) -> Mapped[uuid.UUID]:
+    """The row's workspace on a definition table: with a foreign key to `workspaces`."""
+    return mapped_column(ForeignKey("workspaces.id", name=f"fk_{table}_workspace"),
+                         server_default=CURRENT_WORKSPACE)
+
+
 # --------------------------------------------------------------------------- seed schema
 
 
@@ -117,14 +133,17 @@ class User(Base):
         Index("idx_users_lifecycle_stage", "current_lifecycle_stage"),
         Index("idx_users_attributes", "attributes", postgresql_using="gin"),
         Index("idx_users_created_at", "created_at"),
+        # The seed's `email UNIQUE`, per workspace (migration 0021); the name is the seed's.
+        UniqueConstraint("workspace_id", "email", name="users_email_key"),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
-    email: Mapped[str] = mapped_column(String(255), unique=True)
+    email: Mapped[str] = mapped_column(String(255))
     current_lifecycle_stage: Mapped[str] = mapped_column(String(50))
     attributes: Mapped[dict[str, Any] | None] = mapped_column(server_default=text("'{}'::jsonb"))
     created_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
     updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class UserLifecycleHistory(Base):
@@ -148,6 +167,7 @@ class UserLifecycleHistory(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column(
         "metadata", server_default=text("'{}'::jsonb")
     )
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class Workflow(Base):
@@ -158,7 +178,7 @@ class Workflow(Base):
         ),
         Index("idx_workflows_status", "status"),
         Index("idx_workflows_lifecycle", "lifecycle_stages", postgresql_using="gin"),
-        Index("uq_workflows_name", "name", unique=True),
+        Index("uq_workflows_name", "workspace_id", "name", unique=True),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -176,6 +196,7 @@ class Workflow(Base):
     # --- not in the seed ---
     # Goal, holdout and caps from `fleet apply` (workers/sends/config.py WorkflowSettings).
     settings: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    workspace_id: Mapped[uuid.UUID] = workspace_fk("workflows")
 
 
 class WorkflowExecution(Base):
@@ -274,6 +295,7 @@ class WorkflowExecution(Base):
     updated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
     # How a completed execution ended when not at an end event (ExitReason); else NULL.
     outcome: Mapped[str | None] = mapped_column(String(20))
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class UserSegment(Base):
@@ -281,7 +303,7 @@ class UserSegment(Base):
     __table_args__ = (
         Index("idx_segments_stages", "lifecycle_stages", postgresql_using="gin"),
         # Conditions refer to segments by name (`in_segment`), so names are unique.
-        Index("uq_user_segments_name", "name", unique=True),
+        Index("uq_user_segments_name", "workspace_id", "name", unique=True),
         CheckConstraint("kind IN ('dynamic', 'static')", name="chk_segment_kind"),
         CheckConstraint("ttl_seconds > 0", name="chk_segment_ttl"),
     )
@@ -301,6 +323,7 @@ class UserSegment(Base):
     ttl_seconds: Mapped[int] = mapped_column(Integer, server_default=text("3600"))
     # When the last full refresh ran (dynamic segments); NULL: never.
     refreshed_at: Mapped[dt.datetime | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_fk("user_segments")
 
 
 class UserSegmentMembership(Base):
@@ -322,6 +345,7 @@ class UserSegmentMembership(Base):
     )
     evaluated_at: Mapped[dt.datetime | None] = mapped_column(server_default=NOW)
     valid_until: Mapped[dt.datetime | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class SegmentExclusion(Base):
@@ -342,6 +366,7 @@ class SegmentExclusion(Base):
     )
     evaluated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     valid_until: Mapped[dt.datetime]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class Trigger(Base):
@@ -350,7 +375,7 @@ class Trigger(Base):
         Index("idx_triggers_event_type", "event_type", postgresql_where=text("enabled = true")),
         Index("idx_triggers_workflow", "workflow_id", postgresql_where=text("enabled = true")),
         # Definitions are applied by name (`fleet apply`).
-        Index("uq_triggers_name", "name", unique=True),
+        Index("uq_triggers_name", "workspace_id", "name", unique=True),
         CheckConstraint("reentry IN ('no_concurrent', 'allow')", name="chk_trigger_reentry"),
         CheckConstraint("max_runs_per_user IS NULL OR max_runs_per_user > 0",
                         name="chk_trigger_max_runs"),
@@ -382,6 +407,7 @@ class Trigger(Base):
     # The segment a `segment.entered` / `segment.exited` trigger watches (not in the seed).
     segment_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("user_segments.id", ondelete="RESTRICT", name="fk_triggers_segment"))
+    workspace_id: Mapped[uuid.UUID] = workspace_fk("triggers")
 
 
 class TriggerExecution(Base):
@@ -417,6 +443,7 @@ class TriggerExecution(Base):
     executed_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     # The event that was evaluated (not in the seed): ties the log to the audit row.
     event_id: Mapped[uuid.UUID | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class LifecycleEvent(Base):
@@ -454,6 +481,7 @@ class LifecycleEvent(Base):
     event_id: Mapped[uuid.UUID | None]
     # When the event happened at the producer; created_at is when it was recorded.
     occurred_at: Mapped[dt.datetime | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class MetricDaily(Base):
@@ -462,8 +490,11 @@ class MetricDaily(Base):
     __tablename__ = "metrics_daily"
     __table_args__ = (
         PrimaryKeyConstraint("id", "metric_date", name="metrics_daily_pkey"),
-        # Unnamed, as in the seed: PostgreSQL picks the name.
-        UniqueConstraint("metric_date", "lifecycle_stage", "metric_name", "dimensions"),
+        # The seed's unnamed UNIQUE, per workspace (migration 0021), under the name
+        # PostgreSQL gave it then.
+        UniqueConstraint("workspace_id", "metric_date", "lifecycle_stage", "metric_name",
+                         "dimensions",
+                         name="metrics_daily_metric_date_lifecycle_stage_metric_name_dimen_key"),
         Index("idx_metrics_date_stage", text("metric_date DESC"), "lifecycle_stage"),
         Index("idx_metrics_name", "metric_name", text("metric_date DESC")),
         {"postgresql_partition_by": "RANGE (metric_date)"},
@@ -475,6 +506,7 @@ class MetricDaily(Base):
     metric_name: Mapped[str] = mapped_column(String(100))
     metric_value: Mapped[float] = mapped_column(Numeric)
     dimensions: Mapped[dict[str, Any] | None] = mapped_column(server_default=text("'{}'::jsonb"))
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 # --------------------------------------------------------------------------- engine tables
@@ -494,6 +526,7 @@ class WorkflowVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     # {file name: XML} of the files holding the processes bpmn_xml's call activities call.
     extra_files: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class ExecutionStep(Base):
@@ -522,6 +555,7 @@ class ExecutionStep(Base):
     started_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     finished_at: Mapped[dt.datetime | None]
     error_message: Mapped[str | None] = mapped_column(Text)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class ExecutionMessage(Base):
@@ -543,6 +577,7 @@ class ExecutionMessage(Base):
     payload: Mapped[dict[str, Any]]
     received_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     consumed_at: Mapped[dt.datetime | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class ActionDelivery(Base):
@@ -578,6 +613,7 @@ class ActionDelivery(Base):
     send_outcome: Mapped[str | None] = mapped_column(String(20))
     # A deferred send (status 'deferred') runs again at this time, when the window opens.
     run_after: Mapped[dt.datetime | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 # 'dropped': a deferred send whose execution ended (a goal exit) before it went out.
@@ -611,16 +647,22 @@ class Send(Base):
     sent_at: Mapped[dt.datetime | None]
     deferred_until: Mapped[dt.datetime | None]
     deferrals: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class ProgramSetting(Base):
     """Program-wide settings applied by `fleet apply` (name `messaging`: the send policy)."""
 
     __tablename__ = "program_settings"
+    __table_args__ = (PrimaryKeyConstraint("workspace_id", "name", name="program_settings_pkey"),)
+    # The ORM's identity is the name alone: its one reader, `session.get(ProgramSetting,
+    # name)`, runs inside one workspace, whose rows are all that row-level security shows.
+    __mapper_args__ = {"primary_key": ["name"]}
 
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
     value: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_fk("program_settings")
 
 
 class UserConsent(Base):
@@ -634,17 +676,21 @@ class UserConsent(Base):
     subscribed: Mapped[bool] = mapped_column(Boolean)
     changed_at: Mapped[dt.datetime]  # the event's occurred_at: a late older event loses
     event_id: Mapped[uuid.UUID | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class Suppression(Base):
-    """The global suppression list: nothing is sent to `address` on `channel` ('*': any)."""
+    """A workspace's suppression list: nothing is sent to `address` on `channel` ('*': any)."""
 
     __tablename__ = "suppressions"
+    __table_args__ = (PrimaryKeyConstraint("workspace_id", "address", "channel",
+                                           name="suppressions_pkey"),)
 
-    address: Mapped[str] = mapped_column(String(255), primary_key=True)  # lowercased
-    channel: Mapped[str] = mapped_column(String(50), primary_key=True)
+    address: Mapped[str] = mapped_column(String(255))  # lowercased
+    channel: Mapped[str] = mapped_column(String(50))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class ExecutionGoal(Base):
@@ -661,6 +707,7 @@ class ExecutionGoal(Base):
     event_type: Mapped[str] = mapped_column(String(100))
     reached_at: Mapped[dt.datetime]  # the goal event's occurred_at
     recorded_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class ExecutionExit(Base):
@@ -681,6 +728,7 @@ class ExecutionExit(Base):
     reason: Mapped[str] = mapped_column(String(20))
     event_id: Mapped[uuid.UUID | None]  # the goal event (NULL for an exit condition)
     requested_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class SplitExposure(Base):
@@ -704,6 +752,7 @@ class SplitExposure(Base):
     # The variant's place in the declared order (0: the baseline the others are compared to).
     position: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class MessageLog(Base):
@@ -727,6 +776,7 @@ class MessageLog(Base):
     subject: Mapped[str | None] = mapped_column(Text)
     body: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class TaskRedelivery(Base):
@@ -757,14 +807,18 @@ class EventInbox(Base):
     """Dedupe ledger: one row per accepted event_id; a redelivery finds it and stops."""
 
     __tablename__ = "event_inbox"
-    __table_args__ = (Index("idx_event_inbox_received", "received_at"),)
+    __table_args__ = (
+        PrimaryKeyConstraint("workspace_id", "event_id", name="event_inbox_pkey"),
+        Index("idx_event_inbox_received", "received_at"),
+    )
 
-    event_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    event_id: Mapped[uuid.UUID]
     event_type: Mapped[str] = mapped_column(String(100))
     received_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     # SHA-256 of (event_type, user, data): a later event with this id and other content is
     # dead-lettered, not silently dropped. NULL for rows from before it was kept.
     content_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class DeadLetter(Base):
@@ -797,6 +851,7 @@ class DeadLetter(Base):
     status: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
     replay_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     replayed_at: Mapped[dt.datetime | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 class EventOutbox(Base):
@@ -835,6 +890,7 @@ class EventOutbox(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # --- not in the seed: when the event was seen in event_inbox or dead_letters ---
     confirmed_at: Mapped[dt.datetime | None]
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 
@@ -855,7 +911,7 @@ class WorkflowSchedule(Base):
 
     __tablename__ = "workflow_schedules"
     __table_args__ = (
-        Index("uq_workflow_schedules_name", "name", unique=True),
+        Index("uq_workflow_schedules_name", "workspace_id", "name", unique=True),
         CheckConstraint("trigger_type IN ('cron', 'interval', 'event', 'manual')",
                         name="chk_schedule_trigger_type"),
         CheckConstraint("(trigger_type = 'cron') = (cron_expression IS NOT NULL) AND "
@@ -894,6 +950,7 @@ class WorkflowSchedule(Base):
     last_run_at: Mapped[dt.datetime | None]  # the scheduled time of the latest run
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_fk("workflow_schedules")
 
 
 class WorkflowScheduleRun(Base):
@@ -929,11 +986,13 @@ class WorkflowScheduleRun(Base):
     started_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    workspace_id: Mapped[uuid.UUID] = workspace_column()
 
 
 # --------------------------------------------------------------------------- workspaces
-# Seed 004's tenants. So far a workspace owns only its secrets; migration 0019 inserts
-# 'default' (every single-workspace installation's) with this fixed id.
+# Seed 004's tenants. Every workspace table has `workspace_id` and row-level security
+# (migration 0021); migration 0019 inserts 'default' (every single-workspace
+# installation's) with this fixed id, which 0021 gave the rows that existed before it.
 DEFAULT_WORKSPACE = "default"
 DEFAULT_WORKSPACE_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
 

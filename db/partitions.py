@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
+from db import tenancy
 from db.models import PARTITIONED_TABLES
 
 
@@ -74,6 +75,17 @@ def create_default_partition(conn: Connection, table: str) -> None:
             f"PARTITION OF {table} DEFAULT"
         )
     )
+    _secure(conn, table, default_partition_name(table))
+
+
+def _secure(conn: Connection, parent: str, partition: str) -> None:
+    """Give a new partition its parent's workspace policy (when the parent has one, i.e.
+    after migration 0021): a query naming the partition itself is bound as well."""
+    secured = conn.execute(text("SELECT relrowsecurity FROM pg_class WHERE oid = "
+                                "CAST(:t AS regclass)"), {"t": parent}).scalar()
+    if secured:
+        for statement in tenancy.policy_sql(partition):
+            conn.execute(text(statement))
 
 
 def existing_partitions(conn: Connection, table: str) -> list[str]:
@@ -105,6 +117,7 @@ def ensure_partition(conn: Connection, rng: PartitionRange) -> bool:
         conn.execute(
             text(f"CREATE TABLE {rng.name} PARTITION OF {rng.table} FOR VALUES FROM ({lo}) TO ({hi})")
         )
+        _secure(conn, rng.table, rng.name)
         return True
     # Rows for this range sit in the default partition: PostgreSQL refuses to
     # create the partition over them, so build it beside, move them, attach.
@@ -120,6 +133,7 @@ def ensure_partition(conn: Connection, rng: PartitionRange) -> bool:
     conn.execute(
         text(f"ALTER TABLE {rng.table} ATTACH PARTITION {rng.name} FOR VALUES FROM ({lo}) TO ({hi})")
     )
+    _secure(conn, rng.table, rng.name)
     return True
 
 

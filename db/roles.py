@@ -73,6 +73,14 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{app}') THEN
     CREATE ROLE "{app}" LOGIN;
   END IF;
+  -- Migration 0021 makes the application role without login where it was missing.
+  ALTER ROLE "{app}" LOGIN;
+  -- The migrator's maintenance work inside a workspace takes the application role
+  -- (db/tenancy.py: SET LOCAL ROLE), as every workspace transaction does.
+  IF NOT EXISTS (SELECT FROM pg_auth_members WHERE roleid = '{app}'::regrole
+                 AND member = '{mig}'::regrole) THEN
+    GRANT "{app}" TO "{mig}";
+  END IF;
   -- Membership in the owner would give the application role the owner's rights.
   IF EXISTS (SELECT FROM pg_auth_members WHERE roleid = '{mig}'::regrole
              AND member = '{app}'::regrole) THEN

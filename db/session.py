@@ -9,6 +9,9 @@ serves other clients between our transactions, so nothing may live in the sessio
 PgBouncer refuses the `options` parameter, and a prepared statement would be missing
 on the next server connection. There psycopg prepares nothing and each transaction sets
 both for itself at its start (`set_config(..., true)`, the same as SET LOCAL).
+
+Every transaction also begins by setting its workspace, the tenant row-level security
+keys on (db/tenancy.py), in the same statement.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from db import tenancy
 from db.config import database_config, to_sqlalchemy_url
 
 APPLICATION_NAME = "lifecycle-fleet"
@@ -45,15 +49,18 @@ def build_engine(url: str, *, pooler: str | None, statement_timeout_ms: int,
     engine = create_engine(to_sqlalchemy_url(url), pool_size=pool_size,
                            max_overflow=max_overflow, pool_pre_ping=True, pool_recycle=1800,
                            connect_args=connect_args)
-    if pooler is not None:
-        settings = (f"SELECT set_config('statement_timeout', '{int(statement_timeout_ms)}', true), "
-                    "set_config('TimeZone', 'UTC', true)")
+    pooled = (f"set_config('statement_timeout', '{int(statement_timeout_ms)}', true), "
+              "set_config('TimeZone', 'UTC', true)") if pooler is not None else None
 
-        @event.listens_for(engine, "begin")
-        def _transaction_settings(conn: Connection) -> None:
-            # One round trip per transaction; ends with it, so nothing reaches the next
-            # client of the server connection.
-            conn.exec_driver_sql(settings)
+    @event.listens_for(engine, "begin")
+    def _transaction_settings(conn: Connection) -> None:
+        # The workspace (db/tenancy.py; raises NoWorkspace when none is set) and, behind
+        # a pooler, the session settings: one statement, local to the transaction, so
+        # nothing reaches the next client of a pooled server connection.
+        tenant = tenancy.tenant_setting()
+        settings = ", ".join(part for part in (pooled, tenant) if part)
+        if settings:
+            conn.exec_driver_sql(f"SELECT {settings}")
 
     return engine
 

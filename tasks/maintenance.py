@@ -22,7 +22,8 @@ from workers.settings import get_settings
 log = get_logger(__name__)
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.ENSURE_PARTITIONS)
+@app.task(base=FleetTask, bind=True, name=TaskNames.ENSURE_PARTITIONS,
+          workspace_scope="all")
 def ensure_partitions(self: FleetTask) -> list[str]:
     """Create this period's and the next partitions; move stray default rows into them."""
     created = ensure_partitions_ahead(self.session.connection(), dt.datetime.now(dt.UTC).date(),
@@ -34,7 +35,8 @@ def ensure_partitions(self: FleetTask) -> list[str]:
 RELAY_BUDGET_SECONDS = 5.0  # one run's publishing; the beat's next run goes on from there
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.RELAY_OUTBOX)
+@app.task(base=FleetTask, bind=True, name=TaskNames.RELAY_OUTBOX,
+          workspace_scope="each")
 def relay_outbox(self: FleetTask, limit: int = 500) -> int:
     """Publish pending outbox rows (beat, every few seconds), after confirming older ones.
 
@@ -59,7 +61,8 @@ def relay_outbox(self: FleetTask, limit: int = 500) -> int:
     return published
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.METRICS_DAILY)
+@app.task(base=FleetTask, bind=True, name=TaskNames.METRICS_DAILY,
+          workspace_scope="each")
 def metrics_daily(self: FleetTask, day: str | None = None) -> list[str]:
     """Upsert one day's metrics; by default every day not done yet up to yesterday (UTC).
 
@@ -77,6 +80,7 @@ def metrics_daily(self: FleetTask, day: str | None = None) -> list[str]:
 
 
 @app.task(base=FleetTask, bind=True, name=TaskNames.RETENTION, soft_time_limit=3000,
+          workspace_scope="all",
           time_limit=3300)
 def retention(self: FleetTask, dry_run: bool = False) -> dict[str, object]:
     """Nightly: archive and drop expired partitions, delete expired rows in batches."""

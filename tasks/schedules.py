@@ -34,7 +34,8 @@ def send_run(message: runs.RunMessage) -> None:
     run.delay(str(message.run_id), message.batches)
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.START_DUE_SCHEDULES)
+@app.task(base=FleetTask, bind=True, name=TaskNames.START_DUE_SCHEDULES,
+          workspace_scope="each")
 def start_due_schedules(self: FleetTask, stale_seconds: float | None = None) -> int:
     """Beat: start due schedules' runs; send again runs whose heartbeat stopped (a dead worker)."""
     now = dt.datetime.now(dt.UTC)

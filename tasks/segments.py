@@ -30,7 +30,8 @@ def refresh(self: FleetTask, segment_id: str) -> int | None:
     return None if result is None else result.members
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.REFRESH_EXPIRED_SEGMENTS)
+@app.task(base=FleetTask, bind=True, name=TaskNames.REFRESH_EXPIRED_SEGMENTS,
+          workspace_scope="each")
 def refresh_expired(self: FleetTask) -> int:
     """Beat: send a refresh for every dynamic segment that is due (after this commit)."""
     due = segments_due(self.session, dt.datetime.now(dt.UTC), HORIZON)

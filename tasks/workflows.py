@@ -46,7 +46,8 @@ def step(self: FleetBatches, requests: list[Any]) -> dict[str, Any]:
     return asdict(report)
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.WAKE_DUE_TIMERS)
+@app.task(base=FleetTask, bind=True, name=TaskNames.WAKE_DUE_TIMERS,
+          workspace_scope="each")
 def wake_due_timers(self: FleetTask, limit: int = 1000) -> int:
     """Beat, every few seconds: step every execution whose timer is due."""
     grace = timers.SWEEP_GRACE if get_settings().timer_message_horizon else dt.timedelta(0)
@@ -57,7 +58,8 @@ def wake_due_timers(self: FleetTask, limit: int = 1000) -> int:
     return len(due)
 
 
-@app.task(base=FleetTask, bind=True, name=TaskNames.REAP_STUCK)
+@app.task(base=FleetTask, bind=True, name=TaskNames.REAP_STUCK,
+          workspace_scope="each")
 def reap_stuck(self: FleetTask, limit: int = 1000) -> int:
     """Beat: re-send steps that were sent long ago and never ran (lost message, killed worker)."""
     settings = get_settings()

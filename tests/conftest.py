@@ -100,6 +100,12 @@ def pytest_configure(config: pytest.Config) -> None:
     from db.migrate import upgrade
 
     upgrade(_sqlalchemy(SERVERS.database_url))
+    from db import tenancy
+    from db.models import DEFAULT_WORKSPACE_ID
+
+    # The test process's own transactions (fixtures, checks through db.session) work in
+    # the default workspace unless a test says otherwise; workers and the CLI set theirs.
+    tenancy.set_fallback(DEFAULT_WORKSPACE_ID)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

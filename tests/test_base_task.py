@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 
+from db import tenancy
 from tasks.maintenance import ensure_partitions
 from tests.helpers import WorkerProcess, wait_for
 from tests.worker_tasks import broken, flaky, outage_then_flaky, write_then_send
@@ -24,6 +25,9 @@ def runs_table(engine: Engine) -> Iterator[None]:
         conn.execute(text("CREATE SCHEMA IF NOT EXISTS test_support"))
         conn.execute(text("CREATE TABLE IF NOT EXISTS test_support.task_runs "
                           "(key text NOT NULL, attempt int NOT NULL, at timestamptz DEFAULT now())"))
+        # Task bodies run as the application role (db/tenancy.py).
+        conn.execute(text(f"GRANT USAGE ON SCHEMA test_support TO {tenancy.APP_ROLE}"))
+        conn.execute(text(f"GRANT SELECT, INSERT ON test_support.task_runs TO {tenancy.APP_ROLE}"))
     yield
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from db.admin import create_database, drop_database
 from db.config import to_sqlalchemy_url
 from db.migrate import upgrade
+from db.models import DEFAULT_WORKSPACE_ID
 from db.partitions import ensure_partitions_ahead
 from db.roles import drop_roles, ensure_roles, roles_sql
 from tests.helpers import SERVERS
@@ -86,10 +87,17 @@ def _refused(conn: Connection, sql: str) -> None:
     assert info.value.orig.sqlstate == INSUFFICIENT_PRIVILEGE, f"{sql}: {info.value.orig}"
 
 
+def _in_default_workspace(conn: Connection) -> None:
+    """Row-level security binds the app role: its rows are a workspace's (db/tenancy.py)."""
+    conn.execute(text("SELECT set_config('app.current_tenant_id', :w, false)"),
+                 {"w": str(DEFAULT_WORKSPACE_ID)})
+
+
 def _app_writes_rows(db: Scratch) -> None:
     """As the app role: INSERT/SELECT/UPDATE/DELETE, a partitioned table, sequences."""
     with db.connect(db.app) as conn:
         assert conn.execute(text("SELECT current_user")).scalar() == db.app
+        _in_default_workspace(conn)
         user_id = conn.execute(text(
             "INSERT INTO users (email, current_lifecycle_stage) VALUES (:e, 'Acquisition') "
             "RETURNING id"), {"e": f"{uuid.uuid4().hex}@example.com"}).scalar()
@@ -174,6 +182,7 @@ def test_migrations_run_as_the_migrator_and_the_app_role_only_touches_rows(
         conn.commit()
         assert created
     with scratch.connect(scratch.app) as conn:
+        _in_default_workspace(conn)
         conn.execute(text("INSERT INTO future_things (note) VALUES ('hello')"))
         assert conn.execute(text("SELECT note FROM future_things")).scalar() == "hello"
         assert conn.execute(text("SELECT count(*) FROM lifecycle_events_2150_01")).scalar() == 0

@@ -104,7 +104,7 @@ class Data:
         self.program = HoldoutDef(percent=30, salt=f"conv-{tag}")
         session.execute(text(
             "INSERT INTO program_settings (name, value) VALUES ('messaging', CAST(:v AS jsonb)) "
-            "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"),
+            "ON CONFLICT (workspace_id, name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"),
             {"v": json.dumps(MessagingDef(holdout=self.program).model_dump(mode="json"))})
         goal = GoalDef(event_type="x.goal", within="7d")
         self.names = {k: f"conv-{k}-{tag}" for k in ("a", "b", "c")}

@@ -153,11 +153,11 @@ def writes(module: str, source: str) -> Iterator[Write]:
                 yield Write(module, table, node.lineno, f"__table__.{func}()")
             elif func in tables:
                 yield Write(module, tables[func], node.lineno, f"new {func}(...)")
-            elif func == "copy_rows":
+            elif func == "insert_rows":
                 for arg in node.args:
                     for text in _strings(arg):
                         if text in tables.values():
-                            yield Write(module, text, node.lineno, "copy_rows")
+                            yield Write(module, text, node.lineno, "insert_rows")
         elif isinstance(node, ast.Constant | ast.JoinedStr):
             for text in _strings(node):
                 for match in sql.finditer(text):

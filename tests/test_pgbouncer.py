@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from db import tenancy
 from db.migrate import upgrade
 from db.partitions import range_containing, split_default
 from db.session import build_engine, session_scope, without_statement_timeout
@@ -176,11 +177,12 @@ def test_each_transaction_sets_the_timeout_and_utc_and_leaves_nothing(
         # Retention through the pooler: DETACH (SET LOCAL lock_timeout), the archive's COPY
         # (SET LOCAL statement_timeout = 0), DROP.
         old = dt.datetime.now(dt.UTC) - dt.timedelta(days=800)
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO lifecycle_events (event_type, event_data, created_at) "
-                              "VALUES ('old.event', '{}', :c)"), {"c": old})
-            split_default(conn, "lifecycle_events")
-        report = run_retention(engine, tmp_path)
+        with tenancy.all_workspaces():  # partitions are the owner's (db/tenancy.py)
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO lifecycle_events (event_type, event_data, "
+                                  "created_at) VALUES ('old.event', '{}', :c)"), {"c": old})
+                split_default(conn, "lifecycle_events")
+            report = run_retention(engine, tmp_path)
         assert report.archived == (range_containing("lifecycle_events", old.date()).name,)
         assert defaults() == ("42s", "America/New_York")
         engine.dispose()

@@ -21,6 +21,7 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 from sqlalchemy import text
 
+from db import tenancy
 from db.models import DEFAULT_WORKSPACE, DEFAULT_WORKSPACE_ID
 from db.session import session_scope
 from tests.helpers import ROOT, worker_env
@@ -70,18 +71,18 @@ def new_workspace() -> tuple[uuid.UUID, str]:
 
 def put(name: str, value: str, keyring: Keyring,
         workspace: uuid.UUID = DEFAULT_WORKSPACE_ID) -> bool:
-    with session_scope() as session:
+    with tenancy.workspace(workspace), session_scope() as session:
         return store.put(session, workspace, name, SecretStr(value), keyring)
 
 
 def get(name: str, keyring: Keyring, workspace: uuid.UUID = DEFAULT_WORKSPACE_ID) -> str | None:
-    with session_scope() as session:
+    with tenancy.workspace(workspace), session_scope() as session:
         found = store.get(session, workspace, name, keyring)
     return None if found is None else found.get_secret_value()
 
 
 def rows() -> list[tuple[str, str, bytes]]:
-    with session_scope() as session:
+    with tenancy.all_workspaces(), session_scope() as session:  # every workspace's
         return [(r.name, r.key_id, bytes(r.ciphertext)) for r in session.execute(text(
             "SELECT name, key_id, ciphertext FROM workspace_secrets ORDER BY name"))]
 
@@ -150,14 +151,14 @@ def test_a_secret_of_one_workspace_is_not_returned_for_another() -> None:
     other, other_name = new_workspace()
     put("crm_token", VALUE, ring, workspace=DEFAULT_WORKSPACE_ID)
     assert get("crm_token", ring, workspace=other) is None
-    with session_scope() as session:
+    with tenancy.workspace(other), session_scope() as session:
         assert store.list_(session, other) == []
     put("crm_token", "the other workspace's", ring, workspace=other)
     assert get("crm_token", ring, workspace=other) == "the other workspace's"
     assert get("crm_token", ring, workspace=DEFAULT_WORKSPACE_ID) == VALUE
     # A ciphertext copied into the other workspace's row does not open there: each token
-    # is bound to its workspace and name.
-    with session_scope() as session:
+    # is bound to its workspace and name (copied by the owner, who sees both).
+    with tenancy.all_workspaces(), session_scope() as session:
         session.execute(text(
             "UPDATE workspace_secrets SET ciphertext = (SELECT ciphertext FROM workspace_secrets "
             "WHERE workspace_id = :d AND name = 'crm_token') WHERE workspace_id = :o"),

@@ -31,7 +31,7 @@ def store_messaging(value: dict[str, Any] | None) -> None:
         else:
             session.execute(text(
                 "INSERT INTO program_settings (name, value, updated_at) "
-                "VALUES (:n, CAST(:v AS jsonb), now()) ON CONFLICT (name) "
+                "VALUES (:n, CAST(:v AS jsonb), now()) ON CONFLICT (workspace_id, name) "
                 "DO UPDATE SET value = excluded.value, updated_at = now()"),
                 {"n": MESSAGING, "v": json.dumps(value)})
     POLICIES.clear()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -27,7 +29,10 @@ from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db import tenancy
+from db.models import DEFAULT_WORKSPACE_ID
 from db.session import new_session, session_scope
+from workers import workspaces
 from workers.dead_letters import record_dead_letter, storable_key
 from workers.errors import PoisonMessage, is_outage
 from workers.log import get_logger
@@ -39,6 +44,15 @@ log = get_logger(__name__)
 
 # Longest pause before a message goes back to the broker when nothing can be stored.
 REQUEUE_PAUSE_MAX = 5.0
+
+
+def _combined(results: list[Any]) -> Any:
+    """One result of a body run in each workspace: counts add up, lists join."""
+    if all(isinstance(r, int) and not isinstance(r, bool) for r in results):
+        return sum(results)
+    if all(isinstance(r, list) for r in results):
+        return [item for r in results for item in r]
+    return results
 
 
 @dataclass
@@ -58,6 +72,12 @@ class FleetTask(GuardedStrategy, Task):
     """
 
     abstract = True
+    # Which workspace the body works in (db/tenancy.py): "message", the one its
+    # `fleet_workspace` header names (absent: the default workspace, as every message
+    # published before workspaces existed); "each", run once per workspace, each in a
+    # transaction of its own (the beat's sweeps); "all", no workspace at all (partition
+    # maintenance and retention, which run as the owner role).
+    workspace_scope: str = "message"
 
     @property
     def session(self) -> Session:
@@ -79,23 +99,76 @@ class FleetTask(GuardedStrategy, Task):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=self.request.id, task_name=self.name)
+        try:
+            with self._scope():
+                if self._is_poison(args, kwargs):
+                    return None
+                if self.workspace_scope == "each":
+                    return self._in_each_workspace(args, kwargs)
+                return self._run_unit(args, kwargs)
+        except (Retry, Reject, Ignore):
+            raise
+        except Exception as exc:
+            with tenancy.workspace(self._dead_letter_workspace()):
+                self._on_error(exc, args, kwargs)
+            raise
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    def _scope(self) -> AbstractContextManager[object]:
+        """Enter the workspace the body works in (see `workspace_scope`); "each" enters
+        every workspace in turn later (`_in_each_workspace`)."""
+        if self.workspace_scope in ("all", "each"):
+            return tenancy.all_workspaces()
+        header = getattr(self.request, tenancy.HEADER, None)
+        if header is None:
+            return tenancy.workspace(DEFAULT_WORKSPACE_ID)
+        workspace_id = tenancy.parse_header(header)
+        if workspace_id is None:
+            raise PoisonMessage(f"the {tenancy.HEADER} header {str(header)[:80]!r} is not a "
+                                "workspace id")
+        structlog.contextvars.bind_contextvars(workspace_id=str(workspace_id))
+        return tenancy.workspace(workspace_id)
+
+    def _dead_letter_workspace(self) -> uuid.UUID:
+        """Where a failure of this message is recorded: its workspace when it names one,
+        else the default workspace (the installation's own)."""
+        return tenancy.parse_header(getattr(self.request, tenancy.HEADER, None)) \
+            or DEFAULT_WORKSPACE_ID
+
+    def _run_unit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The body in one transaction, then its after-commit callbacks."""
         unit = _UnitOfWork()
         token = _current.set(unit)
         try:
-            if self._is_poison(args, kwargs):
-                return None
             result = self._run_in_transaction(unit, args, kwargs)
             for callback in unit.after_commit:
                 callback()
             return result
-        except (Retry, Reject, Ignore):
-            raise
-        except Exception as exc:
-            self._on_error(exc, args, kwargs)
-            raise
         finally:
             _current.reset(token)
-            structlog.contextvars.clear_contextvars()
+
+    def _in_each_workspace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The body once per workspace, each in its own transaction. One workspace's
+        failure does not stop the others; the first is raised once all have run (the
+        sweeps are idempotent, so a retry redoes the others harmlessly)."""
+        with session_scope() as session:
+            ids = workspaces.all_ids(session)
+        results: list[Any] = []
+        failure: Exception | None = None
+        for workspace_id in ids:
+            try:
+                with tenancy.workspace(workspace_id):
+                    results.append(self._run_unit(args, kwargs))
+            except (Retry, Reject, Ignore):
+                raise
+            except Exception as exc:
+                log.warning("task.workspace_failed", workspace_id=str(workspace_id),
+                            error=repr(exc))
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return _combined(results)
 
     def _is_poison(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """A message that keeps coming back because its worker died (OOM, kill) is dead-lettered.

@@ -13,8 +13,10 @@ loads neither the database layer nor the metrics.
 from __future__ import annotations
 
 import os
+import sys
 
 from celery import Celery
+from celery.signals import before_task_publish
 
 import beat_schedule
 from workers.boundary import Router, is_amqp
@@ -109,3 +111,18 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
+
+
+@before_task_publish.connect
+def _tag_workspace(headers: dict[str, object] | None = None, **_: object) -> None:
+    """A task published inside a workspace carries it (`fleet_workspace`), so the work it
+    starts runs there too (db/tenancy.py); one that already names one keeps it.
+
+    A process that never imported db.tenancy (a producer) never set a workspace: looking
+    it up in sys.modules keeps producers free of the database layer."""
+    tenancy = sys.modules.get("db.tenancy")
+    if tenancy is None:
+        return
+    workspace_id = tenancy.current_or_none()
+    if workspace_id is not None and headers is not None:
+        headers.setdefault(tenancy.HEADER, str(workspace_id))

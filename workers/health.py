@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +18,11 @@ from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from db import tenancy
 from db.models import ACTIVE_EXECUTION_STATUSES, ExecutionStatus, sql_list
 from db.partitions import Coverage, coverage
 from db.session import build_engine
+from workers import workspaces
 from workers.broker import ping_broker
 from workers.engine.timers import oldest_due_timer
 from workers.settings import Settings
@@ -87,6 +90,35 @@ def database_figures(session: Session, now: dt.datetime | None = None) -> Databa
     )
 
 
+def fleet_database_figures(open_session: Callable[[], AbstractContextManager[Session]],
+                           now: dt.datetime | None = None) -> DatabaseFigures:
+    """Every workspace's figures added up, each read under its own workspace (as the
+    application role a transaction sees one workspace: db/tenancy.py)."""
+    now = now or dt.datetime.now(dt.UTC)
+    with tenancy.all_workspaces(), open_session() as session:
+        ids = workspaces.all_ids(session)
+    parts = []
+    for workspace_id in ids:
+        with tenancy.workspace(workspace_id), open_session() as session:
+            parts.append(database_figures(session, now))
+    if not parts:
+        raise RuntimeError("no workspace exists (is the database migrated?)")
+    executions: dict[str, int] = {}
+    for part in parts:
+        for status, count in part.executions.items():
+            executions[status] = executions.get(status, 0) + count
+    outbox = [p.outbox_oldest for p in parts if p.outbox_oldest is not None]
+    timers = [p.oldest_due_timer for p in parts if p.oldest_due_timer is not None]
+    oldest = min(timers) if timers else None
+    return DatabaseFigures(
+        executions=executions, stalled=sum(p.stalled for p in parts),
+        dead_letters_pending=sum(p.dead_letters_pending for p in parts),
+        outbox_backlog=sum(p.outbox_backlog for p in parts),
+        outbox_oldest=min(outbox) if outbox else None, oldest_due_timer=oldest,
+        timer_lag=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
+        partitions=parts[0].partitions)  # the catalog's: the same in every workspace
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -139,9 +171,9 @@ def run_checks(settings: Settings, *, app: Celery | None = None, queues: Sequenc
     try:
         engine = monitor_engine(settings)
         try:
-            with Session(engine) as session:
+            with tenancy.all_workspaces(), Session(engine) as session:
                 version, ms = _timed(lambda: session.execute(text("SHOW server_version")).scalar())
-                figures = database_figures(session)
+            figures = fleet_database_figures(lambda: Session(engine))
         finally:
             engine.dispose()
         checks.append(Check("database", True, f"PostgreSQL {version} ({ms:.0f} ms)"))

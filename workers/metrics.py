@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session
 
 from workers.base_task import FleetTask
 from workers.broker import queue_depths
-from workers.health import database_figures, monitor_engine
+from workers.health import fleet_database_figures, monitor_engine
 from workers.log import get_logger
 from workers.queues import QUEUE_NAMES, TaskNames
 from workers.settings import Settings
@@ -234,8 +234,7 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = dt.datetime.now(dt.UTC)
         try:
-            with Session(self.engine()) as session:
-                figures = database_figures(session, now)
+            figures = fleet_database_figures(lambda: Session(self.engine()), now)
         except Exception as exc:
             log.warning("metrics.database_unavailable", error=repr(exc))
             figures = None

@@ -18,6 +18,8 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
+from db import tenancy
+from db.models import DEFAULT_WORKSPACE_ID
 from db.session import session_scope
 from workers.boundary import consumed_queues, misrouted
 from workers.dead_letters import record_dead_letter
@@ -38,7 +40,8 @@ def capture(source: str, reason: str, message: Any) -> bool:
     """Record a refused message; False (and the body logged) if it cannot be stored."""
     try:
         headers = dict(getattr(message, "headers", None) or {})
-        with session_scope() as session:
+        owner = tenancy.parse_header(headers.get(tenancy.HEADER)) or DEFAULT_WORKSPACE_ID
+        with tenancy.workspace(owner), session_scope() as session:
             record_dead_letter(
                 session, source=source, reason=f"{reason} (headers: {json.dumps(headers, default=str)[:500]})",
                 raw=_body(message), error_type="RejectedMessage",

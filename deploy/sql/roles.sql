@@ -15,6 +15,14 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fleet_app') THEN
     CREATE ROLE "fleet_app" LOGIN;
   END IF;
+  -- Migration 0021 makes the application role without login where it was missing.
+  ALTER ROLE "fleet_app" LOGIN;
+  -- The migrator's maintenance work inside a workspace takes the application role
+  -- (db/tenancy.py: SET LOCAL ROLE), as every workspace transaction does.
+  IF NOT EXISTS (SELECT FROM pg_auth_members WHERE roleid = 'fleet_app'::regrole
+                 AND member = 'fleet_migrator'::regrole) THEN
+    GRANT "fleet_app" TO "fleet_migrator";
+  END IF;
   -- Membership in the owner would give the application role the owner's rights.
   IF EXISTS (SELECT FROM pg_auth_members WHERE roleid = 'fleet_migrator'::regrole
              AND member = 'fleet_app'::regrole) THEN

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import text
 
+from db import tenancy
 from db.models import LIFECYCLE_STAGES, SEND_OUTCOMES
 from db.session import get_engine, read_session, session_scope
 from workers.cli.context import ensure_servers, err, out
@@ -173,8 +174,9 @@ def retention_run(dry_run: bool = typer.Option(False, "--dry-run",
                                                help="report what would go, change nothing")) -> None:
     """Archive and drop expired partitions, delete expired rows."""
     settings = ensure_servers()
-    report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",
-                           dry_run=dry_run)
+    with tenancy.all_workspaces():  # every workspace's partitions and rows: the owner's job
+        report = run_retention(get_engine(), settings.archive_dir or settings.home / "archive",
+                               dry_run=dry_run)
     verb = "would" if dry_run else "did"
     out.print(f"{verb} archive: {', '.join(report.archived) or 'nothing'}")
     out.print(f"{verb} drop: {', '.join(report.dropped) or 'nothing'}")

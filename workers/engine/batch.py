@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from db import tenancy
+from db.models import DEFAULT_WORKSPACE_ID
 from db.session import session_scope
 from workers.celery_app import app
 from workers.dead_letters import record_dead_letter
@@ -59,6 +61,7 @@ class StepMessage:
     task_id: str | None
     retries: int
     outages: int  # of those retries, how many waited out an outage (workers.retry_policy)
+    workspace_id: uuid.UUID  # the `fleet_workspace` header's (absent: the default workspace)
 
     @property
     def key(self) -> tuple[uuid.UUID, int]:
@@ -89,8 +92,12 @@ def parse(request: Any) -> StepMessage:
     retries = headers.get("retries")
     retries = retries if isinstance(retries, int) and not isinstance(retries, bool) \
         and retries >= 0 else 0
+    header = headers.get(tenancy.HEADER)
+    workspace_id = DEFAULT_WORKSPACE_ID if header is None else tenancy.parse_header(header)
+    if workspace_id is None:
+        raise NotAStep(f"the {tenancy.HEADER} header {str(header)[:80]!r} is not a workspace id")
     return StepMessage(parsed, version, getattr(request, "id", None), retries,
-                       outage_retries(headers, retries))
+                       outage_retries(headers, retries), workspace_id)
 
 
 @dataclass(frozen=True)
@@ -112,13 +119,36 @@ def run(requests: Sequence[Any]) -> BatchReport:
         try:
             steps.append(parse(request))
         except NotAStep as exc:
-            _dead_letter_or_exit(_raw(request), exc)
+            with tenancy.workspace(DEFAULT_WORKSPACE_ID):  # its own may be what is wrong
+                _dead_letter_or_exit(_raw(request), exc)
             dead += 1
     results, split, republished, failed = _run_durably(steps)
     dead += failed
     _send(results)
     outcomes = Counter(str(result.outcome) for _, result in results)
     return BatchReport(len(requests), dict(outcomes), split, republished, dead)
+
+
+def _by_workspace(steps: list[StepMessage]) -> dict[uuid.UUID, list[StepMessage]]:
+    groups: dict[uuid.UUID, list[StepMessage]] = {}
+    for message in steps:
+        groups.setdefault(message.workspace_id, []).append(message)
+    return groups
+
+
+def _step_all(steps: list[StepMessage]) -> list[tuple[StepMessage, StepResult]]:
+    """Every step of the buffer in one transaction, workspace after workspace: the tenant
+    is switched between groups (db/tenancy.py), so each group's statements see its own
+    workspace only, and the buffer still costs one commit."""
+    groups = _by_workspace(steps)
+    done: list[tuple[StepMessage, StepResult]] = []
+    first = next(iter(groups))
+    with tenancy.workspace(first), session_scope() as session:
+        for workspace_id, group in groups.items():
+            if workspace_id != first:  # the first is the transaction's from its start
+                tenancy.switch(session, workspace_id)
+            done += zip(group, stepper.step_many(session, [s.key for s in group]), strict=True)
+    return done
 
 
 def _run_durably(steps: list[StepMessage]
@@ -130,9 +160,7 @@ def _run_durably(steps: list[StepMessage]
     retries = 0
     while True:
         try:
-            with session_scope() as session:
-                done = stepper.step_many(session, [s.key for s in steps])
-            return list(zip(steps, done, strict=True)), False, 0, 0
+            return _step_all(steps), False, 0, 0
         except Exception as exc:
             if is_outage(exc):
                 log.warning("steps.batch_outage", error=repr(exc), steps=len(steps))
@@ -155,7 +183,7 @@ def _one_by_one(steps: list[StepMessage]
     policy = RetryPolicy.from_settings()
     for message in steps:
         try:
-            with session_scope() as session:
+            with tenancy.workspace(message.workspace_id), session_scope() as session:
                 results.append((message, stepper.step(session, *message.key)))
         except Exception as exc:
             if _retry_later(message, exc, policy):
@@ -166,7 +194,13 @@ def _one_by_one(steps: list[StepMessage]
 
 
 def _retry_later(message: StepMessage, exc: Exception, policy: RetryPolicy) -> bool:
-    """Publish the message again after its backoff (True), or dead-letter it (False)."""
+    """Publish the message again after its backoff (True), or dead-letter it (False), in
+    its workspace (the header, the dead letter's row)."""
+    with tenancy.workspace(message.workspace_id):
+        return _retry_or_dead_letter(message, exc, policy)
+
+
+def _retry_or_dead_letter(message: StepMessage, exc: Exception, policy: RetryPolicy) -> bool:
     decision = policy.decide(exc, message.retries, message.outages)
     if isinstance(decision, RetryLater):
         log.warning("task.retry", execution_id=str(message.execution_id), error=repr(exc),
@@ -211,7 +245,18 @@ def _dead_letter_or_exit(raw: str, exc: Exception, reason: str | None = None) ->
 
 
 def _send(results: list[tuple[StepMessage, StepResult]]) -> None:
-    """After commit: every next step, delayed step and operator call of the batch, together."""
+    """After commit: every next step, delayed step and operator call of the batch, each
+    workspace's published inside it (the `fleet_workspace` header)."""
+    by_workspace: dict[uuid.UUID, list[tuple[StepMessage, StepResult]]] = {}
+    for message, result in results:
+        by_workspace.setdefault(message.workspace_id, []).append((message, result))
+    for workspace_id, done in by_workspace.items():
+        with tenancy.workspace(workspace_id):
+            _send_workspace(done)
+
+
+def _send_workspace(results: list[tuple[StepMessage, StepResult]]) -> None:
+    """Every next step, delayed step and operator call of one workspace's results, together."""
     now: dict[tuple[uuid.UUID, int], None] = {}  # ordered sets: copies in a batch send once
     later: dict[dt.datetime, dict[tuple[uuid.UUID, int], None]] = {}
     actions: dict[str, None] = {}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from typing import Protocol
 
+from db import tenancy
 from workers.celery_app import app
 from workers.queues import TaskNames
 
@@ -23,6 +25,9 @@ class StartsAndWakes(Protocol):
 
     @property
     def woken(self) -> Sequence[tuple[uuid.UUID, int]]: ...  # (execution, version) to step
+
+    @property  # the same steps, each with its workspace (empty: the current workspace's)
+    def steps_in(self) -> Sequence[tuple[uuid.UUID, tuple[uuid.UUID, int]]]: ...
 
 
 def send_step(execution_id: uuid.UUID, version: int, eta: dt.datetime | None = None) -> None:
@@ -53,7 +58,16 @@ def send_actions(keys: Sequence[str]) -> None:
 
 
 def send_ingest_followups(results: Iterable[StartsAndWakes]) -> None:
-    """First steps of executions an ingest started, and steps of executions it woke."""
-    send_steps(step for result in results
-               for step in [*((execution_id, 0) for execution_id in result.started),
-                            *result.woken])
+    """First steps of executions an ingest started, and steps of executions it woke, each
+    published in its execution's workspace (the `fleet_workspace` header)."""
+    by_workspace: dict[uuid.UUID | None, list[tuple[uuid.UUID, int]]] = {}
+    for result in results:
+        if result.steps_in:
+            for workspace_id, step in result.steps_in:
+                by_workspace.setdefault(workspace_id, []).append(step)
+        else:
+            by_workspace.setdefault(None, []).extend(
+                [*((execution_id, 0) for execution_id in result.started), *result.woken])
+    for owner, steps in by_workspace.items():
+        with nullcontext() if owner is None else tenancy.workspace(owner):
+            send_steps(steps)

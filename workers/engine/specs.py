@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db import tenancy
 from db.models import WorkflowVersion
 from workers.engine.validate import validate_bpmn
 
@@ -40,11 +41,13 @@ class SpecNotFound(LookupError):
 class SpecCache:
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._specs: OrderedDict[tuple[uuid.UUID, str], LoadedSpec] = OrderedDict()
+        # By workspace too: a spec is read under its workspace's row-level security, and
+        # a hit must never hand one workspace's spec to another's execution.
+        self._specs: OrderedDict[tuple[uuid.UUID, uuid.UUID, str], LoadedSpec] = OrderedDict()
         self._lock = Lock()
 
     def get(self, session: Session, workflow_id: uuid.UUID, version: str) -> LoadedSpec:
-        key = (workflow_id, version)
+        key = (tenancy.current_workspace(), workflow_id, version)
         with self._lock:
             if key in self._specs:
                 self._specs.move_to_end(key)

@@ -66,6 +66,10 @@ _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
                list: "an array", dict: "an object"}
 # Ids of envelopes that carry none: uuid5(this, "<broker message id>:<index in the message>").
+# workers.workspaces' rule, spelled here so that producers validate without the database.
+WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+WORKSPACE_NAME_RULE = ("1-63 characters: lowercase letters, digits, '-' and '_', starting "
+                       "with a letter or digit")
 MESSAGE_NAMESPACE = uuid.UUID("6f1d3b0e-2c4a-4e8b-9d71-5a0c8e3f2b94")
 
 
@@ -133,6 +137,14 @@ class Event(BaseModel):
     user: str
     occurred_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
     data: dict[str, Any] = Field(default_factory=dict)
+    workspace: str | None = None  # a workspace's name; absent: the default workspace
+
+    @field_validator("workspace")
+    @classmethod
+    def _workspace(cls, value: str | None) -> str | None:
+        if value is not None and not WORKSPACE_NAME.fullmatch(value):
+            raise ValueError(f"must be a workspace name: {WORKSPACE_NAME_RULE}")
+        return value
 
     @field_validator("event_type")
     @classmethod
@@ -228,6 +240,7 @@ class Event(BaseModel):
             "user": self.user,
             "occurred_at": self.occurred_at.isoformat(),
             "data": self.data,
+            **({"workspace": self.workspace} if self.workspace is not None else {}),
         }
 
 
@@ -263,9 +276,12 @@ def with_message_ids(raws: Sequence[Any], message_id: str | None) -> list[Any]:
 
 def build_event(event_type: str, *, user: str | uuid.UUID, data: Any = None,
                 event_id: uuid.UUID | str | None = None,
-                occurred_at: dt.datetime | str | None = None) -> Event:
+                occurred_at: dt.datetime | str | None = None,
+                workspace: str | None = None) -> Event:
     """Validate an event given as arguments (producers, the outbox); raises InvalidEvent."""
     raw: dict[str, Any] = {"event_type": event_type, "user": str(user), "data": dict(data or {})}
+    if workspace is not None:
+        raw["workspace"] = workspace
     if event_id is not None:
         raw["event_id"] = str(event_id)
     if occurred_at is not None:

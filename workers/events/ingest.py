@@ -28,7 +28,7 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -36,8 +36,10 @@ import sqlalchemy.exc
 from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.orm import Session
 
-from db.bulk import copy_rows, savepoint
+from db import tenancy
+from db.bulk import insert_rows, savepoint
 from db.models import ACTIVE_EXECUTION_STATUSES, WorkflowExecution
+from workers import workspaces
 from workers.dead_letters import record_dead_letter
 from workers.engine import executions
 from workers.events.consent import record_consents
@@ -60,6 +62,9 @@ class IngestResult:
     matched: int = 0
     started: tuple[uuid.UUID, ...] = ()  # executions to step (version 0)
     woken: tuple[tuple[uuid.UUID, int], ...] = ()  # (execution, version) to step
+    # started and woken again, each step with its workspace (a message may carry
+    # several workspaces' events): the steps go out in their own workspace
+    steps_in: tuple[tuple[uuid.UUID, tuple[uuid.UUID, int]], ...] = ()
 
     def __add__(self, other: IngestResult) -> IngestResult:
         return IngestResult(
@@ -70,7 +75,13 @@ class IngestResult:
             matched=self.matched + other.matched,
             started=self.started + other.started,
             woken=self.woken + other.woken,
+            steps_in=self.steps_in + other.steps_in,
         )
+
+    def in_workspace(self, workspace_id: uuid.UUID) -> IngestResult:
+        """This result with its steps marked as `workspace_id`'s."""
+        steps = [*((e, 0) for e in self.started), *self.woken]
+        return replace(self, steps_in=tuple((workspace_id, step) for step in steps))
 
 
 def _raw_bytes(raw: Any) -> bytes:
@@ -158,7 +169,8 @@ def _create_users(session: Session, events: list[Event], users: dict[str, UserVi
     rows = session.execute(text(
         f"INSERT INTO users (email, current_lifecycle_stage) "
         f"SELECT unnest(CAST(:emails AS text[])), 'Acquisition' "
-        f"ON CONFLICT (email) DO NOTHING RETURNING {USER_COLUMNS}"), {"emails": new}).all()
+        f"ON CONFLICT (workspace_id, email) DO NOTHING RETURNING {USER_COLUMNS}"),
+        {"emails": new}).all()
     raced = sorted(set(new) - {r.email for r in rows})
     if raced:  # created by a concurrent transaction after this statement's snapshot
         rows = [*rows, *session.execute(USERS_BY_EMAIL, {"emails": raced}).all()]
@@ -181,7 +193,7 @@ def _claim_event_ids(session: Session, events: list[Event]) -> tuple[set[uuid.UU
         f"FROM CAST(k.n AS int) * {HASH_BYTES} - {HASH_BYTES - 1} FOR {HASH_BYTES}) "
         "FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[])) "
         "WITH ORDINALITY AS k(event_id, event_type, n) "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"),
+        "ON CONFLICT (workspace_id, event_id) DO NOTHING RETURNING event_id"),
         {"ids": ids, "types": [e.event_type for e in events],
          "hashes": b"".join(e.content_hash for e in events)},
     ).scalars())
@@ -380,7 +392,40 @@ def ingest(session: Session, raws: Sequence[Any], *, source: str, triggers: Trig
 
     if not events:
         return screened
-    return screened + _in_savepoints(session, events, source, phases)
+    home = tenancy.current_workspace()
+    groups, unknown = _by_workspace(session, events, home)
+    for event, reason in unknown:
+        _reject(session, source, event.to_message(), reason, event.event_id, "UnknownWorkspace")
+    result = screened + IngestResult(rejected=len(unknown))
+    current = home
+    try:
+        for workspace_id, part in groups.items():
+            if workspace_id != current:
+                tenancy.switch(session, workspace_id)
+                current = workspace_id
+            result += _in_savepoints(session, part, source, phases).in_workspace(workspace_id)
+    finally:
+        if current != home:
+            tenancy.switch(session, home)  # the rest of the transaction is the caller's
+    return result
+
+
+def _by_workspace(session: Session, events: list[Event], home: uuid.UUID
+                  ) -> tuple[dict[uuid.UUID, list[Event]], list[tuple[Event, str]]]:
+    """The events by the workspace their envelope names (none: `home`, the message's:
+    the default workspace for a producer's, the execution's for an operator's), in
+    message order within each; and those naming no workspace that exists."""
+    groups: dict[uuid.UUID, list[Event]] = {}
+    unknown: list[tuple[Event, str]] = []
+    for event in events:
+        try:
+            workspace_id = (home if event.workspace is None
+                            else workspaces.resolve(session, event.workspace))
+        except workspaces.UnknownWorkspace as exc:
+            unknown.append((event, f"{exc} (fleet workspace create {event.workspace})"))
+            continue
+        groups.setdefault(workspace_id, []).append(event)
+    return groups, unknown
 
 
 def _validated(session: Session, raws: Sequence[Any],
@@ -517,7 +562,7 @@ def _record(session: Session, admitted: _Admitted, triggers: TriggerCache,
     so the conditions evaluated next read them current.
     """
     users = admitted.users
-    copy_rows(
+    insert_rows(
         session, "lifecycle_events",
         ("event_type", "user_id", "lifecycle_stage", "event_data", "event_id", "occurred_at"),
         ((e.event_type, users[e.user].id, users[e.user].stage, e.data, e.event_id, e.occurred_at)
@@ -562,7 +607,7 @@ def _decide(session: Session, admitted: _Admitted, recorded: _Recorded,
     matches = [_Match(e, t, u) for e, t, u, met in evaluations if met and t.workflow_id]
     started = _start_executions(session, _allowed_starts(session, matches, now), now)
     if evaluations:
-        copy_rows(
+        insert_rows(
             session, "trigger_executions",
             ("trigger_id", "user_id", "event_data", "condition_met", "workflow_execution_id",
              "event_id"),

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from db import tenancy
+from db.models import DEFAULT_WORKSPACE_ID
 from db.session import session_scope
 from workers.events.envelope import with_message_ids
 from workers.events.ingest import IngestResult, ingest
@@ -58,7 +60,8 @@ def ingest_durably(raws: Sequence[Any], source: str,
     retries = 0
     while True:
         try:
-            with session_scope() as session:
+            # A producer's message names no workspace: its events name theirs (ingest).
+            with tenancy.workspace(DEFAULT_WORKSPACE_ID), session_scope() as session:
                 return ingest(session, raws, source=source, triggers=process_triggers())
         except Exception as exc:
             decision = policy.decide(exc, retries)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from db.models import DEFAULT_WORKSPACE, DEFAULT_WORKSPACE_ID
+from db import tenancy
 from workers.errors import TransientError
 from workers.operators.context import OperatorContext, OperatorError, param
 from workers.operators.gate import gate
@@ -36,7 +36,7 @@ def sign(secret: str | SecretStr, timestamp: int, body: bytes) -> str:
 
 def signing_key(ctx: OperatorContext) -> SecretStr | None:
     """The workspace's stored `webhook_signing_key`, else FLEET_WEBHOOK_SECRET; None: unsigned."""
-    stored = secrets.get(ctx.session, DEFAULT_WORKSPACE_ID, secrets.WEBHOOK_SIGNING_KEY)
+    stored = secrets.get(ctx.session, tenancy.current_workspace(), secrets.WEBHOOK_SIGNING_KEY)
     if stored is not None:
         return stored
     fallback = get_settings().webhook_secret
@@ -59,10 +59,10 @@ def _bearer(ctx: OperatorContext, name: str) -> BearerSecret:
         secrets.check_name(name)
     except secrets.InvalidSecret as exc:
         raise OperatorError(f"auth_secret: {exc}") from None
-    token = secrets.get(ctx.session, DEFAULT_WORKSPACE_ID, name)
+    token = secrets.get(ctx.session, tenancy.current_workspace(), name)
     if token is None:
-        raise OperatorError(f"auth_secret {name!r} is not set in workspace {DEFAULT_WORKSPACE!r} "
-                            f"(fleet secret set {name})")
+        raise OperatorError(f"auth_secret {name!r} is not set in this execution's workspace "
+                            f"(fleet --workspace NAME secret set {name})")
     return BearerSecret(token)
 
 

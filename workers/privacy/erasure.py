@@ -49,8 +49,10 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from db import tenancy
 from db.models import ACTIVE_EXECUTION_STATUSES, DEFAULT_WORKSPACE, PARTITIONED_TABLES, sql_list
 from db.session import session_scope
+from workers import workspaces
 from workers.engine import control
 from workers.events.envelope import normalise_email
 from workers.privacy import tombstones
@@ -372,9 +374,12 @@ def forget_user(who: str, *, requested_by: str | None = None, workspace: str = D
                 attempts: int = 3) -> Erasure:
     """`forget` in a transaction of its own, run again if it lost a deadlock to a step or ingest."""
     by = requested_by or _os_user()
+    with tenancy.all_workspaces(), session_scope() as session:
+        workspace_id = workspaces.resolve(session, workspace)
     for attempt in range(1, attempts + 1):
         try:
-            with session_scope() as session:
+            # Under the workspace's row-level security: no other workspace's row is touched.
+            with tenancy.workspace(workspace_id), session_scope() as session:
                 return forget(session, who, requested_by=by, workspace=workspace)
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) not in RETRIED_SQLSTATES or attempt == attempts:

@@ -37,7 +37,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.models import LIFECYCLE_STAGES, SEND_OUTCOMES, ExecutionStatus
+from db import tenancy
+from db.models import DEFAULT_WORKSPACE_ID, LIFECYCLE_STAGES, SEND_OUTCOMES, ExecutionStatus
 from workers.reports.lift import Lift, lift
 from workers.sends.holdout import holdout_sql
 from workers.sends.policy import SendPolicy, load
@@ -137,7 +138,7 @@ computed(lifecycle_stage, metric_name, metric_value, dimensions) AS (
 upserted AS (
     INSERT INTO metrics_daily (metric_date, lifecycle_stage, metric_name, metric_value, dimensions)
     SELECT CAST(:day AS date), lifecycle_stage, metric_name, metric_value, dimensions FROM computed
-    ON CONFLICT (metric_date, lifecycle_stage, metric_name, dimensions)
+    ON CONFLICT (workspace_id, metric_date, lifecycle_stage, metric_name, dimensions)
     DO UPDATE SET metric_value = EXCLUDED.metric_value
     WHERE metrics_daily.metric_value IS DISTINCT FROM EXCLUDED.metric_value
     RETURNING 1
@@ -182,7 +183,7 @@ computed(metric_date, lifecycle_stage, metric_name, metric_value, dimensions) AS
 upserted AS (
     INSERT INTO metrics_daily (metric_date, lifecycle_stage, metric_name, metric_value, dimensions)
     SELECT metric_date, lifecycle_stage, metric_name, metric_value, dimensions FROM computed
-    ON CONFLICT (metric_date, lifecycle_stage, metric_name, dimensions)
+    ON CONFLICT (workspace_id, metric_date, lifecycle_stage, metric_name, dimensions)
     DO UPDATE SET metric_value = EXCLUDED.metric_value
     WHERE metrics_daily.metric_value IS DISTINCT FROM EXCLUDED.metric_value
     RETURNING 1
@@ -290,7 +291,7 @@ def days_to_aggregate(session: Session, yesterday: dt.date) -> list[dt.date]:
     (down overnight, down for a week) is done once, up to CATCH_UP_DAYS back.
     """
     last = session.execute(text("SELECT max(day) FROM maintenance_runs WHERE job = :j"),
-                           {"j": JOB}).scalar()
+                           {"j": _job()}).scalar()
     if last is None:
         return [yesterday]
     first = max(last + dt.timedelta(days=1), yesterday - dt.timedelta(days=CATCH_UP_DAYS - 1))
@@ -301,12 +302,19 @@ def record_day(session: Session, result: DayResult) -> None:
     session.execute(text(
         "INSERT INTO maintenance_runs (job, day, result) VALUES (:j, :d, CAST(:r AS jsonb)) "
         "ON CONFLICT (job, day) DO UPDATE SET finished_at = now(), result = EXCLUDED.result"),
-        {"j": JOB, "d": result.day, "r": json.dumps({"rows": result.rows,
+        {"j": _job(), "d": result.day, "r": json.dumps({"rows": result.rows,
                                                     "written": result.written,
                                                     "removed": result.removed})})
 
 
 JOB = "metrics_daily"
+
+
+def _job() -> str:
+    """The job's name in `maintenance_runs` (global) for the current workspace: each
+    workspace's days are done on their own; the default's keeps the name it always had."""
+    workspace_id = tenancy.current_workspace()
+    return JOB if workspace_id == DEFAULT_WORKSPACE_ID else f"{JOB}:{workspace_id}"
 
 
 # --------------------------------------------------------------------------- reading

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db import tenancy
 from workers.event_types import SEGMENT_ENTERED, SEGMENT_EXITED
 from workers.log import get_logger
 from workers.rules.conditions import ConditionError, parse
@@ -280,25 +281,33 @@ def compile_trigger(row: Any) -> CompiledTrigger:
     )
 
 
+@dataclass
+class _Loaded:
+    fingerprint: str | None = None
+    checked: float = -math.inf  # never checked: the first get() loads, whatever the clock
+    active: ActiveTriggers = field(default_factory=ActiveTriggers)
+
+
 class TriggerCache:
-    """Per-process cache of compiled enabled triggers."""
+    """Per-process cache of compiled enabled triggers, one set per workspace (each is
+    read under that workspace's row-level security)."""
 
     def __init__(self, refresh_seconds: float | None = None) -> None:
         self.refresh_seconds = (get_settings().trigger_cache_seconds if refresh_seconds is None
                                 else refresh_seconds)
-        self._fingerprint: str | None = None
-        self._checked = -math.inf  # never checked: the first get() loads, whatever the clock
-        self._active = ActiveTriggers()
+        self._workspaces: dict[uuid.UUID, _Loaded] = {}
 
     def get(self, session: Session) -> ActiveTriggers:
-        if time.monotonic() - self._checked < self.refresh_seconds:
-            return self._active
+        """The current workspace's triggers (db/tenancy.py)."""
+        loaded = self._workspaces.setdefault(tenancy.current_workspace(), _Loaded())
+        if time.monotonic() - loaded.checked < self.refresh_seconds:
+            return loaded.active
         fingerprint = session.execute(FINGERPRINT_SQL).scalar_one()
-        if fingerprint != self._fingerprint:
-            self._active = self._load(session)
-            self._fingerprint = fingerprint
-        self._checked = time.monotonic()
-        return self._active
+        if fingerprint != loaded.fingerprint:
+            loaded.active = self._load(session)
+            loaded.fingerprint = fingerprint
+        loaded.checked = time.monotonic()
+        return loaded.active
 
     def _load(self, session: Session) -> ActiveTriggers:
         active = ActiveTriggers()

@@ -24,8 +24,10 @@ from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from db import tenancy
 from db.models import DEFAULT_WORKSPACE, Workspace, WorkspaceSecret
 from db.session import session_scope
+from workers import workspaces
 from workers.secrets.crypto import Keyring, TokenRejected, UndecryptableSecret, load_keyring
 
 WEBHOOK_SIGNING_KEY = "webhook_signing_key"
@@ -159,7 +161,17 @@ def _workspace_name(session: Session, workspace: uuid.UUID) -> str:
 
 
 def _batches(batch_size: int) -> Iterator[list[WorkspaceSecret]]:
-    """Every row, in (workspace, name) keyset batches, each read in its own transaction."""
+    """Every workspace's rows, in (workspace, name) keyset batches, each read in its own
+    transaction. Each workspace is read (and its batches are rewritten by the caller)
+    under its own row-level security: the rotation needs no role that sees all."""
+    with tenancy.all_workspaces(), session_scope() as session:
+        ids = sorted(workspaces.all_ids(session))
+    for workspace_id in ids:
+        with tenancy.workspace(workspace_id):
+            yield from _workspace_batches(batch_size)
+
+
+def _workspace_batches(batch_size: int) -> Iterator[list[WorkspaceSecret]]:
     after: tuple[uuid.UUID, str] | None = None
     while True:
         with session_scope() as session:
