@@ -150,6 +150,11 @@ class Settings(BaseSettings):
         description="Times the reaper re-sends one execution's step without progress before "
         "it fails the execution (\"step re-sent N times without progress\").",
     )
+    workspace: str = Field(
+        default="default",
+        description="The workspace the CLI works in (`fleet --workspace`) and that producers' "
+        "events go to when they name none: a name made by `fleet workspace create`.",
+    )
     log_level: str = Field(default="INFO", description="Root log level.")
     log_json: bool = Field(default=True, description="JSON logs (False: human-readable console).")
     flower_port: int = Field(default=5555, description="Port Flower listens on.")
@@ -178,6 +183,21 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("workspace", mode="before")
+    @classmethod
+    def _workspace_name(cls, value: object) -> object:
+        # Blank is unset, as for the URLs. The rule is the envelope's (the one
+        # workers.workspaces.check_name applies), imported here, not from
+        # workers.workspaces: that loads the database layer, which producers must not.
+        from workers.events.envelope import WORKSPACE_NAME, WORKSPACE_NAME_RULE
+
+        if value in (None, ""):
+            return "default"
+        if not isinstance(value, str) or not WORKSPACE_NAME.fullmatch(value):
+            raise ValueError(f"FLEET_WORKSPACE: a workspace name is {WORKSPACE_NAME_RULE}; "
+                             f"got {value!r}"[:200])
+        return value
 
     @model_validator(mode="after")
     def _embedded_fallback(self) -> Settings:

@@ -9,7 +9,7 @@ import os
 import typer
 
 from db.migrate import upgrade
-from workers.cli import dlq, metrics, monitor, secrets, services, suppress
+from workers.cli import dlq, metrics, monitor, secrets, services, suppress, workspaces
 from workers.cli.context import (
     dev_extra,
     embedded_services,
@@ -27,8 +27,10 @@ from workers.cli.workflows import execution_app, workflow_app
 from workers.queues import QUEUE_NAMES
 
 app = typer.Typer(help="Lifecycle fleet: Celery workers for customer-lifecycle operations.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  cls=workspaces.FleetGroup)
 app.add_typer(services.app, name="services")
+app.add_typer(workspaces.app, name="workspace")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(suppress.app, name="suppress")
 app.add_typer(secrets.app, name="secret")
@@ -58,9 +60,16 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the installed version and exit.")) -> None:
+def main(ctx: typer.Context,
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the installed version and exit."),
+         workspace: str | None = typer.Option(
+             None, "--workspace", envvar="FLEET_WORKSPACE", metavar="NAME",
+             show_default=False,
+             help="The workspace every command works in (`fleet workspace list`); "
+                  "default: the one named default.")) -> None:
     """Lifecycle fleet: Celery workers for customer-lifecycle operations."""
+    workspaces.enter(ctx, workspace)
 
 
 @app.command()

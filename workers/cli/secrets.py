@@ -13,10 +13,12 @@ from pydantic import SecretStr
 from rich.markup import escape
 from rich.table import Table
 
-from db.models import DEFAULT_WORKSPACE
+from db import tenancy
 from db.session import session_scope
+from workers import workspaces
 from workers.cli.context import ensure_servers, err, out
 from workers.cli.output import print_json, utc
+from workers.cli.workspaces import current_name, scope
 from workers.secrets import store
 from workers.secrets.crypto import KeyConfigError, Keyring, generate_key, load_keyring
 
@@ -25,7 +27,8 @@ app = typer.Typer(help="Secrets stored encrypted per workspace: the webhook sign
                   no_args_is_help=True)
 
 NAME = typer.Argument(..., help="the secret's name, e.g. webhook_signing_key")
-WORKSPACE = typer.Option(DEFAULT_WORKSPACE, "--workspace", help="the workspace it belongs to")
+WORKSPACE = typer.Option(None, "--workspace", show_default=False,
+                         help="the workspace it belongs to (default: fleet --workspace)")
 
 
 def _say(message: str, to_err: bool = False) -> None:
@@ -52,6 +55,11 @@ def _name(name: str) -> str:
         raise _fail(f"invalid input: {exc}", 2) from None
 
 
+def _workspace(workspace: str | None) -> str:
+    """This command's `--workspace`, else the global one."""
+    return workspace or current_name()
+
+
 def _read_value(value_stdin: bool) -> SecretStr:
     if value_stdin:
         text = sys.stdin.read()
@@ -62,7 +70,7 @@ def _read_value(value_stdin: bool) -> SecretStr:
 
 
 @app.command("set")
-def set_(name: str = NAME, workspace: str = WORKSPACE,
+def set_(name: str = NAME, workspace: str | None = WORKSPACE,
          value_stdin: bool = typer.Option(False, "--value-stdin",
                                           help="read the value from standard input (one "
                                                "trailing newline dropped); else a prompt "
@@ -75,27 +83,29 @@ def set_(name: str = NAME, workspace: str = WORKSPACE,
     except store.InvalidSecret as exc:
         raise _fail(f"invalid input: {exc}", 2) from None
     keyring = _keyring()
+    workspace = _workspace(workspace)
     ensure_servers(broker=False)
-    with session_scope() as session:
-        try:
+    try:
+        with scope(workspace), session_scope() as session:
             created = store.put(session, store.workspace_id(session, workspace), name, value,
                                 keyring)
-        except store.UnknownWorkspace as exc:
-            raise _fail(str(exc)) from None
+    except (store.UnknownWorkspace, workspaces.UnknownWorkspace) as exc:
+        raise _fail(str(exc)) from None
     _say(f"{'stored' if created else 'replaced'} secret {name} of workspace {workspace} "
           f"(key {keyring.primary})")
 
 
 @app.command("list")
-def list_(workspace: str = WORKSPACE,
+def list_(workspace: str | None = WORKSPACE,
           as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """The workspace's secrets: names, the key each is encrypted under, when set. No values."""
+    workspace = _workspace(workspace)
     ensure_servers(broker=False)
-    with session_scope() as session:
-        try:
+    try:
+        with scope(workspace), session_scope() as session:
             rows = store.list_(session, store.workspace_id(session, workspace))
-        except store.UnknownWorkspace as exc:
-            raise _fail(str(exc)) from None
+    except (store.UnknownWorkspace, workspaces.UnknownWorkspace) as exc:
+        raise _fail(str(exc)) from None
     try:  # keys are optional here: with them, the table says which rows are current
         primary: str | None = load_keyring().primary
     except KeyConfigError:
@@ -116,15 +126,16 @@ def list_(workspace: str = WORKSPACE,
 
 
 @app.command()
-def delete(name: str = NAME, workspace: str = WORKSPACE) -> None:
+def delete(name: str = NAME, workspace: str | None = WORKSPACE) -> None:
     """Forget a secret (send_webhook falls back to FLEET_WEBHOOK_SECRET without one)."""
     name = _name(name)
+    workspace = _workspace(workspace)
     ensure_servers(broker=False)
-    with session_scope() as session:
-        try:
+    try:
+        with scope(workspace), session_scope() as session:
             deleted = store.delete_(session, store.workspace_id(session, workspace), name)
-        except store.UnknownWorkspace as exc:
-            raise _fail(str(exc)) from None
+    except (store.UnknownWorkspace, workspaces.UnknownWorkspace) as exc:
+        raise _fail(str(exc)) from None
     if not deleted:
         raise _fail(f"workspace {workspace} has no secret {name}")
     _say(f"deleted secret {name} of workspace {workspace}")
@@ -142,7 +153,8 @@ def rotate_key(batch_size: int = typer.Option(store.ROTATE_BATCH, min=1, max=10_
     keyring = _keyring()
     ensure_servers(broker=False)
     try:
-        report = store.rotate(keyring, batch_size)
+        with tenancy.all_workspaces():  # every workspace's secrets (the owner role's rights)
+            report = store.rotate(keyring, batch_size)
     except store.RotationRefused as exc:
         for row in exc.rows:
             _say(f"cannot decrypt {row.workspace}/{row.name} (encrypted under key {row.key_id})",

@@ -13,9 +13,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from db import tenancy
 from db.session import get_engine, session_scope
 from workers.cli.context import ensure_servers, err, out
 from workers.cli.output import print_json
+from workers.cli.workspaces import current_name
 from workers.privacy import erasure
 from workers.privacy.archives import ArchiveError, scrub_archives
 from workers.privacy.erasure import AmbiguousUser, Erasure, NothingFound
@@ -45,7 +47,7 @@ def _erasure_json(done: Erasure) -> dict[str, Any]:
 
 def _confirm(who: str) -> None:
     """Show what would go and ask; without a terminal, refuse (exit 2) unless --yes was given."""
-    with session_scope() as session:
+    with session_scope() as session:  # in the global --workspace, as the erasure after it
         _, found, counts = erasure.preview(session, who)
     rows = {t: n for t, n in counts.items() if n}
     err.print(f"{'the user' if found else 'no user, but rows mentioning'} {escape(who)}: "
@@ -67,6 +69,8 @@ def forget(
 ) -> None:
     """Erase a user's personal data everywhere the fleet keeps it, and record a tombstone.
 
+    The user of the workspace `fleet --workspace` names (default: the default one).
+
     Their active executions are cancelled first. The user row, their executions and
     everything under them, memberships, consents, messages, suppressions of their
     address, and the dead letters and outbox events that mention them are deleted; their
@@ -77,7 +81,7 @@ def forget(
     try:
         if not yes:
             _confirm(who)
-        done = erasure.forget_user(who, requested_by=requested_by)
+        done = erasure.forget_user(who, requested_by=requested_by, workspace=current_name())
     except NothingFound as exc:
         raise _refused(exc, 1) from None
     except UnknownWorkspace as exc:
@@ -108,12 +112,14 @@ def export(
 ) -> None:
     """Write everything the fleet keeps about a user as one JSON document (a data-access request).
 
+    The user of the workspace `fleet --workspace` names (default: the default one).
+
     Every table that can hold their data, times ISO 8601 in UTC, bytes in base64.
     """
     ensure_servers(broker=False)
     try:
         with session_scope() as session:
-            document = erasure.export(session, who)
+            document = erasure.export(session, who, workspace=current_name())
     except NothingFound as exc:
         raise _refused(exc, 1) from None
     except AmbiguousUser as exc:
@@ -142,7 +148,8 @@ def scrub_archives_command(
     """
     settings = ensure_servers(broker=False)
     folder = directory or settings.archive_dir or settings.home / "archive"
-    with get_engine().connect() as conn:
+    # Archives hold every workspace's rows: every workspace's tombstones apply.
+    with tenancy.all_workspaces(), get_engine().connect() as conn:
         erased = ErasedUsers.load(conn)
     try:
         done = scrub_archives(folder, erased) if folder.is_dir() else []
