@@ -54,6 +54,48 @@ def workflows(
 
 
 @app.command()
+def workspaces(
+    users: int = typer.Option(2000, help="users, split evenly over the workspaces"),
+    single: int = typer.Option(2000, help="events sent one per message (per configuration "
+                               "and round)"),
+    batched: int = typer.Option(20_000, help="events sent in batches of 100 (per "
+                                "configuration and round)"),
+    executions: int = typer.Option(500, help="concurrent executions of the 10-node workflow "
+                                   "(per configuration and round)"),
+    rounds: int = typer.Option(3, help="rounds, each measuring every configuration in turn "
+                               "(the order reversed every other round)"),
+    spread: int = typer.Option(10, "--workspaces", help="workspaces of the third "
+                               "configuration"),
+    concurrency: int = typer.Option(2, help="worker pool processes"),
+    mixed_batches: bool = typer.Option(False, help="every batch of 100 mixes all workspaces' "
+                                       "events (default: each batch is one workspace's)"),
+    as_json: bool = typer.Option(False, "--json", help="also print one JSON object last"),
+) -> None:
+    """Row-level security's cost: events/s one per message and in batches of 100, persisted
+    workflow steps/s, with RLS off, on with 1 workspace and on with 10 (same run, same sizes)."""
+    with dev_extra("fleet bench workspaces"):
+        from workers.tools.bench.workspaces import as_dict, run
+    ensure_servers()
+
+    result = as_dict(run(users=users, single=single, batched=batched, executions=executions,
+                         rounds=rounds, spread=spread, concurrency=concurrency,
+                         mixed_batches=mixed_batches))
+    table = Table("configuration", "events/s single", "cost %", "events/s batch100", "cost %",
+                  "steps/s", "cost %")
+    for row in result["configurations"]:
+        table.add_row(row["name"], *(str(row[key]) for key in (
+            "events_per_s_single", "cost_pct_events_single", "events_per_s_batch100",
+            "cost_pct_events_batch100", "steps_per_s", "cost_pct_steps")))
+    out.print(table)
+    out.print(f"rls_off: {result['rls_off_means']} ({result['rls_off_tables_disabled']} tables)."
+              f"\n{result['figure']}; rounds {result['order']}.\nHighest cost "
+              f"{result['max_cost_pct']}% (target: under {result['target_cost_pct']}%).",
+              soft_wrap=True)
+    if as_json:
+        print(json.dumps(result))
+
+
+@app.command()
 def sends(
     sends: int = typer.Option(2000, help="operator calls with the gateway, and as many without"),
     worker_sends: int | None = typer.Option(None, help="deliveries drained by a real actions "

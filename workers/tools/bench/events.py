@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,27 +80,37 @@ def seed_definitions(engine: Engine, users: int) -> None:
                 "w": workflow})
 
 
-def make_events(count: int, users: int, run: str) -> list[dict[str, Any]]:
-    return [
-        {"event_id": str(uuid.uuid4()), "event_type": EVENT_TYPES[i % len(EVENT_TYPES)],
-         "user": f"bench{i % users + 1}@example.com",
-         "data": {"value": i % 1000, "run": run, "sent_at": 0.0}}
-        for i in range(count)
-    ]
+def make_events(count: int, users: int, run: str,
+                workspaces: Sequence[str | None] = ()) -> list[dict[str, Any]]:
+    """`count` events over `users` users; with `workspaces`, round-robin over them (an
+    envelope `workspace` field, None: none), each workspace getting the sequence a lone one
+    would (its users, types and values in the same order)."""
+    spread = max(1, len(workspaces))
+    events: list[dict[str, Any]] = []
+    for i in range(count):
+        j = i // spread  # the event's place in its workspace's sequence
+        event: dict[str, Any] = {
+            "event_id": str(uuid.uuid4()), "event_type": EVENT_TYPES[j % len(EVENT_TYPES)],
+            "user": f"bench{j % users + 1}@example.com",
+            "data": {"value": j % 1000, "run": run, "sent_at": 0.0}}
+        if workspaces and (name := workspaces[i % spread]) is not None:
+            event["workspace"] = name
+        events.append(event)
+    return events
 
 
-def drain_rate(env: BenchEnvironment, fill: Callable[[], int], done: Callable[[], bool]) -> float:
-    """Fill the queue with the consumer paused, resume it, return items/s until `done`."""
+def drain_rate(env: BenchEnvironment, fill: Callable[[], int], done: Callable[[], bool],
+               timeout: float = 3600) -> float:
+    """Fill the queue with the consumer paused, resume it, return items/s until `done`
+    (raises if the worker exits or `timeout` passes)."""
     env.pause_consumer(EVENTS)
     items = fill()
     if env.queue_empty(EVENTS):
         raise RuntimeError("the paused worker consumed the queue: the measurement would be void")
     started = time.perf_counter()
     env.resume_consumer(EVENTS)
-    while not env.queue_empty(EVENTS):  # a cheap LLEN while the backlog drains
-        time.sleep(0.02)
-    while not done():  # then the (costlier) check that every row is committed
-        time.sleep(0.02)
+    env.wait(lambda: env.queue_empty(EVENTS), timeout)  # a cheap LLEN while it drains
+    env.wait(done, timeout)  # then the (costlier) check that every row is committed
     return items / (time.perf_counter() - started)
 
 

@@ -69,12 +69,13 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -222,16 +223,18 @@ def linear_bpmn(script_tasks: int = SCRIPT_TASKS) -> str:
 """
 
 
-def seed(env: BenchEnvironment, users: int) -> list[uuid.UUID]:
-    """Users for the executions, and the two workflows deployed and active."""
+def seed(env: BenchEnvironment, users: int, engine: Engine | None = None) -> list[uuid.UUID]:
+    """Users for the executions, and the workflows deployed and active (through `engine`,
+    e.g. one that sets the workspace; default: the scratch database's)."""
     from workers.definitions import deploy_workflow
 
-    with env.engine.begin() as conn:
+    engine = engine or env.engine
+    with engine.begin() as conn:
         ids = list(conn.execute(text(
             "INSERT INTO users (email, current_lifecycle_stage) "
             "SELECT 'wfbench' || i || '@example.com', 'Activation' "
             "FROM generate_series(1, :n) AS i RETURNING id"), {"n": users}).scalars())
-    with Session(env.engine) as session, session.begin():
+    with Session(engine) as session, session.begin():
         deploy_workflow(session, LINEAR, linear_bpmn(), stages=[], activate=True)
         deploy_workflow(session, LOOP, LOOP_BPMN, stages=[], activate=True)
         deploy_workflow(session, TIMER, TIMER_BPMN, stages=[], activate=True)
@@ -239,11 +242,13 @@ def seed(env: BenchEnvironment, users: int) -> list[uuid.UUID]:
 
 
 def start_executions(env: BenchEnvironment, workflow: str, users: list[uuid.UUID],
-                     variables: dict[str, Any] | None = None) -> list[uuid.UUID]:
-    """One execution per user, committed; nothing is sent."""
+                     variables: dict[str, Any] | None = None,
+                     engine: Engine | None = None) -> list[uuid.UUID]:
+    """One execution per user, committed (through `engine`, default the scratch
+    database's); nothing is sent."""
     from workers.engine import control
 
-    with Session(env.engine) as session, session.begin():
+    with Session(engine or env.engine) as session, session.begin():
         return [control.start(session, workflow, user, variables) for user in users]
 
 
@@ -253,25 +258,29 @@ def send_steps(env: BenchEnvironment, executions: list[uuid.UUID]) -> None:
 
 
 def wait_completed(env: BenchEnvironment, executions: list[uuid.UUID], timeout: float,
-                   poll: float = 0.05) -> None:
+                   poll: float = 0.05, workflows: Sequence[uuid.UUID] | None = None) -> None:
     """Wait until every execution is completed (raises if one fails).
 
     Polls a count over the executions' workflow that is cheap however many there
     are: the executions not yet finished, of which any earlier ones are not part.
+    `workflows` names the workflows when they are several (one per workspace); by
+    default it is the first execution's.
     """
     ids = list(executions)
-    with env.engine.connect() as conn:
-        workflow_id = conn.execute(text("SELECT workflow_id FROM workflow_executions WHERE id = :id"),
-                                   {"id": ids[0]}).scalar_one()
+    if workflows is None:
+        with env.engine.connect() as conn:
+            workflows = [conn.execute(text(
+                "SELECT workflow_id FROM workflow_executions WHERE id = :id"),
+                {"id": ids[0]}).scalar_one()]
     unfinished = text("SELECT count(*) FILTER "
                       f"(WHERE status IN ({sql_list(ACTIVE_EXECUTION_STATUSES)})), "
                       "count(*) FILTER (WHERE status IN ('failed', 'cancelled')) "
-                      "FROM workflow_executions WHERE workflow_id = :w "
+                      "FROM workflow_executions WHERE workflow_id = ANY(:w) "
                       "AND status <> 'completed'")
     deadline = time.monotonic() + timeout
     while True:
         with env.engine.connect() as conn:
-            running, failed = conn.execute(unfinished, {"w": workflow_id}).one()
+            running, failed = conn.execute(unfinished, {"w": list(workflows)}).one()
         if failed:
             raise RuntimeError(f"{failed} bench executions failed; see {env.log_dir}")
         if not running:
@@ -403,17 +412,20 @@ def hop_rate(env: BenchEnvironment, chains: int, hops: int, timeout: float,
 
 
 def step_rate(env: BenchEnvironment, executions: list[uuid.UUID], timeout: float,
-              meter: CpuMeter | None = None) -> tuple[float, int]:
-    """(steps/s, steps) of the executions run to completion (a drain rate)."""
+              meter: CpuMeter | None = None,
+              send: Callable[[BenchEnvironment, list[uuid.UUID]], None] = send_steps,
+              workflows: Sequence[uuid.UUID] | None = None) -> tuple[float, int]:
+    """(steps/s, steps) of the executions run to completion (a drain rate); `send` sends
+    their first steps (e.g. each in its workspace), `workflows` as `wait_completed`'s."""
     env.pause_consumer(WORKFLOWS)
-    send_steps(env, executions)
+    send(env, executions)
     if env.queue_empty(WORKFLOWS):
         raise RuntimeError("the paused worker consumed the queue: the measurement would be void")
     if meter is not None:
         meter.start()
     started = time.perf_counter()
     env.resume_consumer(WORKFLOWS)
-    wait_completed(env, executions, timeout)
+    wait_completed(env, executions, timeout, workflows=workflows)
     elapsed = time.perf_counter() - started
     if meter is not None:
         meter.stop_and_keep()
