@@ -152,6 +152,33 @@ def test_the_pipeline_keeps_each_workspaces_rows_in_it(engine: Engine, two: Work
             "WHERE e.workspace_id IN (:a, :b) AND (u.workspace_id <> e.workspace_id "
             "OR w.workspace_id <> e.workspace_id)"), {"a": two.a, "b": two.b}).scalar()
     assert crossed == 0
+    # Each evaluation is of its own workspace's trigger (the trigger cache is per workspace).
+    with engine.connect() as conn:
+        crossed = conn.execute(text(
+            "SELECT count(*) FROM trigger_executions e JOIN triggers t ON t.id = e.trigger_id "
+            "WHERE e.workspace_id IN (:a, :b) AND t.workspace_id <> e.workspace_id"),
+            {"a": two.a, "b": two.b}).scalar()
+    assert crossed == 0
+
+
+def test_the_nightly_metrics_are_computed_in_each_workspace(engine: Engine,
+                                                            two: Workspaces) -> None:
+    """The sweep runs once per workspace: each workspace's day counts its own users only."""
+    import datetime as dt
+
+    from tasks.maintenance import metrics_daily
+
+    today = dt.datetime.now(dt.UTC).date()
+    metrics_daily(day=str(today))  # the task's own body and scope, in this process
+    for workspace_id in (two.a, two.b, DEFAULT_WORKSPACE_ID):
+        with engine.connect() as conn:
+            counted = conn.execute(text(
+                "SELECT coalesce(sum(metric_value), 0) FROM metrics_daily WHERE workspace_id = :w "
+                "AND metric_date = :d AND metric_name = 'users_in_stage'"),
+                {"w": workspace_id, "d": today}).scalar()
+            users = conn.execute(text("SELECT count(*) FROM users WHERE workspace_id = :w"),
+                                 {"w": workspace_id}).scalar()
+        assert counted == users, workspace_id
 
 
 # --------------------------------------------------------------------------- as fleet_app
