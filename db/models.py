@@ -106,7 +106,8 @@ def uuid_pk() -> Mapped[uuid.UUID]:
 
 
 # Migration 0021: every workspace table's `workspace_id` is filled from the transaction's
-# tenant (`app.current_tenant_id`, db/tenancy.py); with none set the INSERT fails.
+# tenant (`app.current_tenant_id`, db/tenancy.py); with none set, the default workspace
+# (only the owner can write then: the policy refuses the application role's row).
 CURRENT_WORKSPACE = text("fleet_current_workspace()")
 
 

@@ -15,7 +15,6 @@ when it finally fails: a call that returns has handed the message to the broker.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,6 +30,7 @@ from workers.events.envelope import (
     build_event,
     parse_event,
     with_event_id,
+    with_field,
 )
 from workers.queues import EVENTS, TaskNames
 from workers.settings import get_settings
@@ -71,19 +71,8 @@ def _workspace(workspace: str | None) -> str | None:
 
 
 def _in_workspace(raw: Any, workspace: str | None) -> Any:
-    """`raw` with `workspace` set if it is a JSON object naming none; anything else unchanged
-    (like `with_event_id`: a malformed envelope keeps its exact bytes for the dead letter)."""
-    if workspace is None:
-        return raw
-    envelope = raw
-    if isinstance(raw, (str, bytes)):
-        try:
-            envelope = json.loads(raw)
-        except (ValueError, RecursionError):
-            return raw
-    if isinstance(envelope, dict) and "workspace" not in envelope:
-        return {**envelope, "workspace": workspace}
-    return raw
+    """`raw` with `workspace` set if it is a JSON object naming none (`with_field`)."""
+    return raw if workspace is None else with_field(raw, "workspace", workspace)
 
 
 def send_event(event_type: str, *, user: str | uuid.UUID, data: Mapping[str, Any] | None = None,

@@ -244,8 +244,8 @@ class Event(BaseModel):
         }
 
 
-def with_event_id(raw: Any, event_id: uuid.UUID) -> Any:
-    """`raw` with `event_id` set if it is a JSON object without one; anything else unchanged.
+def with_field(raw: Any, name: str, value: str) -> Any:
+    """`raw` with field `name` set if it is a JSON object without one; anything else unchanged.
 
     A JSON string is decoded for that (and stays a string if it is not an object),
     so a malformed envelope keeps its exact bytes for the dead letter.
@@ -256,9 +256,14 @@ def with_event_id(raw: Any, event_id: uuid.UUID) -> Any:
             envelope = json.loads(raw)
         except (ValueError, RecursionError):
             return raw
-    if isinstance(envelope, dict) and "event_id" not in envelope:
-        return {**envelope, "event_id": str(event_id)}
+    if isinstance(envelope, dict) and name not in envelope:
+        return {**envelope, name: value}
     return raw
+
+
+def with_event_id(raw: Any, event_id: uuid.UUID) -> Any:
+    """`raw` with `event_id` set if it is a JSON object without one (`with_field`)."""
+    return with_field(raw, "event_id", str(event_id))
 
 
 def with_message_ids(raws: Sequence[Any], message_id: str | None) -> list[Any]:
