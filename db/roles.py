@@ -8,6 +8,10 @@
   DELETE), uses sequences and calls functions. It cannot CREATE, ALTER, DROP or
   TRUNCATE anything. Workers for `events`, `workflows`, `actions`, `segments`, the
   beat and Flower use it.
+- Row-level security (migration 0021): the fleet's workspace transactions take the
+  role `fleet_app` (db/tenancy.APP_ROLE) with SET LOCAL ROLE, so an application role of
+  another name must be a member of `fleet_app`; the migrator is made one, for the
+  maintenance worker's per-workspace sweeps. The owner sees every workspace.
 - Default privileges: whatever the migrator creates later (tables of a new
   migration, next month's partitions) is granted to the application role at once.
 

@@ -93,6 +93,26 @@ def _in_default_workspace(conn: Connection) -> None:
                  {"w": str(DEFAULT_WORKSPACE_ID)})
 
 
+def _only_the_migrator_sees_every_workspace(db: Scratch) -> None:
+    """Row-level security: the owner (migrations, partition maintenance) sees every
+    workspace's rows; the application role, one workspace's, even unfiltered."""
+    with db.connect(db.migrator) as conn:
+        other = conn.execute(text(
+            "INSERT INTO workspaces (name) VALUES ('roles-other') RETURNING id")).scalar_one()
+        for workspace in (DEFAULT_WORKSPACE_ID, other):
+            conn.execute(text(
+                "INSERT INTO users (email, current_lifecycle_stage, workspace_id) "
+                "VALUES ('same@example.com', 'Acquisition', :w)"), {"w": workspace})
+        conn.commit()
+        assert conn.execute(text(
+            "SELECT count(DISTINCT workspace_id) FROM users WHERE email = 'same@example.com'"
+        )).scalar() == 2
+    with db.connect(db.app) as conn:
+        _in_default_workspace(conn)
+        assert set(conn.execute(text("SELECT DISTINCT workspace_id FROM users")).scalars()) \
+            == {DEFAULT_WORKSPACE_ID}
+
+
 def _app_writes_rows(db: Scratch) -> None:
     """As the app role: INSERT/SELECT/UPDATE/DELETE, a partitioned table, sequences."""
     with db.connect(db.app) as conn:
@@ -173,6 +193,7 @@ def test_migrations_run_as_the_migrator_and_the_app_role_only_touches_rows(
     _everything_owned_by(scratch, scratch.migrator)
     _app_writes_rows(scratch)
     _app_cannot_change_schema(scratch)
+    _only_the_migrator_sees_every_workspace(scratch)
 
     # Default privileges: a table a later migration creates is usable by the app at once,
     # and so is a partition that maintenance (running as the migrator) creates.
