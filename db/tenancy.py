@@ -148,7 +148,7 @@ def switch(session: Session, workspace_id: uuid.UUID) -> None:
 def policy_sql(table: str) -> list[str]:
     """The statements that put `table` (a partition made after migration 0021) under the
     workspace policy its parent has."""
-    tenant = f"NULLIF(current_setting('{SETTING}', true), '')::uuid"
+    tenant = f"(SELECT NULLIF(current_setting('{SETTING}', true), '')::uuid)"
     return [f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
             f"DROP POLICY IF EXISTS {POLICY} ON {table}",
             f"CREATE POLICY {POLICY} ON {table} FOR ALL TO PUBLIC "

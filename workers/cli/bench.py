@@ -63,7 +63,7 @@ def workspaces(
     executions: int = typer.Option(500, help="concurrent executions of the 10-node workflow "
                                    "(per configuration and round)"),
     rounds: int = typer.Option(3, help="rounds, each measuring every configuration in turn "
-                               "(the order reversed every other round)"),
+                               "(the order rotated every round)"),
     spread: int = typer.Option(10, "--workspaces", help="workspaces of the third "
                                "configuration"),
     concurrency: int = typer.Option(2, help="worker pool processes"),

@@ -26,7 +26,7 @@ paused, until every audit row is committed; the events benchmark's 10 triggers p
 workspace) and persisted steps/s of the 10-node linear workflow (`workflows.step_rate`).
 Events and steps are two phases (an events fleet leaves the steps its triggers start
 unconsumed; a steps fleet must not run them). Within a phase the configurations are
-measured in rounds, in turn, the order reversed every other round (ABC, CBA, ...) so
+measured in rounds, in turn, the order rotated every round (ABC, BCA, CAB, ...) so
 that a machine's drift does not favour one; each figure is the median of its rounds and
 its cost is 1 - figure / rls_off's, in %.
 """
@@ -181,9 +181,13 @@ def fleet(config: Configuration, queues: str, concurrency: int) -> Iterator[Flee
 
 
 def _turns(fleets: list[Fleet], rounds: int) -> Iterator[tuple[int, list[Fleet]]]:
-    """(round, the fleets in that round's order): ABC, CBA, ABC, ..."""
+    """(round, the fleets in that round's order): ABC, BCA, CAB, ... Rotated, so that in
+    every 3 rounds each configuration is measured once first, second and last: a
+    reversal (ABC, CBA) keeps B in the middle, always right after another fleet's burst
+    of writes, whose checkpoint and autovacuum it would pay for."""
     for round_ in range(rounds):
-        yield round_, fleets if round_ % 2 == 0 else fleets[::-1]
+        shift = round_ % len(fleets)
+        yield round_, fleets[shift:] + fleets[:shift]
 
 
 # Events -----------------------------------------------------------------------------------
