@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from sqlalchemy import Engine, create_engine
 
 from db.admin import create_database, drop_database
@@ -164,3 +165,20 @@ def celery_worker() -> Iterator[WorkerProcess]:
         yield worker
     finally:
         worker.stop()
+
+
+@pytest.fixture()
+def private_app() -> Iterator[Celery]:
+    """A Celery app on a broker key prefix of its own: only a worker the test starts on that
+    prefix consumes what it publishes."""
+    from workers.celery_app import app, create_app  # after pytest_configure set the URLs
+    from workers.settings import Settings
+
+    prefix = f"fleet-test-private-{uuid.uuid4().hex[:8]}:"
+    other = create_app(Settings(broker_key_prefix=prefix))
+    try:
+        yield other
+    finally:
+        other.close()
+        app.set_current()
+        delete_prefixed_keys(SERVERS.broker_url, prefix)

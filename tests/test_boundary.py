@@ -88,19 +88,6 @@ def test_bench_tasks_are_not_in_the_fleets_task_modules() -> None:
 
 
 @pytest.fixture()
-def private_app() -> Iterator[Celery]:
-    """An app on a key prefix of its own: only the test's own worker consumes its queues."""
-    prefix = f"fleet-test-boundary-{uuid.uuid4().hex[:8]}:"
-    other = create_app(Settings(broker_key_prefix=prefix))
-    try:
-        yield other
-    finally:
-        other.close()
-        app.set_current()
-        delete_prefixed_keys(SERVERS.broker_url, prefix)
-
-
-@pytest.fixture()
 def events_worker(private_app: Celery) -> Iterator[WorkerProcess]:
     """A real worker of the `events` queue alone, as every deployment runs one."""
     prefix = private_app.conf.broker_transport_options["global_keyprefix"]

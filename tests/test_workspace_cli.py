@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,10 +19,6 @@ from typer.testing import CliRunner
 
 from db import tenancy
 from db.models import DEFAULT_WORKSPACE_ID
-from tests.helpers import SERVERS
-from workers.broker import delete_prefixed_keys
-from workers.celery_app import app as fleet_app
-from workers.celery_app import create_app
 from workers.cli.main import app
 from workers.events.envelope import InvalidEvent, build_event
 from workers.queues import EVENTS
@@ -152,19 +147,6 @@ def test_an_unknown_workspace_exits_2_with_one_line(scopes: list[object]) -> Non
 
 
 # --------------------------------------------------------------------------- the producer
-
-
-@pytest.fixture()
-def private_app() -> Iterator[Celery]:
-    """A Celery app on a key prefix of its own: no worker consumes what it publishes."""
-    prefix = f"fleet-test-workspace-{TAG}-{uuid.uuid4().hex[:6]}:"
-    other = create_app(Settings(broker_key_prefix=prefix))
-    try:
-        yield other
-    finally:
-        other.close()
-        fleet_app.set_current()
-        delete_prefixed_keys(SERVERS.broker_url, prefix)
 
 
 def _sent(via: Celery) -> list[Any]:
